@@ -1,0 +1,1 @@
+"""Last-block heads, registered by name (see ``base.py``)."""

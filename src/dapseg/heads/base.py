@@ -1,0 +1,127 @@
+"""The last-block head interface.
+
+A head replaces CLIP's last transformer block for dense prediction. Most heads are an attention
+matrix applied to the block's value tokens followed by the block's output projection (the
+"reduced block"); splitting a head into ``attention`` (what attends to what) and ``aggregate``
+(how the attention moves the values) lets plug-ins such as FSA rework the attention of any head
+without the head knowing about it.
+
+Shapes: B windows, D CLIP width, ``heads`` attention heads of width d = D / heads, N = h·w CLIP
+patches, M tokens the attention runs over (N or 1 + N with CLS, or N' = h'·w' VFM patches).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class HeadContext:
+    """Everything a head may look at for a batch of windows."""
+
+    x: Tensor  # (B, 1 + N, D) tokens entering the last CLIP block, CLS first
+    grid: tuple[int, int]  # (h, w) CLIP patch grid of the windows
+    block: nn.Module  # open_clip ResidualAttentionBlock: ln_1, attn (nn.MultiheadAttention), ln_2, mlp, ls_*
+    vfm_feats: Tensor | None = None  # (B, C', h', w') VFM patch features of the same windows
+    vfm_attn: Tensor | None = None  # (B, heads', N', N') VFM last-layer attention over its patch tokens
+    images: Tensor | None = None  # (B, 3, H, W) window pixels in [0, 1], unnormalised (e.g. for SLIC)
+
+
+@dataclass
+class Attention:
+    """A head's attention and the values it moves."""
+
+    attn: Tensor  # (B, H, M, M) row-stochastic; H = heads, or 1 when shared by all heads
+    v: Tensor  # (B, heads, M, d) value tokens per head, on the same M tokens
+    grid: tuple[int, int]  # grid of the patch tokens among the M (h·w or h'·w')
+    has_cls: bool  # token 0 is CLS (dropped from the head's output)
+
+
+@dataclass
+class HeadOutput:
+    tokens: Tensor  # (B, n, D) patch tokens before LN_post / proj, n = grid[0] * grid[1]
+    grid: tuple[int, int]
+    attention: Attention | None = None  # what produced the tokens, for plug-ins and inspection
+
+
+def split_heads(t: Tensor, num_heads: int) -> Tensor:
+    """(B, M, D) -> (B, heads, M, d)."""
+    b, m, dim = t.shape
+    return t.reshape(b, m, num_heads, dim // num_heads).transpose(1, 2)
+
+
+def merge_heads(t: Tensor) -> Tensor:
+    """(B, heads, M, d) -> (B, M, D)."""
+    b, h, m, d = t.shape
+    return t.transpose(1, 2).reshape(b, m, h * d)
+
+
+def qkv(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The last block's q, k, v of LN_1(x), each (B, heads, M, d)."""
+    attn: nn.MultiheadAttention = block.attn
+    h = block.ln_1(x)
+    q, k, v = nn.functional.linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    return tuple(split_heads(t, attn.num_heads) for t in (q, k, v))  # type: ignore[return-value]
+
+
+class Head(nn.Module):
+    """Base class: reduced block out_proj(Attn · v) over whatever ``attention`` returns.
+
+    Subclasses implement ``attention``; a head that is not of that shape (the full vanilla block)
+    overrides ``forward`` as well but still offers ``attention`` for plug-ins.
+    """
+
+    name: str = ""
+
+    def attention(self, ctx: HeadContext) -> Attention:
+        raise NotImplementedError
+
+    def aggregate(self, a: Attention) -> Tensor:
+        """Attn · v with heads merged: (B, M, D)."""
+        return merge_heads(torch.matmul(a.attn.to(a.v.dtype), a.v))
+
+    def project(self, ctx: HeadContext, a: Attention, z: Tensor) -> HeadOutput:
+        """out_proj of the aggregated values, CLS dropped: the reduced block's output."""
+        out = ctx.block.attn.out_proj(z)
+        if a.has_cls:
+            out = out[:, 1:]
+        return HeadOutput(tokens=out, grid=a.grid, attention=a)
+
+    def forward(self, ctx: HeadContext) -> HeadOutput:
+        a = self.attention(ctx)
+        return self.project(ctx, a, self.aggregate(a))
+
+
+HEADS: dict[str, type[Head]] = {}
+
+
+def register_head(cls: type[Head]) -> type[Head]:
+    """Class decorator: make a head buildable by its ``name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    HEADS[cls.name] = cls
+    return cls
+
+
+def head_class(name: str) -> type[Head]:
+    """The head registered as ``name``; the error lists the valid names."""
+    from dapseg import heads as _heads  # noqa: F401  (registers the built-in heads)
+
+    if name not in HEADS:
+        raise ValueError(f"unknown head {name!r}; valid heads: {', '.join(sorted(HEADS))}")
+    return HEADS[name]
+
+
+def build_head(name: str, params: dict[str, Any] | None = None) -> Head:
+    """Build head ``name``; a head with a ``Params`` model gets its validated params object."""
+    cls = head_class(name)
+    params_model = getattr(cls, "Params", None)
+    if params_model is None:
+        if params:
+            raise ValueError(f"head {name!r} takes no parameters, got {sorted(params)}")
+        return cls()
+    return cls(params_model(**(params or {})))
