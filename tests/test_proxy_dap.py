@@ -228,7 +228,7 @@ def test_proxy_vfm_attention_ablation():
     full = torch.randn(2, 3, 25, 25, generator=g).softmax(-1)
     ctx.vfm_attn = full[:, :, 1:, 1:]
     head = ProxyHead(ProxyHead.Params(affinity="vfm_attention"))
-    assert head.needs_vfm_attn
+    assert head.needs_vfm_attention
 
     def attn(b):
         mean = sum(ctx.vfm_attn[b, h].double().numpy() for h in range(3)) / 3
@@ -608,6 +608,8 @@ VFMS = [
     "dinov2_vitb14_reg",
     "mae_vitb16",
     "sam_vitb",
+    "sam_vitl",
+    "sam_vith",
     "dinov3_vits16",
     "dinov3_vitb16",
     "dinov3_vitl16",

@@ -84,7 +84,7 @@ class ProxyHead(Head):
         self.params = params or self.Params()
 
     @property
-    def needs_vfm_attn(self) -> bool:
+    def needs_vfm_attention(self) -> bool:
         """Whether the pipeline must ask the VFM for its last-layer attention."""
         return self.params.affinity == "vfm_attention"
 

@@ -1,0 +1,102 @@
+"""Speed and memory of the proxy-attention heads: ProxyCLIP vs DAP (SLIC / k-means regions).
+
+Full-size CLIP ViT-B/16 + DINO ViT-B/8 with random weights on one 336×500 image (3 windows of
+336 at stride 112): images/s and peak RSS for ``proxyclip``, ``dap`` (regions = slic) and ``dap``
+(regions = kmeans), each with its windows batched (max_batch 16) and one window at a time
+(max_batch 1). Every configuration runs in its own subprocess, so each peak RSS is its own; all run
+in this one invocation, side by side, and the ratios are printed with the machine.
+
+    PYTHONPATH=src python benchmarks/proxy.py [--repeats 5] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+CONFIGS: dict[str, tuple[str, dict[str, object]]] = {
+    "proxyclip": ("proxyclip", {}),
+    "dap-slic": ("dap", {"head.params.regions": "slic"}),
+    "dap-kmeans": ("dap", {"head.params.regions": "kmeans"}),
+}
+CLASSES = ["sky", "grass", "tree", "person", "dog", "building", "road", "car"]
+
+
+def worker(name: str, batched: bool, repeats: int, device: str) -> dict[str, float]:
+    import numpy as np
+    import torch
+
+    from dapseg.api import Segmenter
+
+    torch.manual_seed(0)
+    preset, overrides = CONFIGS[name]
+    overrides = {**overrides, "inference.max_batch": 16 if batched else 1}
+    seg = Segmenter.from_preset(preset, device=device, random_weights=True, overrides=overrides)
+    image = (np.random.default_rng(0).random((336, 500, 3)) * 255).astype(np.uint8)
+    seg.predict(image, CLASSES)  # warm-up: text embeddings cached, allocator primed
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        seg.predict(image, CLASSES)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"images_per_s": repeats / elapsed, "peak_rss_mib": peak_kib / 1024}
+
+
+def run_child(name: str, batched: bool, repeats: int, device: str) -> dict[str, float]:
+    cmd = [sys.executable, __file__, "--worker", name, "--repeats", str(repeats), "--device", device]
+    if batched:
+        cmd.append("--batched")
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ.copy())
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--worker", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
+    parser.add_argument("--batched", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.batched, args.repeats, args.device)))
+        return
+
+    import torch
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), device {args.device}")
+    print("CLIP ViT-B/16 + DINO ViT-B/8, random weights, 336x500 image (3 windows of 336), "
+          f"{args.repeats} timed runs after one warm-up\n")
+    results: dict[tuple[str, bool], dict[str, float]] = {}
+    print(f"{'config':<12} {'windows':<14} {'images/s':>9} {'peak RSS MiB':>13}")
+    for name in CONFIGS:
+        for batched in (True, False):
+            r = results[name, batched] = run_child(name, batched, args.repeats, args.device)
+            mode = "batched" if batched else "one at a time"
+            print(f"{name:<12} {mode:<14} {r['images_per_s']:>9.3f} {r['peak_rss_mib']:>13.0f}")
+    print("\nratios (same run):")
+    for name in CONFIGS:
+        speedup = results[name, True]["images_per_s"] / results[name, False]["images_per_s"]
+        print(f"  {name}: batched / one-at-a-time throughput = {speedup:.2f}x")
+    for name in ("dap-slic", "dap-kmeans"):
+        for batched in (True, False):
+            base = results["proxyclip", batched]
+            r = results[name, batched]
+            overhead = base["images_per_s"] / r["images_per_s"] - 1
+            rss = r["peak_rss_mib"] / base["peak_rss_mib"]
+            mode = "batched" if batched else "one at a time"
+            print(f"  {name} vs proxyclip ({mode}): time overhead {overhead:+.1%}, peak RSS {rss:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
