@@ -197,3 +197,20 @@ def test_heatmap_state_shrinks_and_quantises():
     st = heatmap_state(image, probs, ["a", "b"])
     assert st.image.shape == (768, 384, 3) and st.probs.shape == (2, 768, 384)
     assert (st.probs[0] == 255).all() and (st.probs[1] == 0).all()
+
+
+def test_missing_weights_are_a_message_and_other_presets_still_work(session, photo, tmp_path):
+    from dapseg.weights import WeightsMissingError
+
+    def build(name):
+        if name == "clip":
+            raise WeightsMissingError("CLIP ViT-B-16 (openai)", "Run `dapseg download clip`.")
+        return session.pool.base(name)
+
+    offline = DemoSession(SegmenterPool(build), tmp_path)
+    out = offline.run(str(photo), "cup, table", "clip", _knobs("clip"))
+    assert "weights missing: CLIP ViT-B-16" in out.error and "dapseg download clip" in out.error
+    assert out.overlay is None and out.files is None
+    ok = offline.run(str(photo), "cup, table", "naclip", _knobs())
+    assert ok.error == "" and ok.classes == ["cup", "table"]
+    assert "weights missing" in offline.run(str(photo), "cup", "clip", _knobs("clip")).error

@@ -23,7 +23,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path(os.environ.get("DAPSEG_CHROMIUM", "/usr/bin/chromium"))
-SERVER_START_S = 60.0
+SERVER_START_S = 120.0  # a cold start imports torch, open_clip and gradio
 REQUEST_MS = 60_000
 
 
@@ -49,11 +49,11 @@ def _wait_until_up(url: str, proc: subprocess.Popen, log: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def demo_server(tmp_path_factory):
+def demo_server(tmp_path_factory, cli_env):
     port = _free_port()
     log = tmp_path_factory.mktemp("demo") / "server.log"
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "GRADIO_ANALYTICS_ENABLED": "False",
-           "DAPSEG_CACHE": str(tmp_path_factory.mktemp("cache")), "NO_PROXY": "127.0.0.1,localhost"}
+    env = {**cli_env, "GRADIO_ANALYTICS_ENABLED": "False", "DAPSEG_CACHE": str(tmp_path_factory.mktemp("cache")),
+           "NO_PROXY": "127.0.0.1,localhost"}
     cmd = [sys.executable, "-m", "dapseg", "demo", "--random-weights", "--tiny",
            "--host", "127.0.0.1", "--port", str(port)]
     with open(log, "w") as out:
