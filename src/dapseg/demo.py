@@ -71,13 +71,20 @@ def example_images() -> list[Path]:
     return found
 
 
+# Class lists that suit the bundled photos (skimage.data's astronaut and chelsea).
+EXAMPLE_CLASSES = {
+    "astronaut": "person, rocket, flag, sky; background",
+    "chelsea": "cat, wall, floor",
+}
+
+
 def example_classes(path: Path) -> str:
     """The class list for an example: <stem>.txt beside it (one class per line) if present."""
     txt = path.with_suffix(".txt")
     if txt.is_file():
         lines = [ln.strip() for ln in txt.read_text(encoding="utf-8").splitlines() if ln.strip()]
         return ", ".join(lines)
-    return GENERIC_CLASSES
+    return EXAMPLE_CLASSES.get(path.stem, GENERIC_CLASSES)
 
 
 def build_app(session: DemoSession, catalog: Catalog, examples: Sequence[Path] = ()) -> Any:
@@ -91,7 +98,7 @@ def build_app(session: DemoSession, catalog: Catalog, examples: Sequence[Path] =
         with gr.Row():
             with gr.Column(scale=1):
                 image_in = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"],
-                                    elem_id="input-image", height=360)
+                                    buttons=["fullscreen"], elem_id="input-image", height=360)
                 classes_in = gr.Textbox(label="Classes", elem_id="classes", lines=1,
                                         placeholder="person, sky; clouds, grass, building")
                 preset_in = gr.Dropdown(catalog.names, value=catalog.initial, label="Preset",
@@ -114,15 +121,15 @@ def build_app(session: DemoSession, catalog: Catalog, examples: Sequence[Path] =
                 error_box = gr.HTML("", elem_id="error-box")
                 status = gr.Markdown("", elem_id="status")
                 with gr.Row():
-                    overlay = gr.Image(label="Overlay", format="png", interactive=False,
+                    overlay = gr.Image(label="Overlay", format="png", interactive=False, scale=3,
                                        buttons=["download", "fullscreen"], elem_id="overlay")
-                    label_map = gr.Image(label="Label map", format="png", interactive=False,
-                                         buttons=["download", "fullscreen"], elem_id="label-map")
-                with gr.Row():
-                    with gr.Column():
+                    with gr.Column(scale=2):
                         legend = gr.HTML("", elem_id="legend")
                         files = gr.File(label="Download: label PNG, overlay, JSON", file_count="multiple",
                                         interactive=False, elem_id="downloads")
+                with gr.Row():
+                    label_map = gr.Image(label="Label map", format="png", interactive=False,
+                                         buttons=["download", "fullscreen"], elem_id="label-map")
                     with gr.Column():
                         heat_class = gr.Dropdown([], label="Confidence heatmap of class",
                                                  elem_id="heatmap-class", interactive=True)
@@ -179,8 +186,10 @@ def serve(catalog: Catalog, build: Callable[[str], Any], *, host: str = "127.0.0
         pool.base(catalog.initial)
     with tempfile.TemporaryDirectory(prefix="dapseg-demo-") as tmp:
         session = DemoSession(pool, Path(tmp), description=description)
-        app = build_app(session, catalog, example_images())
+        examples = example_images()
+        app = build_app(session, catalog, examples)
         app.queue(max_size=32)
         print(f"dapseg demo: serving {catalog.initial!r} on http://{host}:{port}/ (Ctrl-C stops)", flush=True)
-        app.launch(server_name=host, server_port=port, ssr_mode=False, allowed_paths=[tmp], css=CSS,
+        folders = [tmp, *sorted({str(p.parent) for p in examples})]  # files the page may serve
+        app.launch(server_name=host, server_port=port, ssr_mode=False, allowed_paths=folders, css=CSS,
                    footer_links=[], quiet=True)
