@@ -214,3 +214,31 @@ def test_missing_weights_are_a_message_and_other_presets_still_work(session, pho
     ok = offline.run(str(photo), "cup, table", "naclip", _knobs())
     assert ok.error == "" and ok.classes == ["cup", "table"]
     assert "weights missing" in offline.run(str(photo), "cup", "clip", _knobs("clip")).error
+
+
+# ----------------------------------------------------------------------------- the command's catalog
+
+
+def test_demo_catalog_applies_command_line_settings_to_the_starting_entry(tmp_path):
+    from dapseg.cli import build_parser
+    from dapseg.commands.demo import make_catalog, weights_for
+
+    args = build_parser().parse_args(["demo", "--preset", "naclip", "--set", "inference.stride=56",
+                                      "--clip-weights", str(tmp_path / "ViT-B-16.pt")])
+    catalog = make_catalog(args)
+    assert catalog.initial == "naclip" and "sclip" in catalog.names
+    assert catalog.resolve("naclip").inference.stride == 56
+    assert catalog.resolve("sclip").inference.stride == load_preset("sclip").inference.stride
+    assert catalog.resolve("sclip").clip.weights == tmp_path / "ViT-B-16.pt"  # same CLIP model
+    other = load_preset("sclip").with_overrides({"clip.model": "ViT-L-14"})
+    assert weights_for(other, catalog.resolve("naclip")).clip.weights is None  # not for ViT-L/14
+
+    cfg = tmp_path / "mine.yaml"
+    cfg.write_text("base: naclip\ninference:\n  stride: 48\n", encoding="utf-8")
+    catalog = make_catalog(build_parser().parse_args(["demo", "--config", str(cfg)]))
+    assert catalog.initial == "mine (config)" and catalog.names[0] == "mine (config)"
+    assert catalog.resolve("mine (config)").inference.stride == 48
+
+    with pytest.raises(ValueError, match="unknown preset 'nope'"):
+        make_catalog(build_parser().parse_args(["demo", "--preset", "nope"]))
+    assert build_parser().parse_args(["demo"]).host == "127.0.0.1"

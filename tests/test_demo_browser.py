@@ -88,6 +88,19 @@ def browser():
             b.close()
 
 
+def _listening_addresses(port: int) -> set[str]:
+    """Local addresses with a listening TCP socket on ``port``, from Linux's /proc/net/tcp{,6}."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                addr, hex_port = local.rsplit(":", 1)
+                if state == "0A" and int(hex_port, 16) == port:
+                    found.add(addr)
+    return found
+
+
 def _photo(tmp_path: Path) -> Path:
     path = tmp_path / "astronaut.png"
     img = skimage.data.astronaut()[::2, ::2]  # 256x256: enough for the page, fast on CPU
@@ -131,6 +144,9 @@ def _shares(page) -> dict[str, float]:
 
 def test_demo_segments_reports_errors_and_keeps_serving(browser, demo_server, tmp_path):
     url, proc, log = demo_server
+    if sys.platform == "linux":  # the demo listens on the loopback address only (127.0.0.1 = 0100007F)
+        port = int(url.rstrip("/").rsplit(":", 1)[1])
+        assert _listening_addresses(port) == {"0100007F"}
     photo = _photo(tmp_path)
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.set_default_timeout(REQUEST_MS)

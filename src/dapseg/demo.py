@@ -92,7 +92,7 @@ def build_app(session: DemoSession, catalog: Catalog, examples: Sequence[Path] =
     import gradio as gr
 
     k0 = Knobs.from_config(catalog.resolve(catalog.initial))
-    with gr.Blocks(title="dapseg demo") as app:
+    with gr.Blocks(title="dapseg demo", analytics_enabled=False) as app:  # no calls home
         gr.Markdown("# dapseg — open-vocabulary segmentation\nUpload an image, type class names "
                     "(comma-separated, synonyms with `;`), choose a preset and press **Segment**.")
         with gr.Row():
@@ -191,5 +191,5 @@ def serve(catalog: Catalog, build: Callable[[str], Any], *, host: str = "127.0.0
         app.queue(max_size=32)
         print(f"dapseg demo: serving {catalog.initial!r} on http://{host}:{port}/ (Ctrl-C stops)", flush=True)
         folders = [tmp, *sorted({str(p.parent) for p in examples})]  # files the page may serve
-        app.launch(server_name=host, server_port=port, ssr_mode=False, allowed_paths=folders, css=CSS,
+        app.launch(server_name=host, server_port=port, share=False, ssr_mode=False, allowed_paths=folders, css=CSS,
                    footer_links=[], quiet=True)
