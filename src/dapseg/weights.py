@@ -1,105 +1,120 @@
-"""Where pretrained weights live, and the one error raised when they cannot be had.
+"""One cache directory for every model's weights, and the error raised when they are missing.
 
-Every downloaded file goes under one cache directory (``cache_dir()``): the Hugging Face hub cache
-is ``<cache>/huggingface/hub`` and plain URL downloads go to ``<cache>/checkpoints``. Offline
-(``HF_HUB_OFFLINE=1`` / ``DAPSEG_OFFLINE=1``, or no route to the hub) with nothing cached raises
-``WeightsMissingError`` naming the file and the command that fetches it, instead of hanging.
+The cache directory is ``--cache-dir``, else ``$DAPSEG_CACHE``, else ``~/.cache/dapseg``. Hugging Face
+hub files live under ``<cache>/hf`` and torch-hub / URL files under ``<cache>/torch``, so copying
+the one directory to an offline machine is enough.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
-_TRUE = {"1", "true", "yes", "on"}
+import torch
 
 
 class WeightsMissingError(RuntimeError):
-    """Pretrained weights are not cached and cannot be downloaded now."""
+    """Weights are not in the cache and cannot be downloaded (offline)."""
 
-    def __init__(self, what: str, how: str) -> None:
-        self.what = what
-        self.how = how
-        super().__init__(f"missing weights: {what}. To get them: {how}")
-
-
-def cache_dir(explicit: str | os.PathLike | None = None) -> Path:
-    """The cache directory: ``explicit``, else env ``DAPSEG_CACHE``, else ``~/.cache/dapseg``."""
-    if explicit is not None:
-        path = Path(explicit)
-    elif os.environ.get("DAPSEG_CACHE"):
-        path = Path(os.environ["DAPSEG_CACHE"])
-    else:
-        path = Path.home() / ".cache" / "dapseg"
-    return path.expanduser()
+    def __init__(self, what: str, how: str, cause: str = "") -> None:
+        self.what, self.how = what, how
+        msg = f"weights missing: {what}. {how}"
+        if cause:
+            msg += f" (last error: {cause})"
+        super().__init__(msg)
 
 
-def hf_hub_cache(cache: str | os.PathLike | None = None) -> Path:
-    """The Hugging Face hub cache inside our cache directory."""
-    return cache_dir(cache) / "huggingface" / "hub"
+def cache_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The weights cache directory (not created)."""
+    if explicit:
+        return Path(explicit).expanduser()
+    env = os.environ.get("DAPSEG_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "dapseg"
 
 
-def is_offline(host: str = "huggingface.co", timeout_s: float = 2.0) -> bool:
-    """True when told to stay offline (env) or when ``host`` cannot be reached within ``timeout_s``."""
-    for var in ("DAPSEG_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() in _TRUE:
-            return True
+def hf_cache(explicit: str | os.PathLike[str] | None = None) -> Path:
+    return cache_dir(explicit) / "hf"
+
+
+def torch_cache(explicit: str | os.PathLike[str] | None = None) -> Path:
+    return cache_dir(explicit) / "torch"
+
+
+def how_to_fetch(preset: str | None) -> str:
+    target = preset or "<preset>"
+    return (
+        f"Run `dapseg download {target}` on a machine with internet and copy the cache directory "
+        f"(--cache-dir / $DAPSEG_CACHE) here, or pass a local weights file; "
+        f"`--random-weights` runs without any weights (smoke mode)."
+    )
+
+
+def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """A state dict from a local checkpoint, loaded safely.
+
+    safetensors, or ``torch.load(weights_only=True)``; a TorchScript archive (the format of the
+    OpenAI CLIP release files) is opened with ``torch.jit.load`` only to read its tensors. Common
+    wrappers (``state_dict``, ``model``, ``module.`` prefixes) are unwrapped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
     try:
-        with socket.create_connection((host, 443), timeout=timeout_s):
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj: object = load_file(str(path), device="cpu")
+        elif _is_torchscript(path):
+            obj = torch.jit.load(str(path), map_location="cpu").state_dict()
+        else:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # the message must name the file whatever the library raised
+        raise ValueError(f"cannot read weights file {path}: {e}") from e
+    for key in ("state_dict", "model", "module"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not obj:
+        raise ValueError(f"weights file {path} holds no state dict")
+    state = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _is_torchscript(path: Path) -> bool:
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(name.endswith("constants.pkl") for name in z.namelist())
+
+
+def is_offline(host: str = "huggingface.co") -> bool:
+    """True when downloads cannot work: HF_HUB_OFFLINE is set, or ``host`` does not resolve / connect.
+
+    Checked before any download so that a machine without internet fails in about a second instead
+    of waiting out the hub client's retries.
+    """
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return True
+    try:
+        with socket.create_connection((host, 443), timeout=3):
             return False
     except OSError:
         return True
 
 
-def hf_cached_file(
-    repo_id: str, filenames: tuple[str, ...], cache: str | os.PathLike | None = None
-) -> Path | None:
-    """The first of ``filenames`` of hub repo ``repo_id`` already in the cache, else None (no network)."""
+def cached_hf_file(repo_id: str, filenames: list[str], explicit: str | os.PathLike[str] | None = None) -> Path | None:
+    """The first of ``filenames`` of hub repo ``repo_id`` already in the cache, else None."""
     from huggingface_hub import try_to_load_from_cache
 
     for name in filenames:
-        hit = try_to_load_from_cache(repo_id, name, cache_dir=str(hf_hub_cache(cache)))
+        hit = try_to_load_from_cache(repo_id, name, cache_dir=str(hf_cache(explicit)))
         if isinstance(hit, str):
             return Path(hit)
     return None
-
-
-def hf_fetch(
-    repo_id: str, filenames: tuple[str, ...], cache: str | os.PathLike | None, *, what: str, how: str
-) -> Path:
-    """A local path to one of ``filenames`` of ``repo_id``: cached, else downloaded, else the error."""
-    hit = hf_cached_file(repo_id, filenames, cache)
-    if hit is not None:
-        return hit
-    if is_offline():
-        raise WeightsMissingError(what, how)
-    from huggingface_hub import hf_hub_download
-
-    last: Exception | None = None
-    for name in filenames:
-        try:
-            return Path(hf_hub_download(repo_id, name, cache_dir=str(hf_hub_cache(cache))))
-        except Exception as err:  # hub errors are many types (HTTP, entry-not-found, connection)
-            last = err
-    raise WeightsMissingError(what, f"{how} (download failed: {last})")
-
-
-def url_fetch(url: str, cache: str | os.PathLike | None, *, what: str, how: str) -> Path:
-    """A local copy of ``url`` under ``<cache>/checkpoints``: cached, else downloaded, else the error."""
-    dest = cache_dir(cache) / "checkpoints" / url.rsplit("/", 1)[-1]
-    if dest.is_file():
-        return dest
-    if is_offline(host=url.split("/")[2]):
-        raise WeightsMissingError(what, how)
-    import torch.hub
-
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(dest.suffix + ".part")
-    try:
-        torch.hub.download_url_to_file(url, str(tmp), progress=True)
-        os.replace(tmp, dest)  # atomic: a half-written file is never taken for the checkpoint
-    except Exception as err:
-        tmp.unlink(missing_ok=True)
-        raise WeightsMissingError(what, f"{how} (download failed: {err})") from err
-    return dest

@@ -3,8 +3,7 @@
 Official release files and their conversion to the module keys:
 
 * DINO ``dino_vitbase8_pretrain.pth`` etc.: a plain state dict with timm's key names already
-  (full training checkpoints: the ``teacher`` entry, ``module.`` / ``backbone.`` prefixes stripped,
-  projection ``head.*`` dropped).
+  (``module.`` / ``backbone.`` prefixes stripped, projection ``head.*`` dropped).
 * DINOv2 ``dinov2_vitb14[_reg4]_pretrain.pth``: timm's ``checkpoint_filter_fn`` (drops
   ``mask_token``; with registers: ``register_tokens`` -> ``reg_token`` and the CLS position folded
   into ``cls_token``, since timm's register layout gives CLS/registers no position entries).
@@ -39,9 +38,8 @@ _HUB_FILES = ("model.safetensors", "pytorch_model.bin")
 def how_to_get(spec: VfmSpec) -> str:
     """The instruction printed when ``spec``'s weights are missing."""
     return (
-        f"run `dapseg download <preset>` while online for a preset whose vfm is {spec.name!r} "
-        f"(weights go to the dapseg cache dir), or pass --vfm-weights PATH to the official file "
-        f"{spec.official_file}"
+        f"{W.how_to_fetch(None)} For {spec.name} (any preset whose vfm is {spec.name!r}) the local file "
+        f"is the official release {spec.official_file} (--vfm-weights PATH)."
     )
 
 
@@ -50,42 +48,59 @@ def _what(spec: VfmSpec) -> str:
     return f"{spec.description} ({spec.name}) pretrained weights from {src}"
 
 
+def _url_cache_path(spec: VfmSpec, cache_dir: str | os.PathLike | None) -> Path:
+    return W.torch_cache(cache_dir) / "checkpoints" / spec.hub.rsplit("/", 1)[-1]
+
+
 def cached_weights(name: str, cache_dir: str | os.PathLike | None = None) -> Path | None:
     """The cached pretrained file of VFM ``name``, or None; never touches the network."""
     spec = vfm_spec(name)
     if spec.family == "sam":
-        path = W.cache_dir(cache_dir) / "checkpoints" / spec.hub.rsplit("/", 1)[-1]
+        path = _url_cache_path(spec, cache_dir)
         return path if path.is_file() else None
-    return W.hf_cached_file(f"timm/{spec.hub}", _HUB_FILES, cache_dir)
+    return W.cached_hf_file(f"timm/{spec.hub}", list(_HUB_FILES), cache_dir)
 
 
 def fetch_weights(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    """The pretrained file of VFM ``name``: cached, else downloaded, else ``WeightsMissingError``."""
+    """The pretrained file of VFM ``name``: cached, else downloaded, else ``WeightsMissingError``.
+
+    Offline-ness is checked (env HF_HUB_OFFLINE, then a short connection probe) before any download,
+    so a machine without network fails at once instead of waiting out client retries.
+    """
     spec = vfm_spec(name)
-    if spec.family == "sam":
-        return W.url_fetch(spec.hub, cache_dir, what=_what(spec), how=how_to_get(spec))
-    return W.hf_fetch(f"timm/{spec.hub}", _HUB_FILES, cache_dir, what=_what(spec), how=how_to_get(spec))
+    hit = cached_weights(name, cache_dir)
+    if hit is not None:
+        return hit
+    host = spec.hub.split("/")[2] if spec.family == "sam" else "huggingface.co"
+    if W.is_offline(host):
+        raise W.WeightsMissingError(_what(spec), how_to_get(spec), "no network and nothing in the cache")
+    try:
+        if spec.family == "sam":
+            return _download_url(spec.hub, _url_cache_path(spec, cache_dir))
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(f"timm/{spec.hub}", _HUB_FILES[0], cache_dir=str(W.hf_cache(cache_dir))))
+    except Exception as err:  # hub / HTTP errors come in many types; the message names the weights
+        raise W.WeightsMissingError(_what(spec), how_to_get(spec), str(err)) from err
+
+
+def _download_url(url: str, dest: Path) -> Path:
+    """Download ``url`` to ``dest`` atomically (a partial file is never taken for the checkpoint)."""
+    import torch.hub
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    try:
+        torch.hub.download_url_to_file(url, str(tmp), progress=True)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint file, read safely (no arbitrary unpickling)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"VFM weights file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"cannot read VFM weights file {path}: {err}") from err
-    for key in ("teacher", "model", "state_dict"):  # DINO full checkpoints, MAE, generic wrappers
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-    if not isinstance(sd, dict):
-        raise ValueError(f"VFM weights file {path} holds {type(sd).__name__}, not a state dict")
-    return sd
+    """Tensors of a checkpoint file, read safely (``dapseg.weights.load_state_dict_file``)."""
+    return W.load_state_dict_file(path)
 
 
 def _strip(sd: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
