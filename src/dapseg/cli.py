@@ -9,7 +9,7 @@ import sys
 
 from dapseg import __version__
 
-COMMANDS = ["segment", "presets", "download"]
+COMMANDS = ["segment", "presets", "download", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:
