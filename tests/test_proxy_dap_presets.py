@@ -1,0 +1,37 @@
+"""The proxyclip / dap presets end to end on a real photo, tiny random-weight models."""
+
+from __future__ import annotations
+
+import torch
+from skimage import data
+
+from dapseg.api import Segmenter
+from dapseg.config import list_presets
+
+CLASSES = ["person", "sky", "rocket; spaceship"]
+SMALL = {"inference.short_side": 224, "inference.crop": 224, "inference.stride": 112}
+
+
+def test_proxyclip_and_dap_presets_segment_a_photo():
+    image = data.astronaut()[::4, ::4]  # 128 x 128, resized to 224
+    proxy = Segmenter.from_preset("proxyclip", random_weights=True, tiny=True, device="cpu", overrides=SMALL)
+    res = proxy.predict(image, CLASSES)
+    assert res.labels.shape == (128, 128) and res.probs.shape == (3, 128, 128)
+    assert torch.isfinite(res.logits).all() and res.labels.max() < 3
+    # DAP reduced to the proxy head gives the proxy head's logits, through the whole pipeline
+    same = proxy.derive({"head.name": "dap", "head.params": {"knn": 0, "regions": "none", "steps": 1}})
+    torch.testing.assert_close(same.predict(image, CLASSES).logits, res.logits)
+    dap = Segmenter.from_preset("dap", random_weights=True, tiny=True, device="cpu", overrides=SMALL)
+    assert dap.config.head.params["regions"] == "slic"
+    for regions in ("slic", "kmeans"):
+        out = dap.derive({"regions": regions, "knn": 16, "steps": 2}).predict(image, CLASSES)
+        assert out.labels.shape == (128, 128) and torch.isfinite(out.logits).all()
+        assert not torch.allclose(out.logits, res.logits)
+
+
+def test_every_vfm_has_proxyclip_and_dap_presets():
+    from dapseg.models.vfm import list_vfms
+
+    presets = set(list_presets())
+    for vfm in list_vfms():
+        assert {f"proxyclip-{vfm}", f"dap-{vfm}", f"dap-{vfm}-fsa"} <= presets
