@@ -54,6 +54,39 @@ def worker(name: str, batched: bool, repeats: int, device: str) -> dict[str, flo
     return {"images_per_s": repeats / elapsed, "cpu_s_per_image": cpu / repeats, "peak_rss_mib": peak_kib / 1024}
 
 
+def head_only(repeats: int) -> dict[str, float]:
+    """Seconds per image (3 windows, batched) of the head alone on full-size shaped inputs.
+
+    The full pipeline spends most of its time in the two ViTs, so the heads' own cost is measured
+    here too: CLIP ViT-B/16 last block (width 768, 12 heads, 21x21 grid) and DINO ViT-B/8 features
+    (768 x 42 x 42). Configurations are interleaved, best of ``repeats`` rounds.
+    """
+    import torch
+    from open_clip.transformer import ResidualAttentionBlock
+
+    from dapseg.heads.base import HeadContext, build_head
+
+    torch.manual_seed(0)
+    block = ResidualAttentionBlock(d_model=768, n_head=12).eval()
+    ctx = HeadContext(
+        x=torch.randn(3, 1 + 21 * 21, 768), grid=(21, 21), block=block,
+        vfm_feats=torch.randn(3, 768, 42, 42), images=torch.rand(3, 3, 336, 336),
+    )
+    heads = {
+        "proxyclip": build_head("proxy"),
+        "dap-slic": build_head("dap", {"regions": "slic"}),
+        "dap-kmeans": build_head("dap", {"regions": "kmeans"}),
+    }
+    best = dict.fromkeys(heads, float("inf"))
+    with torch.no_grad():
+        for _ in range(repeats):
+            for name, head in heads.items():
+                start = time.perf_counter()
+                head(ctx)
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
 def run_child(name: str, batched: bool, repeats: int, device: str) -> dict[str, float]:
     cmd = [sys.executable, __file__, "--worker", name, "--repeats", str(repeats), "--device", device]
     if batched:
@@ -79,6 +112,11 @@ def main() -> None:
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), device {args.device}")
     print("CLIP ViT-B/16 + DINO ViT-B/8, random weights, 336x500 image (3 windows of 336), "
           f"{args.repeats} timed runs after one warm-up\n")
+    heads = head_only(max(args.repeats, 5))
+    print("head alone, 3 windows batched, best of rounds:")
+    for name, sec in heads.items():
+        print(f"  {name:<12} {sec:.3f} s/image ({sec / heads['proxyclip'] - 1:+.1%} vs proxyclip)")
+    print()
     results: dict[tuple[str, bool], dict[str, float]] = {}
     print(f"load average before: {os.getloadavg()[0]:.1f}")
     print(f"{'config':<12} {'windows':<14} {'images/s':>9} {'CPU s/image':>12} {'peak RSS MiB':>13}")
