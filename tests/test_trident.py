@@ -22,7 +22,8 @@ from dapseg.inference.global_affinity import (
     aggregate_map,
     valid_grid,
 )
-from dapseg.inference.splice import splice_features
+from dapseg.inference.splice import splice_features, splice_size
+from dapseg.inference.strategies import get_strategy
 from dapseg.models import sam_encoder
 from dapseg.models.sam_encoder import encode_image, preprocess, tiny_sam
 from dapseg.refine.sam_prompt import SamPromptRefiner, extract_prompts
@@ -177,7 +178,7 @@ def test_chunked_encoder_matches_library_non_square():
         torch.nn.init.normal_(prm, std=0.3)  # non-zero relative positions
     image = torch.rand(3, 50, 90)
     enc = encode_image(sam, image, chunk=7)
-    x, size = preprocess(sam, image)
+    x, size = preprocess(sam.image_encoder, image)
     with torch.no_grad():
         expected = sam.image_encoder(x)
     assert size == (71, 128) and enc.input_size == size and enc.original_size == (50, 90)
@@ -189,11 +190,19 @@ def test_chunked_encoder_matches_library_non_square():
 
 def test_vit_h_memory_check_fails_up_front(monkeypatch):
     monkeypatch.setattr(sam_encoder, "available_bytes", lambda device: 2 * 2**30)
-    with pytest.raises(MemoryError, match=r"sam_vit_h.*GiB"):
-        sam_encoder.build_sam("sam_vit_h", random_weights=True)
-    assert sam_encoder.estimate_sam_bytes("sam_vit_h") > sam_encoder.estimate_sam_bytes("sam_vit_b")
-    with pytest.raises(ValueError, match="sam_vit_b"):
-        sam_encoder.sam_key("sam_vit_x")
+    with pytest.raises(MemoryError, match=r"sam_vith.*GiB"):
+        sam_encoder.check_memory("sam_vith", "cpu")
+    sam_encoder.check_memory("sam_vitb", "cpu")  # ~0.9 GiB fits in 2 GiB
+    assert sam_encoder.estimate_sam_bytes("sam_vith") > 2.5 * 2**30 > sam_encoder.estimate_sam_bytes("sam_vitb")
+    # With SAM loaded, the refiner checks before its first image.
+    monkeypatch.setattr(sam_encoder, "available_bytes", lambda device: 1024)
+    from dapseg.refine import build_refiner
+
+    with pytest.raises(MemoryError, match="GiB"):
+        build_refiner("sam", {}, sam=tiny_sam())
+    with pytest.raises(ValueError, match="sam_vitb"):
+        sam_encoder.sam_variant("sam_vitx")
+    assert sam_encoder.sam_variant("sam_vit_h") == sam_encoder.sam_variant("sam_vith") == "vit_h"
 
 
 # ----------------------------------------------------------------------------- splice
@@ -343,3 +352,145 @@ def test_refinement_with_every_mask_rejected_keeps_coarse():
 def test_refiner_rejects_no_prompts():
     with pytest.raises(ValueError, match="at least one"):
         SamPromptRefiner(tiny_sam(), dict(points=False, boxes=False, masks=False))
+
+
+def test_refiner_registered_fits_logits_contract():
+    from dapseg.postprocess import class_probs
+    from dapseg.refine import build_refiner
+    from dapseg.refine.sam_prompt import probs_as_logits
+
+    torch.manual_seed(0)
+    refine = build_refiner("sam", {"minimal_area": 20, "iou_thresh": -1e9}, sam=tiny_sam())
+    labels, probs = _coarse()
+    q2c = [0, 1, 1, 2]  # class 1 has two synonyms
+    logits = torch.log(torch.stack([probs[0], probs[1], probs[1] * 0.5, probs[2]])) / 40.0
+    out_logits, out_labels = refine((torch.rand(*labels.shape, 3) * 255).byte().numpy(), logits, q2c)
+    assert out_logits.shape == (4, *labels.shape) and out_labels.shape == labels.shape
+    # probs_as_logits round-trips through the postprocess for any distribution.
+    p = torch.rand(3, 5, 7)
+    p = p / p.sum(0)
+    torch.testing.assert_close(class_probs(probs_as_logits(p, 40.0, q2c), 40.0, q2c), p)
+
+
+# ----------------------------------------------------------------------------- splice strategy
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    from dapseg.config import ClipConfig
+    from dapseg.models.clip import build_clip
+
+    torch.manual_seed(0)
+    return build_clip(ClipConfig(), random_weights=True, tiny=True)
+
+
+def make_engine(clip, head="maskclip", sam=None):
+    from dapseg.heads.base import build_head
+    from dapseg.inference.engine import DenseEngine
+
+    engine = DenseEngine(clip, build_head(head))
+    engine.sam = sam
+    return engine
+
+
+def splice_cfg(**kw):
+    from dapseg.config import InferenceConfig
+
+    params = kw.pop("params", {})
+    return InferenceConfig(mode="splice", short_side=None, **{"crop": 48, "stride": 32, "max_batch": 4, **kw},
+                           params=params)
+
+
+def naive_splice_tokens(engine, image, crop, stride, text):
+    """Window head tokens averaged cell by cell with python loops: (D, H/16, W/16)."""
+    from dapseg.inference.windows import window_grid
+
+    _, H, W = image.shape
+    sums, counts = {}, {}
+    for win in window_grid(H, W, crop, stride):
+        out = engine.head_output(image[None, :, win.y1:win.y2, win.x1:win.x2], text)
+        gh, gw = out.grid
+        for r in range(gh):
+            for c in range(gw):
+                key = (win.y1 // 16 + r, win.x1 // 16 + c)
+                sums[key] = sums.get(key, 0) + out.tokens[0, r * gw + c]
+                counts[key] = counts.get(key, 0) + 1
+    d = next(iter(sums.values())).shape[0]
+    out = torch.zeros(d, H // 16, W // 16)
+    for (r, c), v in sums.items():
+        out[:, r, c] = v / counts[(r, c)]
+    return out
+
+
+def classify(engine, tokens_map, text, size):
+    d, h, w = tokens_map.shape
+    emb = engine.clip.head_tokens_to_embeddings(tokens_map.reshape(d, -1).T[None])[0]
+    emb = torch.nn.functional.normalize(emb, dim=-1)
+    logits = (emb @ text.T).T.reshape(-1, h, w)
+    return torch.nn.functional.interpolate(logits[None], size, mode="bilinear", align_corners=False)[0]
+
+
+def random_text(clip, q=3):
+    t = torch.randn(q, clip.visual.proj.shape[1], generator=torch.Generator().manual_seed(7))
+    return torch.nn.functional.normalize(t, dim=-1)
+
+
+@pytest.mark.parametrize("head", ["maskclip", "naclip", "sclip", "vanilla"])
+def test_splice_without_affinity_equals_naive_average(tiny_clip, head):
+    engine = make_engine(tiny_clip, head)
+    text = random_text(tiny_clip)
+    image = torch.rand(3, 64, 96, generator=torch.Generator().manual_seed(1))
+    got = get_strategy("splice")(engine, image, text, splice_cfg(params={"kind": "none"}))
+    expected = classify(engine, naive_splice_tokens(engine, image, 48, 32, text), text, (64, 96))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_splice_one_window_without_affinity_equals_whole(tiny_clip):
+    engine = make_engine(tiny_clip)
+    text = random_text(tiny_clip)
+    image = torch.rand(3, 48, 80)
+    cfg = splice_cfg(crop=224, stride=112, params={"kind": "none"})
+    torch.testing.assert_close(get_strategy("splice")(engine, image, text, cfg),
+                               get_strategy("whole")(engine, image, text, cfg), atol=1e-5, rtol=1e-5)
+
+
+def test_splice_with_sam_affinity_equals_manual_composition(tiny_clip):
+    torch.manual_seed(0)
+    sam = tiny_sam()
+    engine = make_engine(tiny_clip, "naclip", sam)
+    text = random_text(tiny_clip)
+    image = torch.rand(3, 64, 96, generator=torch.Generator().manual_seed(2))
+    p = AffinityParams(kind="aff")
+    got = get_strategy("splice")(engine, image, text, splice_cfg(params={"kind": "aff", "chunk": 5}))
+    spliced = naive_splice_tokens(engine, image, 48, 32, text)
+    enc = encode_image(sam, image)
+    vh, vw = enc.input_size[0] // 16, enc.input_size[1] // 16
+    idx = valid_index(enc.last.grid, (vh, vw))
+    a = naive_affinity(library_attention(enc.last)[:, idx][:, :, idx], enc.last.v[:, idx], p)
+    f = torch.nn.functional.interpolate(spliced[None], (vh, vw), mode="bilinear", align_corners=False)[0]
+    agg = (a @ f.reshape(f.shape[0], -1).T).T.reshape(-1, vh, vw)
+    torch.testing.assert_close(got, classify(engine, agg, text, (64, 96)), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("size", [(40, 70), (30, 200)])
+def test_splice_small_and_non_square_images(tiny_clip, size):
+    torch.manual_seed(0)
+    engine = make_engine(tiny_clip, "maskclip", tiny_sam())
+    text = random_text(tiny_clip)
+    image = torch.rand(3, *size)
+    for params in ({"kind": "aff"}, {"kind": "cos", "sam_splits": 2}, {"kind": "attn"}):
+        out = get_strategy("splice")(engine, image, text, splice_cfg(crop=224, stride=112, params=params))
+        assert out.shape == (3, *size) and torch.isfinite(out).all()
+
+
+def test_splice_size_follows_reference_rule():
+    # long side 597 -> 608; short side 448 · 608 / 597 = 456.25 -> 456 -> up to 464
+    assert splice_size(448, 597, 16, 336) == (464, 608)
+    assert splice_size(224, 224, 16, 336) == (224, 224)  # multiples of 16: kept, one smaller window
+    assert splice_size(100, 90, 16, 336) == (336, 336)  # raised to at least one window
+
+
+def test_splice_without_sam_names_the_fix(tiny_clip):
+    engine = make_engine(tiny_clip)
+    with pytest.raises(ValueError, match="sam_vitb"):
+        get_strategy("splice")(engine, torch.rand(3, 48, 48), random_text(tiny_clip), splice_cfg())

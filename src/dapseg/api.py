@@ -147,7 +147,9 @@ class Segmenter:
         self.engine = DenseEngine(self.clip, self.head, self.vfm, self._build_plugin())
         self.engine.sam = self.sam  # the splice strategy's global affinity uses SAM when configured
         self.strategy = get_strategy(config.inference.mode)
-        self.refiner: Refiner | None = build_refiner(config.refine.name, config.refine.params, sam=self.sam)
+        self.refiner: Refiner | None = build_refiner(
+            config.refine.name, config.refine.params, sam=self.sam, segmenter=self
+        )
         self.text = TextEmbedder(
             self.clip.encode_text,
             model_id=f"{self.clip.name}:{self.clip.tag}",
@@ -243,8 +245,12 @@ class Segmenter:
             labels = labels_banded(coarse, img.shape[:2], post.logit_scale, q2c, post.prob_thd)
             return SegmentationResult(img, class_set, coarse, labels, post.logit_scale)
         full = F.interpolate(coarse[None], size=img.shape[:2], mode="bilinear", align_corners=False)[0]
-        full = self.refiner(img, full, q2c).float().cpu()
-        labels = labels_from_probs(class_probs(full, post.logit_scale, q2c), post.prob_thd)
+        refined = self.refiner(img, full, q2c)
+        if isinstance(refined, tuple):  # a label-level refiner (SAM prompts) decides the labels itself
+            full, labels = refined[0].float().cpu(), refined[1].cpu()
+        else:
+            full = refined.float().cpu()
+            labels = labels_from_probs(class_probs(full, post.logit_scale, q2c), post.prob_thd)
         return SegmentationResult(img, class_set, coarse, labels, post.logit_scale, full_logits=full)
 
 

@@ -24,14 +24,14 @@ from q, k in chunks of rows, so memory grows as heads · chunk · G.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
-from segment_anything.modeling.image_encoder import get_rel_pos
 from torch import Tensor
+
+from dapseg.models.sam_encoder import SamLastAttention
 
 AffinityKind = Literal["cos", "attn", "aff"]
 
@@ -95,37 +95,6 @@ def affinity_rows(w: Tensor | None, c: Tensor, p: AffinityParams) -> Tensor:
         kept = torch.where(c > eps[None], w, torch.zeros_like(w)).mean(0)  # (n, N)
         return _normalise_rows(kept, w.mean(0))
     raise ValueError(f"unknown affinity kind {p.kind!r}; valid kinds: cos, attn, aff")
-
-
-@dataclass
-class SamLastAttention:
-    """q, k, v of SAM's last (global) encoder block on its padded G = gh · gw grid, one image.
-
-    Attention rows are recomputed on demand exactly as segment-anything's ``Attention`` computes them
-    (scaled q·k plus decomposed relative positions, softmax over all G keys), never all at once.
-    """
-
-    q: Tensor  # (heads, G, d) unscaled queries
-    k: Tensor  # (heads, G, d)
-    v: Tensor  # (heads, G, d)
-    grid: tuple[int, int]  # (gh, gw), 64 × 64 for SAM at 1024
-    scale: float  # d ** -0.5
-    rel_pos_h: Tensor | None = None  # the block's (2·gh − 1, d) table, or None without rel. positions
-    rel_pos_w: Tensor | None = None
-
-    def attention_rows(self, rows: Tensor) -> Tensor:
-        """Softmax attention of the query tokens ``rows`` (n,) over all G keys: (heads, n, G)."""
-        gh, gw = self.grid
-        q = self.q[:, rows].float()  # (heads, n, d)
-        logits = (q * self.scale) @ self.k.float().transpose(-2, -1)  # (heads, n, G)
-        if self.rel_pos_h is not None and self.rel_pos_w is not None:
-            rh = get_rel_pos(gh, gh, self.rel_pos_h.float())[rows // gw]  # (n, gh, d)
-            rw = get_rel_pos(gw, gw, self.rel_pos_w.float())[rows % gw]  # (n, gw, d)
-            rel_h = torch.einsum("hnc,nkc->hnk", q, rh)  # (heads, n, gh)
-            rel_w = torch.einsum("hnc,nkc->hnk", q, rw)  # (heads, n, gw)
-            logits = (logits.view(-1, len(rows), gh, gw) + rel_h[..., None] + rel_w[..., None, :])
-            logits = logits.view(-1, len(rows), gh * gw)
-        return logits.softmax(-1)
 
 
 def valid_grid(input_size: tuple[int, int], patch: int = 16) -> tuple[int, int]:

@@ -26,60 +26,51 @@ from segment_anything.modeling.image_encoder import Attention, Block, get_rel_po
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import Tensor, nn
 
-from dapseg.inference.global_affinity import SamLastAttention
-
-# name -> (segment-anything registry key, release file, params in millions, heads, width, depth)
-SAM_MODELS: dict[str, tuple[str, str, int, int, int, int]] = {
-    "sam_vit_b": ("vit_b", "sam_vit_b_01ec64.pth", 94, 12, 768, 12),
-    "sam_vit_l": ("vit_l", "sam_vit_l_0b3195.pth", 312, 16, 1024, 24),
-    "sam_vit_h": ("vit_h", "sam_vit_h_4b8939.pth", 641, 16, 1280, 32),
+# variant -> (official release file, params in millions, heads, width): segment-anything's build_sam
+SAM_MODELS: dict[str, tuple[str, int, int, int]] = {
+    "vit_b": ("sam_vit_b_01ec64.pth", 94, 12, 768),
+    "vit_l": ("sam_vit_l_0b3195.pth", 312, 16, 1024),
+    "vit_h": ("sam_vit_h_4b8939.pth", 641, 16, 1280),
 }
 SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)  # segment-anything's Sam defaults (ImageNet × 255)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 
 
-def sam_key(name: str) -> str:
-    """Our SAM name for a config name ("sam_vit_b", "sam-vit-b", "vit_b" all mean ViT-B)."""
-    key = name.lower().replace("-", "_")
-    if not key.startswith("sam_"):
-        key = f"sam_{key}"
-    if key not in SAM_MODELS:
-        raise ValueError(f"unknown SAM model {name!r}; valid: {', '.join(SAM_MODELS)}")
-    return key
+def sam_variant(name: str) -> str:
+    """'vit_b' | 'vit_l' | 'vit_h' for a config name ("sam_vitb", "sam_vit_b", "vit-b", ...)."""
+    key = name.lower().replace("-", "").replace("_", "").removeprefix("sam")
+    variant = {"vitb": "vit_b", "vitl": "vit_l", "vith": "vit_h"}.get(key)
+    if variant is None:
+        raise ValueError(f"unknown SAM model {name!r}; valid: sam_vitb, sam_vitl, sam_vith")
+    return variant
 
 
 def tiny_sam(img_size: int = 128) -> Sam:
     """A small random SAM of the library's own modules (tests): ViT width 32, 2 blocks, 16-px patches."""
-    grid = img_size // 16
     encoder = ImageEncoderViT(
         img_size=img_size, patch_size=16, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
         out_chans=32, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), use_abs_pos=True,
         use_rel_pos=True, window_size=4, global_attn_indexes=(1,),
     )
-    prompt = PromptEncoder(
-        embed_dim=32, image_embedding_size=(grid, grid), input_image_size=(img_size, img_size),
-        mask_in_chans=4,
-    )
-    decoder = MaskDecoder(
-        num_multimask_outputs=3,
-        transformer=TwoWayTransformer(depth=1, embedding_dim=32, mlp_dim=64, num_heads=2),
-        transformer_dim=32, iou_head_depth=2, iou_head_hidden_dim=32,
-    )
-    return Sam(image_encoder=encoder, prompt_encoder=prompt, mask_decoder=decoder).eval()
+    return sam_with_decoder(encoder)
+
+
+def _encode_bytes(tokens: int, width: int, heads: int, chunk: int, dtype_bytes: int) -> int:
+    """Encoder activations (a few token maps, one MLP hidden map) + one chunk of attention rows
+    (logits, probabilities and relative-position terms, fp32) + the mask decoder's per-class batch."""
+    acts = tokens * width * (8 + 4) * dtype_bytes
+    attn = 3 * heads * min(chunk, tokens) * tokens * 4
+    decoder = 64 * 256 * 256 * 4 * 4
+    return acts + attn + decoder
 
 
 def estimate_sam_bytes(name: str, *, dtype_bytes: int = 4, chunk: int = 512, img_size: int = 1024) -> int:
-    """A rough upper estimate of the memory SAM ``name`` needs for one image at ``img_size``.
-
-    Weights + encoder activations (a few token maps and one MLP hidden map) + one chunk of attention
-    logits/probabilities + the mask decoder's per-class batch; a 1.25 margin on top.
-    """
-    _, _, params_m, heads, width, _ = SAM_MODELS[sam_key(name)]
+    """A rough upper estimate of the memory SAM ``name`` needs for one image, weights included (×1.25)."""
+    _, params_m, heads, width = SAM_MODELS[sam_variant(name)]
     tokens = (img_size // 16) ** 2
     weights = params_m * 1_000_000 * dtype_bytes
-    acts = tokens * width * 8 * dtype_bytes + tokens * width * 4 * dtype_bytes
-    attn = 3 * heads * min(chunk, tokens) * tokens * 4
-    decoder = 64 * 256 * 256 * 4 * 4
-    return int(1.25 * (weights + acts + attn + decoder))
+    return int(1.25 * (weights + _encode_bytes(tokens, width, heads, chunk, dtype_bytes)))
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -100,62 +91,115 @@ def available_bytes(device: torch.device) -> int | None:
         return None
 
 
-def check_memory(name: str, device: torch.device, *, dtype_bytes: int = 4, chunk: int = 512) -> None:
-    """Fail before any work when SAM ``name`` will clearly not fit on ``device``."""
-    need = estimate_sam_bytes(name, dtype_bytes=dtype_bytes, chunk=chunk)
+def _fail(what: str, need: int, have: int, device: torch.device) -> None:
+    raise MemoryError(
+        f"{what} needs about {need / 2**30:.1f} GiB on {device} but only {have / 2**30:.1f} GiB is free; "
+        f"use sam.name=sam_vitb, a device with more memory, or a smaller chunk (inference.params.chunk / "
+        f"refine.params.chunk)"
+    )
+
+
+def check_memory(name: str, device: torch.device | str, *, chunk: int = 512) -> None:
+    """Before building SAM ``name``: fail at once when it clearly will not fit on ``device``."""
+    device = torch.device(device)
+    need = estimate_sam_bytes(name, chunk=chunk, dtype_bytes=2 if device.type == "cuda" else 4)
     have = available_bytes(device)
     if have is not None and need > have:
-        raise MemoryError(
-            f"SAM {name!r} needs about {need / 2**30:.1f} GiB on {device} but only {have / 2**30:.1f} GiB "
-            f"is free; use sam.name=sam_vit_b, a device with more memory, or a smaller inference.params.chunk"
-        )
+        _fail(f"SAM {name!r}", need, have, device)
 
 
-def build_sam(
-    name: str,
-    *,
-    weights: Path | None = None,
-    random_weights: bool = False,
-    tiny: bool = False,
-    cache_dir: Path | None = None,
-    device: torch.device | str = "cpu",
-    check_mem: bool = True,
-) -> Sam:
-    """segment-anything's ``Sam`` for config name ``name`` (sam_vit_b | sam_vit_l | sam_vit_h).
+def check_encode_memory(sam: object, *, chunk: int = 512) -> None:
+    """With SAM loaded: fail before any image when encoding one (plus decoding) clearly will not fit."""
+    enc = image_encoder_of(sam)
+    prm = next(enc.parameters())
+    tokens = (enc.img_size // enc.patch_embed.proj.stride[0]) ** 2
+    width = enc.patch_embed.proj.out_channels
+    need = int(1.25 * _encode_bytes(tokens, width, enc.blocks[-1].attn.num_heads, chunk, prm.element_size()))
+    have = available_bytes(prm.device)
+    if have is not None and need > have:
+        _fail(f"SAM ({width}-wide encoder) at {enc.img_size}px", need, have, prm.device)
 
-    ``tiny`` builds ``tiny_sam()``; ``random_weights`` skips loading; otherwise the official release
-    file is taken from ``weights`` or the cache directory, and its absence raises WeightsMissingError.
-    Memory is checked up front (a clear MemoryError rather than a failure halfway through a dataset).
+
+def image_encoder_of(sam: object) -> ImageEncoderViT:
+    """segment-anything's ImageEncoderViT inside ``sam``: the encoder itself, a ``Sam``, or the VFM
+    registry's SAM wrapper (which keeps it as ``.encoder``)."""
+    if isinstance(sam, ImageEncoderViT):
+        return sam
+    for attr in ("image_encoder", "encoder"):
+        enc = getattr(sam, attr, None)
+        if isinstance(enc, ImageEncoderViT):
+            return enc
+    raise TypeError(f"{type(sam).__name__} holds no segment-anything ImageEncoderViT (is `sam:` a SAM model?)")
+
+
+def sam_with_decoder(sam: object, *, weights: Path | None = None) -> Sam:
+    """A full ``Sam`` (prompt encoder + mask decoder) around the image encoder of ``sam``.
+
+    The decoder matches the encoder's neck width and grid (256 and 64 × 64 for the released models).
+    With ``weights`` (the official release file) its prompt_encoder.* and mask_decoder.* tensors are
+    loaded; without, the decoder keeps random weights (smoke runs, tests).
     """
-    from segment_anything import sam_model_registry
+    if isinstance(sam, Sam):
+        return sam
+    enc = image_encoder_of(sam)
+    dim = enc.neck[0].out_channels
+    grid = enc.img_size // enc.patch_embed.proj.stride[0]
+    heads = 8 if dim >= 256 else 2
+    prompt = PromptEncoder(
+        embed_dim=dim, image_embedding_size=(grid, grid), input_image_size=(enc.img_size, enc.img_size),
+        mask_in_chans=16 if dim >= 256 else 4,
+    )
+    decoder = MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=8 * dim, num_heads=heads),
+        transformer_dim=dim, iou_head_depth=3, iou_head_hidden_dim=dim,
+    )
+    model = Sam(image_encoder=enc, prompt_encoder=prompt, mask_decoder=decoder)
+    if weights is not None:
+        from dapseg.weights import load_state_dict_file
 
-    device = torch.device(device)
-    key = sam_key(name)
-    if tiny:
-        return tiny_sam().to(device)
-    if check_mem:
-        check_memory(key, device)
-    registry_key, filename, *_ = SAM_MODELS[key]
-    state = None
-    if not random_weights:
-        path = Path(weights) if weights is not None else None
-        if path is None:
-            from dapseg.weights import cache_dir as _cache_dir
+        state = load_state_dict_file(weights)
+        part = {k: v for k, v in state.items() if k.startswith(("prompt_encoder.", "mask_decoder."))}
+        if not part:
+            raise ValueError(f"{weights} has no prompt_encoder / mask_decoder tensors: not a SAM release file")
+        missing = [k for k in model.state_dict() if k.startswith(("prompt_encoder.", "mask_decoder."))
+                   and k not in part]
+        if missing:
+            raise ValueError(f"{weights} lacks SAM decoder tensors, e.g. {missing[0]}")
+        model.load_state_dict(part, strict=False)
+    device = next(enc.parameters()).device
+    return model.eval().to(device)
 
-            path = _cache_dir(cache_dir) / "sam" / filename
-        if not path.is_file():
-            from dapseg.weights import WeightsMissingError
 
-            raise WeightsMissingError(
-                f"SAM {key} weights ({path})",
-                f"download {SAM_URL}{filename} to {path} (or run `dapseg download` on a connected machine), "
-                f"or pass --sam-weights PATH",
-            )
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    sam = sam_model_registry[registry_key](checkpoint=None)
-    if state is not None:
-        sam.load_state_dict(state)
-    return sam.eval().to(device)
+@dataclass
+class SamLastAttention:
+    """q, k, v of SAM's last (global) encoder block on its padded G = gh · gw grid, one image.
+
+    Attention rows are recomputed on demand exactly as segment-anything's ``Attention`` computes them
+    (scaled q·k plus decomposed relative positions, softmax over all G keys), never all at once.
+    """
+
+    q: Tensor  # (heads, G, d) unscaled queries
+    k: Tensor  # (heads, G, d)
+    v: Tensor  # (heads, G, d)
+    grid: tuple[int, int]  # (gh, gw), 64 × 64 for SAM at 1024
+    scale: float  # d ** -0.5
+    rel_pos_h: Tensor | None = None  # the block's (2·gh − 1, d) table, or None without rel. positions
+    rel_pos_w: Tensor | None = None
+
+    def attention_rows(self, rows: Tensor) -> Tensor:
+        """Softmax attention of the query tokens ``rows`` (n,) over all G keys: (heads, n, G)."""
+        gh, gw = self.grid
+        q = self.q[:, rows].float()  # (heads, n, d)
+        logits = (q * self.scale) @ self.k.float().transpose(-2, -1)  # (heads, n, G)
+        if self.rel_pos_h is not None and self.rel_pos_w is not None:
+            rh = get_rel_pos(gh, gh, self.rel_pos_h.float())[rows // gw]  # (n, gh, d)
+            rw = get_rel_pos(gw, gw, self.rel_pos_w.float())[rows % gw]  # (n, gw, d)
+            rel_h = torch.einsum("hnc,nkc->hnk", q, rh)  # (heads, n, gh)
+            rel_w = torch.einsum("hnc,nkc->hnk", q, rw)  # (heads, n, gw)
+            logits = (logits.view(-1, len(rows), gh, gw) + rel_h[..., None] + rel_w[..., None, :])
+            logits = logits.view(-1, len(rows), gh * gw)
+        return logits.softmax(-1)
 
 
 @dataclass
@@ -203,20 +247,31 @@ def _block_forward(blk: Block, x: Tensor, chunk: int, keep: bool) -> tuple[Tenso
     return x + blk.mlp(blk.norm2(x)), extra
 
 
-def preprocess(sam: Sam, image: Tensor) -> tuple[Tensor, tuple[int, int]]:
-    """(3, H, W) in [0, 1] -> SAM input (1, 3, S, S) and the resized size (h, w) before padding."""
-    img_size = sam.image_encoder.img_size
-    x = (image.float().clamp(0, 1) * 255.0)[None]
-    h, w = ResizeLongestSide.get_preprocess_shape(image.shape[-2], image.shape[-1], img_size)
+def preprocess(encoder: ImageEncoderViT, image: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    """(3, H, W) in [0, 1] -> SAM input (1, 3, S, S) and the resized size (h, w) before padding.
+
+    As ``SamPredictor.set_image``: long side resized to S = img_size, SAM's pixel mean/std (0–255
+    scale), zero padding at the bottom/right.
+    """
+    s = encoder.img_size
+    device = next(encoder.parameters()).device
+    x = (image.float().clamp(0, 1) * 255.0)[None].to(device)
+    h, w = ResizeLongestSide.get_preprocess_shape(image.shape[-2], image.shape[-1], s)
     x = nn.functional.interpolate(x, (h, w), mode="bilinear", align_corners=False, antialias=True)
-    return sam.preprocess(x.to(sam.pixel_mean.device)), (h, w)  # normalise with SAM's mean/std, pad
+    mean = torch.tensor(SAM_PIXEL_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(SAM_PIXEL_STD, device=device).view(1, 3, 1, 1)
+    x = nn.functional.pad((x - mean) / std, (0, s - w, 0, s - h))
+    return x, (h, w)
 
 
 @torch.no_grad()
-def encode_image(sam: Sam, image: Tensor, chunk: int = 512) -> SamEncoding:
-    """Run SAM's image encoder on one image (3, H, W) in [0, 1]; global attention in row chunks."""
-    enc: ImageEncoderViT = sam.image_encoder
-    x, input_size = preprocess(sam, image)
+def encode_image(sam: object, image: Tensor, chunk: int = 512) -> SamEncoding:
+    """Run SAM's image encoder on one image (3, H, W) in [0, 1]; global attention in row chunks.
+
+    ``sam``: an ImageEncoderViT, a ``Sam`` or the VFM registry's SAM (see ``image_encoder_of``).
+    """
+    enc = image_encoder_of(sam)
+    x, input_size = preprocess(enc, image)
     dtype = next(enc.parameters()).dtype
     x = enc.patch_embed(x.to(dtype))  # (1, gh, gw, C)
     if enc.pos_embed is not None:

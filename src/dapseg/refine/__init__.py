@@ -23,7 +23,7 @@ def register_refiner(name: str) -> Callable[[Callable[..., Refiner]], Callable[.
 
 def build_refiner(name: str, params: dict[str, Any], **models: Any) -> Refiner | None:
     """The refiner ``name`` ('none' -> None). ``models`` carries e.g. ``sam`` for SAM prompting."""
-    from dapseg.refine import pamr  # noqa: F401  (registers pamr)
+    from dapseg.refine import pamr, sam_prompt  # noqa: F401  (registers pamr, sam)
 
     if name == "none":
         return None

@@ -19,7 +19,10 @@ Usable after any strategy. Facts from the public reference (YuHengsss/Trident, `
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +35,7 @@ from skimage import measure
 from torch import Tensor
 
 from dapseg.models.sam_encoder import SamEncoding, encode_image
+from dapseg.refine import Refiner, register_refiner
 
 
 class SamRefineParams(BaseModel):
@@ -181,3 +185,63 @@ class SamPromptRefiner:
             refined = torch.maximum(refined, probs * failed_full)
         new_probs = torch.where((refined.sum(0) > 0)[None], refined, probs)
         return new_labels, new_probs
+
+
+def probs_as_logits(probs: Tensor, logit_scale: float, query_to_class: list[int]) -> Tensor:
+    """(C, H, W) class probabilities -> (Q, H, W) logits that postprocess maps back to them.
+
+    softmax(logit_scale · L) merged by max over synonyms gives back ``probs`` normalised per pixel:
+    the first query of each class carries log(p_c) / logit_scale, its other synonyms a negligible
+    value. Used so that a label-level refiner fits the logits-in, logits-out refiner contract.
+    """
+    p = probs.float().clamp_min(0)
+    p = p / p.sum(0, keepdim=True).clamp_min(1e-30)
+    tiny = math.log(1e-30) / logit_scale
+    out = torch.full((len(query_to_class), *p.shape[1:]), tiny, dtype=torch.float32, device=p.device)
+    seen: set[int] = set()
+    for q, c in enumerate(query_to_class):
+        if c not in seen:
+            seen.add(c)
+            out[q] = torch.log(p[c].clamp_min(1e-30)) / logit_scale
+    return out
+
+
+@register_refiner("sam")
+def build_sam_refiner(params: dict[str, Any], sam: object | None = None, segmenter: Any = None,
+                      **_: Any) -> Refiner:
+    """The ``refine.name: sam`` refiner of a Segmenter (its ``sam`` model, postprocess settings).
+
+    Returns (logits, labels): labels decided by SAM, logits encoding the refined probabilities.
+    """
+    from dapseg.inference.preprocess import to_tensor01
+    from dapseg.models.sam_encoder import check_encode_memory, sam_with_decoder
+    from dapseg.postprocess import class_probs, labels_from_probs
+
+    if sam is None:
+        raise ValueError("refine.name=sam needs a SAM model: add `sam: {name: sam_vitb}` to the config")
+    p = SamRefineParams(**params)
+    check_encode_memory(sam, chunk=p.chunk)  # before the first image, not halfway through a dataset
+    refiner = SamPromptRefiner(sam_with_decoder(sam, weights=_decoder_weights(segmenter)), p)
+    post = segmenter.config.postprocess if segmenter is not None else None
+    scale = post.logit_scale if post is not None else 40.0
+    prob_thd = post.prob_thd if post is not None else 0.0
+
+    def refine(image: np.ndarray, logits: Tensor, query_to_class: list[int]) -> tuple[Tensor, Tensor]:
+        probs = class_probs(logits.float(), scale, query_to_class)
+        labels = labels_from_probs(probs, prob_thd)
+        new_labels, new_probs = refiner(to_tensor01(image).to(probs.device), labels, probs)
+        return probs_as_logits(new_probs, scale, query_to_class), new_labels
+
+    return refine  # type: ignore[return-value]
+
+
+def _decoder_weights(segmenter: Any) -> Path | None:
+    """The SAM release file holding the prompt encoder / mask decoder (None for random weights)."""
+    if segmenter is None or segmenter.random_weights or segmenter.tiny or segmenter.config.sam is None:
+        return None
+    cfg = segmenter.config.sam
+    if cfg.weights is not None:
+        return Path(cfg.weights)
+    from dapseg.models.vfm_loading import fetch_weights  # the VFM registry's cache / download
+
+    return fetch_weights(cfg.name, segmenter.cache_dir)
