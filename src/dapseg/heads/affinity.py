@@ -1,0 +1,130 @@
+"""Proxy affinity: attention over VFM patches from their feature similarity (ProxyCLIP eqs. 4–8).
+
+Shared by the ``proxy`` and ``dap`` heads so that both compute the affinity, the −∞ masking and the
+empty-row rule in exactly one place.
+
+Shapes: B windows, C' VFM channels, (h', w') VFM grid, N' = h'·w' VFM patches.
+
+    x̂ = ℓ2-normalise(VFM features)          (B, N', C')
+    S = x̂ x̂ᵀ                                 (B, N', N')  cosine similarity
+    A = γ (S − β · mean(S))                  mean over all N'² entries of *each window*
+    keep_ij = A_ij ≥ 0  [∧ mutual kNN]       masked entries get −∞ before the softmax
+    Attn = row-softmax(A over kept entries)
+
+A row with no kept entry (it happens when β·mean(S) > 1, e.g. nearly parallel features) would be
+all −∞, which the reference turns into NaN; such a row keeps the entries equal to its maximum
+instead (usually just the diagonal; ties up to float32 rounding), so it stays finite and every
+finite row is unchanged.
+
+Everything is computed in float32 whatever the input dtype: under fp16/bf16 autocast the sign of
+A near 0 (which decides the mask) would otherwise depend on the precision.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def normalized_patches(feats: Tensor) -> Tensor:
+    """VFM features (B, C', h', w') -> x̂ (B, N', C'), ℓ2-normalised per patch, float32.
+
+    An all-zero feature vector stays zero (its similarities are 0), never NaN.
+    """
+    return F.normalize(feats.float().flatten(2), dim=1).transpose(1, 2)
+
+
+def patch_similarity(feats: Tensor) -> Tensor:
+    """S = x̂ x̂ᵀ: (B, C', h', w') -> (B, N', N') cosine similarities of the VFM patches."""
+    x = normalized_patches(feats)
+    return torch.bmm(x, x.transpose(1, 2))
+
+
+def adaptive_normalize(s: Tensor, beta: float, gamma: float) -> Tensor:
+    """A = γ (S − β·mean(S)) with the mean taken per window: (B, N', N') -> (B, N', N')."""
+    mean = s.mean(dim=(-2, -1), keepdim=True)  # (B, 1, 1): batching never mixes windows
+    return (s - mean * beta) * gamma
+
+
+def mutual_knn(s: Tensor, k: int) -> Tensor:
+    """keep_ij = j ∈ kNN(i) ∧ i ∈ kNN(j) under S: (B, N', N') -> bool (B, N', N').
+
+    kNN(i) = the entries of row i at least as large as its k-th largest, so ties at the k-th value
+    are all in (deterministic, no arbitrary tie-break). ``k`` larger than N' is clamped to N'
+    (every patch is then a neighbour of every other).
+    """
+    if k < 1:
+        raise ValueError(f"knn must be >= 1 here, got {k}")
+    k = min(k, s.shape[-1])
+    kth = s.topk(k, dim=-1).values[..., -1:]  # (B, N', 1) the k-th largest of each row
+    near = s >= kth
+    return near & near.transpose(-2, -1)
+
+
+# Entries this close to a row's maximum count as maxima: float32 matrix products of identical
+# feature vectors can differ in the last bits, which must not single out arbitrary patches.
+MAXIMA_RTOL = 1e-5
+
+
+def keep_row_maxima_where_empty(a: Tensor, keep: Tensor) -> Tensor:
+    """Rows of ``keep`` with no True entry keep the entries equal to that row's maximum of ``a``.
+
+    "Equal" up to float32 rounding: within MAXIMA_RTOL·(1 + |max|) of the maximum.
+    a: (B, N', N') float, keep: (B, N', N') bool. Returns a new mask; every row has >= 1 entry.
+    """
+    empty = ~keep.any(dim=-1, keepdim=True)  # (B, N', 1)
+    if not empty.any():
+        return keep
+    top = a.amax(dim=-1, keepdim=True)
+    return keep | (empty & (a >= top - MAXIMA_RTOL * (1 + top.abs())))
+
+
+def masked_softmax(a: Tensor, keep: Tensor) -> Tensor:
+    """Row softmax of ``a`` over the kept entries (the others are −∞): (B, N', N')."""
+    return a.masked_fill(~keep, float("-inf")).softmax(dim=-1)
+
+
+def proxy_attention(
+    feats: Tensor,
+    *,
+    beta: float,
+    gamma: float,
+    normalize: bool = True,
+    mask: bool = True,
+    knn: int = 0,
+) -> Tensor:
+    """Row-stochastic proxy attention over the VFM patches: (B, C', h', w') -> (B, N', N').
+
+    normalize: False uses the plain similarity S instead of A (ProxyCLIP ablation, "w/o
+        normalisation"); the mask then drops S < 0.
+    mask: False keeps every entry (plain softmax, ProxyCLIP ablation "w/o masking"); ``knn`` is
+        then ignored as well.
+    knn: > 0 additionally keeps only mutual k-nearest neighbours under S (DAP step 2).
+    """
+    s = patch_similarity(feats)
+    a = adaptive_normalize(s, beta, gamma) if normalize else s
+    if not mask:
+        return a.softmax(dim=-1)
+    keep = a >= 0
+    if knn > 0:
+        keep &= mutual_knn(s, knn)
+    del s
+    return masked_softmax(a, keep_row_maxima_where_empty(a, keep))
+
+
+def values_on_grid(v: Tensor, grid: tuple[int, int], out_grid: tuple[int, int]) -> Tensor:
+    """CLIP patch values (B, heads, h·w, d) -> (B, heads, h'·w', d), bilinear, align_corners=False.
+
+    The CLIP grid (h, w) and the VFM grid (h', w') cover the same window; values are resized as
+    images (one channel per head dimension), as the ProxyCLIP reference does.
+    """
+    b, heads, n, d = v.shape
+    (h, w), (oh, ow) = grid, out_grid
+    if n != h * w:
+        raise ValueError(f"{n} value tokens do not fill the CLIP grid {h}x{w}")
+    if (h, w) == (oh, ow):
+        return v
+    img = v.reshape(b * heads, h, w, d).permute(0, 3, 1, 2)  # (B·heads, d, h, w)
+    img = F.interpolate(img, size=(oh, ow), mode="bilinear", align_corners=False)
+    return img.permute(0, 2, 3, 1).reshape(b, heads, oh * ow, d)

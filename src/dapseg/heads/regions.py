@@ -1,0 +1,143 @@
+"""Region maps on the VFM grid and region averaging, for DAP's region-consistency step.
+
+A region map gives every VFM patch of a window a region id: ``labels`` (B, h', w') int64. The
+region-averaging matrix P (P_ij = 1/|r(i)| when r(i) = r(j), else 0) is never built: P·X is the
+mean of X's rows over each region, scattered back to the region's patches (``region_mean``).
+
+Sources of regions:
+- SLIC superpixels of the window pixels (scikit-image), majority-pooled onto the VFM grid;
+- k-means of the ℓ2-normalised VFM features (torch, deterministic);
+- SAM automatic masks (segment-anything's SamAutomaticMaskGenerator), via ``SamRegions``.
+
+A pixel-level map may mark pixels that belong to no region with -1 (SAM covers only part of an
+image); a patch whose majority is -1 becomes a region of its own, so region averaging leaves it
+alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+# images (B, 3, H, W) in [0, 1] -> pixel region labels (B, H, W) int64, -1 = no region
+RegionProvider = Callable[[Tensor], Tensor]
+
+
+def pool_labels_to_grid(labels: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Majority-pool pixel labels (B, H, W) onto the patch grid: -> (B, h', w') int64.
+
+    Pixel (y, x) falls in cell (⌊y·h'/H⌋, ⌊x·w'/W⌋), so the grid tiles the whole window even when
+    H is not a multiple of h'. Ties go to the smallest label. Cells whose majority is -1 get a
+    fresh label each (they are regions of one patch).
+    """
+    b, height, width = labels.shape
+    gh, gw = grid
+    if height < gh or width < gw:
+        raise ValueError(f"a {height}x{width} label map cannot be pooled onto a finer {gh}x{gw} grid")
+    rows = torch.arange(height, device=labels.device) * gh // height  # (H,)
+    cols = torch.arange(width, device=labels.device) * gw // width  # (W,)
+    cell = (rows[:, None] * gw + cols[None, :]).flatten()  # (H·W,) cell of each pixel
+    n = gh * gw
+    out = torch.empty(b, n, dtype=torch.int64, device=labels.device)
+    for i in range(b):
+        lab = labels[i].flatten().long() + 1  # 0 = "no region"
+        n_lab = int(lab.max()) + 1
+        votes = torch.bincount(cell * n_lab + lab, minlength=n * n_lab).view(n, n_lab)
+        best = votes.argmax(dim=1) - 1  # first maximum: the smallest label wins ties
+        alone = best < 0
+        best[alone] = n_lab + torch.arange(int(alone.sum()), device=labels.device)
+        out[i] = best
+    return out.view(b, gh, gw)
+
+
+def consecutive(labels: Tensor) -> Tensor:
+    """Relabel each window's regions 0..R-1 (R <= N'): (B, N') -> (B, N') int64."""
+    return torch.stack([torch.unique(row, return_inverse=True)[1] for row in labels]).long()
+
+
+def region_mean(x: Tensor, labels: Tensor) -> Tensor:
+    """P·X without P: each row of X replaced by the mean of X's rows over its region.
+
+    x: (B, N', K), labels: (B, N') int64 with values in [0, N'). Returns (B, N', K), O(B·N'·K).
+    """
+    b, n, k = x.shape
+    ids = (labels + torch.arange(b, device=x.device)[:, None] * n).flatten()  # (B·N',) global region
+    sums = torch.zeros(b * n, k, dtype=x.dtype, device=x.device).index_add_(0, ids, x.reshape(b * n, k))
+    counts = torch.bincount(ids, minlength=b * n).clamp_min(1).to(x.dtype)
+    return (sums / counts[:, None])[ids].view(b, n, k)
+
+
+def slic_labels(images: Tensor, n_segments: int, compactness: float) -> Tensor:
+    """SLIC superpixels of each window: images (B, 3, H, W) in [0, 1] -> (B, H, W) int64."""
+    from skimage.segmentation import slic
+
+    pixels = images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy().astype(np.float64)
+    maps = [
+        slic(img, n_segments=n_segments, compactness=compactness, start_label=0, channel_axis=-1)
+        for img in pixels
+    ]
+    return torch.from_numpy(np.stack(maps)).long().to(images.device)
+
+
+def kmeans_labels(x: Tensor, k: int, iters: int) -> Tensor:
+    """k-means of patch features x (B, N', C) -> cluster per patch (B, N') int64.
+
+    Deterministic: the initial centres are the patches at evenly spaced raster positions (so they
+    are spread over the window), then ``iters`` Lloyd steps on squared Euclidean distance; ties go
+    to the lowest cluster; an empty cluster keeps its centre. ``k`` larger than N' is clamped.
+    """
+    b, n, _ = x.shape
+    k = max(1, min(k, n))
+    x = x.float()
+    start = (torch.arange(k, device=x.device) * n) // k  # (k,) evenly spaced patch indices
+    centres = x[:, start].clone()  # (B, k, C)
+    x2 = (x * x).sum(-1, keepdim=True)  # (B, N', 1)
+    labels = torch.zeros(b, n, dtype=torch.int64, device=x.device)
+    for step in range(iters + 1):
+        dist = x2 - 2 * torch.bmm(x, centres.transpose(1, 2)) + (centres * centres).sum(-1)[:, None, :]
+        labels = dist.argmin(dim=-1)  # (B, N')
+        if step == iters:
+            break
+        ids = (labels + torch.arange(b, device=x.device)[:, None] * k).flatten()
+        sums = torch.zeros(b * k, x.shape[-1], device=x.device).index_add_(0, ids, x.flatten(0, 1))
+        counts = torch.bincount(ids, minlength=b * k).view(b, k)
+        means = sums.view(b, k, -1) / counts.clamp_min(1)[..., None]
+        centres = torch.where(counts[..., None] > 0, means, centres)
+    return labels
+
+
+class SamRegions:
+    """Region provider from SAM's automatic masks (segment-anything), as CorrCLIP uses them.
+
+    ``sam``: a ``segment_anything.modeling.Sam`` (image encoder + prompt encoder + mask decoder),
+    or any object with such a model in its ``.sam`` attribute. Masks are painted largest first, so
+    a smaller mask inside a larger one wins; pixels no mask covers are -1.
+    Keyword arguments go to ``SamAutomaticMaskGenerator`` (points_per_side, pred_iou_thresh, ...).
+    """
+
+    def __init__(self, sam: Any, **generator_kwargs: Any) -> None:
+        from segment_anything import SamAutomaticMaskGenerator
+        from segment_anything.modeling import Sam
+
+        model = sam if isinstance(sam, Sam) else getattr(sam, "sam", None)
+        if not isinstance(model, Sam):
+            raise TypeError(
+                f"SamRegions needs a segment_anything Sam model (encoder + decoder), got {type(sam).__name__}"
+            )
+        self.generator = SamAutomaticMaskGenerator(model, **generator_kwargs)
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor) -> Tensor:
+        pixels = (images.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        maps = []
+        for img in pixels:
+            label = np.full(img.shape[:2], -1, dtype=np.int64)
+            masks = sorted(self.generator.generate(img), key=lambda m: m["area"], reverse=True)
+            for idx, m in enumerate(masks):
+                label[m["segmentation"]] = idx
+            maps.append(label)
+        return torch.from_numpy(np.stack(maps)).to(images.device)
