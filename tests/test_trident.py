@@ -494,3 +494,30 @@ def test_splice_without_sam_names_the_fix(tiny_clip):
     engine = make_engine(tiny_clip)
     with pytest.raises(ValueError, match="sam_vitb"):
         get_strategy("splice")(engine, torch.rand(3, 48, 48), random_text(tiny_clip), splice_cfg())
+
+
+# ----------------------------------------------------------------------------- presets end to end
+
+
+@pytest.mark.parametrize("preset", ["trident-refine", "dap-splice"])  # trident-refine runs trident first
+def test_presets_run_on_a_photo_with_random_weights(preset):
+    from skimage import data
+
+    from dapseg.api import Segmenter
+
+    image = data.astronaut()[::4, ::3]  # (128, 171): non-square
+    seg = Segmenter.from_preset(preset, random_weights=True, tiny=True, device="cpu",
+                                overrides={"inference.short_side": 96})
+    res = seg.predict(image, "person, sky; clouds, rocket")
+    assert res.labels.shape == image.shape[:2] and res.probs.shape == (3, *image.shape[:2])
+    assert torch.isfinite(res.probs).all() and int(res.labels.max()) < 3
+    assert float(res.probs.min()) >= 0 and float(res.probs.max()) <= 1
+    torch.testing.assert_close(res.labels, res.probs.argmax(0))  # prob_thd 0: labels follow the probs
+
+
+def test_trident_h14_preset_config():
+    from dapseg.config import load_preset
+
+    cfg = load_preset("trident-h14")
+    assert (cfg.clip.model, cfg.sam.name, cfg.inference.mode) == ("ViT-H-14", "sam_vith", "splice")
+    assert (cfg.inference.crop, cfg.inference.stride) == (336, 224)
