@@ -229,7 +229,7 @@ def build_sam_refiner(params: dict[str, Any], sam: object | None = None, segment
     def refine(image: np.ndarray, logits: Tensor, query_to_class: list[int]) -> tuple[Tensor, Tensor]:
         probs = class_probs(logits.float(), scale, query_to_class)
         labels = labels_from_probs(probs, prob_thd)
-        new_labels, new_probs = refiner(to_tensor01(image).to(probs.device), labels, probs)
+        new_labels, new_probs = refiner(to_tensor01(np.array(image)).to(probs.device), labels, probs)
         return probs_as_logits(new_probs, scale, query_to_class), new_labels
 
     return refine  # type: ignore[return-value]
