@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
-from eval_synth import expected_classes, make_dataset, write_label
 from PIL import Image
 
 from dapseg.data import DataError, SegDataset, list_datasets, load_dataset_spec
 from dapseg.data.spec import EXTRA, STANDARD
+from eval_synth import expected_classes, make_dataset, write_label
 
 ALL = STANDARD + EXTRA
 

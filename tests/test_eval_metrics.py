@@ -79,7 +79,7 @@ def test_all_ignore_gives_nan_not_error():
 
 
 def test_prediction_out_of_range_is_an_error():
-    with pytest.raises(ValueError, match="outside 0..2"):
+    with pytest.raises(ValueError, match=r"outside 0\.\.2"):
         confusion_matrix(torch.tensor([3]), torch.tensor([0]), 3)
     with pytest.raises(ValueError, match="shape"):
         confusion_matrix(torch.zeros(2, 3), torch.zeros(3, 2), 3)

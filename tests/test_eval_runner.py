@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from eval_synth import FakePredictor, expected_classes, make_dataset
 from PIL import Image
 
 from dapseg.data import DataError, SegDataset
 from dapseg.eval.checkpoint import SettingsChangedError
 from dapseg.eval.runner import RunOptions, evaluate
+from eval_synth import FakePredictor, expected_classes, make_dataset
 
 SETTINGS = {"preset": "fake", "x": 1}
 QUIET = RunOptions(num_workers=0, progress=False, checkpoint_every=1)
@@ -95,7 +95,7 @@ def test_skip_bad_counts_and_lists(tmp_path):
     make_dataset(tmp_path / "d", "ade20k", n=3)
     (tmp_path / "d/ade/ADEChallengeData2016/images/validation/img_001.jpg").write_bytes(b"garbage")
     pred = FakePredictor(150)
-    with pytest.raises(DataError, match="img_001.jpg"):
+    with pytest.raises(DataError, match=r"img_001\.jpg"):
         evaluate(SegDataset("ade20k", tmp_path / "d"), pred, tmp_path / "w0", SETTINGS, QUIET)
     ds = SegDataset("ade20k", tmp_path / "d", skip_bad=True)
     res = evaluate(ds, FakePredictor(150), tmp_path / "w", SETTINGS, QUIET)
