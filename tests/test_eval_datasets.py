@@ -143,3 +143,16 @@ def test_corrupt_image_error_or_skip(tmp_path):
 def test_unknown_dataset_lists_valid_names():
     with pytest.raises(ValueError, match="valid datasets: ade20k, ade847"):
         load_dataset_spec("voc2012")
+
+
+def test_dataset_present_tells_shared_trees_apart(tmp_path):
+    from dapseg.data import dataset_present
+
+    make_dataset(tmp_path, "context60", n=1)
+    make_dataset(tmp_path, "coco_stuff171", n=1)
+    assert dataset_present(load_dataset_spec("context60"), tmp_path)
+    assert dataset_present(load_dataset_spec("context59"), tmp_path)  # same files, other decoding
+    assert not dataset_present(load_dataset_spec("context459"), tmp_path)  # no pc459 labels
+    assert dataset_present(load_dataset_spec("coco_stuff171"), tmp_path)
+    assert not dataset_present(load_dataset_spec("coco_object"), tmp_path)  # not converted yet
+    assert not dataset_present(load_dataset_spec("ade20k"), tmp_path)

@@ -15,7 +15,7 @@ from dapseg.commands.evalkit import (
     run_options,
     setup_distributed,
 )
-from dapseg.data import DataError, resolve_root
+from dapseg.data import DataError, dataset_present
 from dapseg.data.spec import EXTRA, STANDARD, load_dataset_spec
 from dapseg.eval import dist
 from dapseg.eval.checkpoint import ensure_writable
@@ -42,11 +42,8 @@ def run(args: argparse.Namespace) -> int:
     ensure_writable(job_dir(args.work_dir))
     found, missing = [], []
     for spec in specs:
-        try:
-            resolve_root(spec, args.data_root)
-            found.append(spec)
-        except DataError:
-            missing.append(spec.name)
+        (found if dataset_present(spec, args.data_root) else missing).append(spec)
+    missing = [s.name for s in missing]
     if not found:
         raise DataError(f"no benchmark dataset found under {args.data_root}; expected e.g.\n"
                         f"{specs[0].layout()}")

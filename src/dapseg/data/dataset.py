@@ -33,6 +33,17 @@ def resolve_root(spec: DatasetSpec, data_root: str | Path) -> Path:
     )
 
 
+def dataset_present(spec: DatasetSpec, data_root: str | Path) -> bool:
+    """Whether ``data_root`` holds this dataset at all: its image folder and at least one label of its
+    kind (datasets share trees: Context-60/59/459 one VOC2010 folder, COCO-Stuff/Object one folder)."""
+    try:
+        root = resolve_root(spec, data_root)
+    except DataError:
+        return False
+    ann = root / spec.ann_dir
+    return ann.is_dir() and next(ann.rglob(f"*{spec.seg_suffix}"), None) is not None
+
+
 class SegDataset(Dataset):
     """Samples sorted by name; ``limit`` keeps the first N (the same N on every run)."""
 
