@@ -97,6 +97,8 @@ def main() -> None:
     print(f"ViT-B/16 forward, 1 window 224x224:  {1000 * one:.1f} ms/img  -> harness = {100 * harness / one:.1f}%")
     print(f"ViT-B/16 forward, 6 windows (slide on 336x448): {1000 * six:.1f} ms/img  -> harness = "
           f"{100 * harness / six:.1f}%")
+    verdict = "OK" if harness <= 0.10 * one else "OVER BUDGET"
+    print(f"budget: harness <= 10% of the cheapest model case -> {verdict}")
 
 
 if __name__ == "__main__":
