@@ -7,8 +7,11 @@ joint embedding space. No open_clip internals are patched.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import open_clip
@@ -185,11 +188,22 @@ def build_clip(
         quick_gelu = bool((get_pretrained_cfg(cfg.model, cfg.pretrained) or {}).get("quick_gelu", False))
         # Find the weights before building the model: a missing file should fail in a second.
         path = None if random_weights else cfg.weights or resolve_clip_checkpoint(cfg.model, cfg.pretrained, cache_dir)
-        model = open_clip.create_model(cfg.model, pretrained=None, force_quick_gelu=quick_gelu)
+        with _quiet_logging():  # open_clip warns "initialized randomly": we load the weights ourselves
+            model = open_clip.create_model(cfg.model, pretrained=None, force_quick_gelu=quick_gelu)
         if path is not None:
             _load_clip_weights(model, Path(path))
     model.eval().requires_grad_(False).to(device)
     return DenseClip(model, tokenizer, cfg.model if not tiny else "tiny", cfg.pretrained)
+
+
+@contextmanager
+def _quiet_logging() -> Iterator[None]:
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
 
 
 def _load_clip_weights(model: nn.Module, path: Path) -> None:
