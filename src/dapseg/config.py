@@ -224,7 +224,8 @@ def _derived_presets(raw: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]
     derived = {}
     for name in raw:
         if not name.endswith("-fsa") and f"{name}-fsa" not in raw:
-            derived[f"{name}-fsa"] = {"base": name, "fsa": {"enabled": True}}
+            description = f"{raw[name].get('description', name)} + FSA feedback attention"
+            derived[f"{name}-fsa"] = {"base": name, "fsa": {"enabled": True}, "description": description}
     return derived
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from dapseg.cli import main
+
+sys.exit(main())

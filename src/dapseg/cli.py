@@ -1,0 +1,37 @@
+"""The ``dapseg`` command. Each subcommand is a module of ``dapseg.commands`` with
+``add_parser(subparsers)`` and ``run(args) -> int``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from dapseg import __version__
+
+COMMANDS = ["segment", "presets", "download"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dapseg", description="Training-free open-vocabulary semantic segmentation."
+    )
+    parser.add_argument("--version", action="version", version=f"dapseg {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMANDS:
+        importlib.import_module(f"dapseg.commands.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, PermissionError, OSError, RuntimeError, KeyError) as e:
+        # Expected failures (bad input, missing weights) end with one clear line, not a traceback.
+        print(f"dapseg: error: {e}", file=sys.stderr)
+        return 2

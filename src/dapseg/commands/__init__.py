@@ -1,0 +1,1 @@
+"""Subcommands of the ``dapseg`` CLI, one module each."""

@@ -1,0 +1,75 @@
+"""Windows in, dense embeddings or patch logits out: CLIP blocks 1..L-1, a head, LN_post and proj."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dapseg.heads.base import Head, HeadContext, HeadOutput
+from dapseg.inference.preprocess import normalize
+from dapseg.models.clip import DenseClip
+
+# (head, ctx, text embeddings (Q, E), tokens -> embeddings) -> HeadOutput; e.g. the FSA plug-in.
+HeadPlugin = Callable[[Head, HeadContext, Tensor, Callable[[Tensor], Tensor]], HeadOutput]
+
+
+class DenseEngine(nn.Module):
+    """Runs a batch of equally sized windows through CLIP with a given last-block head."""
+
+    def __init__(
+        self,
+        clip: DenseClip,
+        head: Head,
+        vfm: nn.Module | None = None,
+        plugin: HeadPlugin | None = None,
+    ) -> None:
+        super().__init__()
+        self.clip = clip
+        self.head = head
+        self.vfm = vfm
+        self.plugin = plugin
+
+    @property
+    def device(self) -> torch.device:
+        return self.clip.visual.proj.device
+
+    def autocast(self) -> AbstractContextManager[object]:
+        """fp16 autocast on CUDA (bf16 where supported is the user's choice via torch); fp32 on CPU."""
+        if self.device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.autocast("cuda", dtype=dtype)
+        return nullcontext()
+
+    @torch.no_grad()
+    def embed(self, windows01: Tensor, text: Tensor) -> Tensor:
+        """(B, 3, H, W) window pixels in [0, 1] -> (B, E, h, w) ℓ2-normalised patch embeddings.
+
+        ``text`` (Q, E) is only used by plug-ins that need the classes (FSA).
+        """
+        windows01 = windows01.to(self.device)
+        with self.autocast():
+            x, grid = self.clip.tokens_before_last_block(normalize(windows01, self.clip.mean, self.clip.std))
+            vfm_feats = vfm_attn = None
+            if self.vfm is not None:
+                vfm_out = self.vfm(windows01, return_attn=bool(getattr(self.head, "needs_vfm_attention", False)))
+                vfm_feats, vfm_attn = vfm_out.feats, vfm_out.attn
+            ctx = HeadContext(
+                x=x, grid=grid, block=self.clip.last_block, vfm_feats=vfm_feats, vfm_attn=vfm_attn, images=windows01
+            )
+            to_embed = self.clip.head_tokens_to_embeddings
+            out = self.plugin(self.head, ctx, text, to_embed) if self.plugin is not None else self.head(ctx)
+            emb = to_embed(out.tokens).float()  # (B, n, E)
+        emb = F.normalize(emb, dim=-1)
+        h, w = out.grid
+        return emb.transpose(1, 2).reshape(emb.shape[0], -1, h, w)
+
+    @torch.no_grad()
+    def window_logits(self, windows01: Tensor, text: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, Q, H, W) cosine logits, bilinearly upsampled to the window size."""
+        emb = self.embed(windows01, text)
+        logits = torch.einsum("behw,qe->bqhw", emb, text.to(emb))
+        return F.interpolate(logits, size=windows01.shape[-2:], mode="bilinear", align_corners=False)

@@ -1,0 +1,90 @@
+"""Inference strategies: how an image becomes windows and window logits become image logits.
+
+A strategy maps (engine, image (3, H, W) in [0, 1], text (Q, E), settings) to cosine logits
+(Q, H, W) at the processed image's resolution. ``whole`` and ``slide`` live here; ``splice``
+(splice-then-segment) registers itself from its own module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dapseg.config import InferenceConfig
+from dapseg.inference.engine import DenseEngine
+from dapseg.inference.windows import Window, centred_padding, window_grid
+
+Strategy = Callable[[DenseEngine, Tensor, Tensor, InferenceConfig], Tensor]
+STRATEGIES: dict[str, Strategy] = {}
+
+
+def register_strategy(name: str) -> Callable[[Strategy], Strategy]:
+    def deco(fn: Strategy) -> Strategy:
+        STRATEGIES[name] = fn
+        return fn
+
+    return deco
+
+
+def get_strategy(name: str) -> Strategy:
+    import dapseg.inference  # noqa: F401  (registers every built-in strategy)
+
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown inference mode {name!r}; valid: {', '.join(sorted(STRATEGIES))}")
+    return STRATEGIES[name]
+
+
+def pad_windows(windows01: Tensor, pad: tuple[int, int, int, int], fill: tuple[float, ...]) -> Tensor:
+    """Pad (B, 3, h, w) windows with a constant colour (the CLIP mean: zero after normalisation)."""
+    if not any(pad):
+        return windows01
+    out = F.pad(windows01, pad, value=0.0)
+    left, _, top, _ = pad
+    h, w = windows01.shape[-2:]
+    mask = torch.ones_like(out[:, :1], dtype=torch.bool)
+    mask[..., top : top + h, left : left + w] = False
+    colour = torch.tensor(fill, dtype=out.dtype, device=out.device).view(1, 3, 1, 1)
+    return torch.where(mask, colour, out)
+
+
+def padded_window_logits(engine: DenseEngine, windows01: Tensor, text: Tensor, pad_multiple: int | None) -> Tensor:
+    """Window logits (B, Q, h, w), computed on windows padded to ``pad_multiple`` and cropped back."""
+    h, w = windows01.shape[-2:]
+    pad = centred_padding(h, w, pad_multiple)
+    logits = engine.window_logits(pad_windows(windows01, pad, engine.clip.mean), text)
+    left, _, top, _ = pad
+    return logits[..., top : top + h, left : left + w]
+
+
+@register_strategy("whole")
+def whole(engine: DenseEngine, image01: Tensor, text: Tensor, cfg: InferenceConfig) -> Tensor:
+    """The whole image as one window."""
+    return padded_window_logits(engine, image01[None], text, cfg.pad_multiple)[0]
+
+
+def crop_windows(image01: Tensor, windows: list[Window]) -> Tensor:
+    """(3, H, W) -> (n, 3, h, w) stacked crops (all windows of a grid share one size)."""
+    return torch.stack([image01[:, w.y1 : w.y2, w.x1 : w.x2] for w in windows])
+
+
+@register_strategy("slide")
+def slide(engine: DenseEngine, image01: Tensor, text: Tensor, cfg: InferenceConfig) -> Tensor:
+    """Segment-then-splice: window logits averaged where windows overlap.
+
+    Windows go through the model ``max_batch`` at a time; a window's result does not depend on
+    which others share its batch (every head normalises per window).
+    """
+    _, h, w = image01.shape
+    windows = window_grid(h, w, cfg.crop, cfg.stride)
+    logits = torch.zeros(text.shape[0], h, w)
+    count = torch.zeros(1, h, w)
+    for start in range(0, len(windows), cfg.max_batch):
+        batch = windows[start : start + cfg.max_batch]
+        out = padded_window_logits(engine, crop_windows(image01, batch), text, cfg.pad_multiple).cpu()
+        for win, win_logits in zip(batch, out, strict=True):
+            logits[:, win.y1 : win.y2, win.x1 : win.x2] += win_logits
+            count[:, win.y1 : win.y2, win.x1 : win.x2] += 1
+    return logits / count

@@ -1,0 +1,49 @@
+"""The sliding-window grid of the references (MMSegmentation's slide inference)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Window:
+    y1: int
+    y2: int
+    x1: int
+    x2: int
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.y2 - self.y1, self.x2 - self.x1
+
+
+def window_grid(h: int, w: int, crop: int, stride: int) -> list[Window]:
+    """Windows of size min(crop, side) covering an (h, w) image.
+
+    Rows of windows start every ``stride`` pixels; the last row/column is shifted back so that it
+    ends at the border (never padded), and an image smaller than ``crop`` is one window of its own
+    size — the rule of the references' ``forward_slide``. Every window has the same size.
+    """
+    if min(h, w, crop, stride) < 1:
+        raise ValueError(f"invalid sliding window: image {h}x{w}, crop {crop}, stride {stride}")
+    h_grids = max(h - crop + stride - 1, 0) // stride + 1
+    w_grids = max(w - crop + stride - 1, 0) // stride + 1
+    windows = []
+    for i in range(h_grids):
+        for j in range(w_grids):
+            y2 = min(i * stride + crop, h)
+            x2 = min(j * stride + crop, w)
+            windows.append(Window(max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
+    return windows
+
+
+def centred_padding(h: int, w: int, multiple: int | None) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) zero padding that makes h and w multiples of ``multiple``.
+
+    ProxyCLIP pads each window this way (multiple 56) and crops the logits back afterwards.
+    """
+    if not multiple:
+        return 0, 0, 0, 0
+    lr = (-w) % multiple
+    tb = (-h) % multiple
+    return lr // 2, lr - lr // 2, tb // 2, tb - tb // 2

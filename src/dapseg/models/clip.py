@@ -1,0 +1,192 @@
+"""open_clip wrapper for dense prediction.
+
+Runs the vision tower's blocks 1..L-1 with open_clip's own modules and hands the tokens entering
+the last block to a head (``dapseg.heads``); LN_post and proj then map the head's tokens into the
+joint embedding space. No open_clip internals are patched.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.pretrained import download_pretrained, get_pretrained_cfg
+from torch import Tensor, nn
+
+from dapseg.config import ClipConfig
+from dapseg.weights import WeightsMissingError, hf_cache, how_to_fetch, load_state_dict_file
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# A CLIP of the same family small enough for tests: 2 blocks of width 64.
+TINY_VISION = dict(image_size=224, patch_size=16, width=64, layers=2, head_width=16, mlp_ratio=2.0)
+TINY_TEXT = dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1)
+TINY_EMBED_DIM = 32
+
+
+class DenseClip(nn.Module):
+    """An open_clip CLIP model with a dense (per-patch) image path."""
+
+    def __init__(self, model: nn.Module, tokenizer: object, name: str, tag: str) -> None:
+        super().__init__()
+        visual = model.visual
+        if not hasattr(visual, "transformer") or not hasattr(visual, "conv1"):
+            raise ValueError(f"CLIP model {name!r} has no ViT vision tower; dapseg needs an open_clip ViT")
+        if getattr(visual, "attn_pool", None) is not None:
+            raise ValueError(f"CLIP model {name!r} pools with attention; dapseg needs a token-pooled ViT")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name, self.tag = name, tag
+        self.mean, self.std = _norm_constants(model)
+
+    @property
+    def visual(self) -> nn.Module:
+        return self.model.visual
+
+    @property
+    def last_block(self) -> nn.Module:
+        return self.visual.transformer.resblocks[-1]
+
+    @property
+    def patch_size(self) -> int:
+        ps = self.visual.conv1.kernel_size
+        return int(ps[0])
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.visual.proj.shape[1])
+
+    def interpolated_pos_embed(self, grid: tuple[int, int]) -> Tensor:
+        """Positional embedding (1 + h·w, D) for a patch grid, bicubic as the references do it.
+
+        The references (ProxyCLIP, NACLIP, SCLIP) interpolate with a scale factor of
+        (h + 0.1) / sqrt(N) rather than a target size; the two differ slightly in bicubic weights,
+        and matching their numbers needs theirs.
+        """
+        pos = self.visual.positional_embedding
+        n = pos.shape[0] - 1
+        side = int(math.sqrt(n))
+        h, w = grid
+        if h * w == n and h == w:
+            return pos
+        patch_pos = pos[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        patch_pos = F.interpolate(
+            patch_pos.float(),
+            scale_factor=((h + 0.1) / side, (w + 0.1) / side),
+            mode="bicubic",
+            align_corners=False,
+            recompute_scale_factor=False,
+        ).to(pos.dtype)
+        if patch_pos.shape[-2:] != (h, w):  # guards the +0.1 trick; never expected to fire
+            raise RuntimeError(f"positional embedding interpolated to {patch_pos.shape[-2:]}, wanted {grid}")
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(h * w, -1)
+        return torch.cat([pos[:1], patch_pos], dim=0)
+
+    def tokens_before_last_block(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """CLIP-normalised images (B, 3, H, W) -> tokens entering the last block (B, 1 + N, D), grid."""
+        v = self.visual
+        ps = self.patch_size
+        grid = (images.shape[-2] // ps, images.shape[-1] // ps)
+        x = v.conv1(images.to(v.conv1.weight.dtype))  # (B, D, h, w)
+        x = x.flatten(2).transpose(1, 2)  # (B, N, D)
+        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.interpolated_pos_embed(grid).to(x.dtype)
+        x = v.ln_pre(x)
+        batch_first = getattr(v.transformer, "batch_first", True)
+        if not batch_first:
+            x = x.transpose(0, 1)
+        for block in v.transformer.resblocks[:-1]:
+            x = block(x)
+        if not batch_first:
+            x = x.transpose(0, 1)
+        return x, grid
+
+    def head_tokens_to_embeddings(self, tokens: Tensor) -> Tensor:
+        """(B, n, D) head output -> (B, n, E) in the joint space (LN_post, proj)."""
+        x = self.visual.ln_post(tokens)
+        return x @ self.visual.proj if self.visual.proj is not None else x
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str]) -> Tensor:
+        """(len(texts), E) text embeddings, not normalised."""
+        device = self.visual.proj.device
+        tokens = self.tokenizer(texts).to(device)
+        return self.model.encode_text(tokens).float()
+
+
+def _norm_constants(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    mean = getattr(model.visual, "image_mean", None) or OPENAI_MEAN
+    std = getattr(model.visual, "image_std", None) or OPENAI_STD
+    return tuple(mean), tuple(std)
+
+
+def _tiny_model() -> nn.Module:
+    return open_clip.model.CLIP(embed_dim=TINY_EMBED_DIM, vision_cfg=TINY_VISION, text_cfg=TINY_TEXT)
+
+
+def resolve_clip_checkpoint(model_name: str, tag: str, cache: str | os.PathLike[str] | None) -> Path:
+    """The local file of open_clip's pretrained weights ``model_name``/``tag``, downloading if allowed."""
+    cfg = get_pretrained_cfg(model_name, tag)
+    if not cfg:
+        valid = [t for m, t in open_clip.list_pretrained() if m == model_name]
+        raise ValueError(
+            f"open_clip has no pretrained weights {tag!r} for {model_name!r}; valid tags: {', '.join(valid)}"
+        )
+    what = f"CLIP {model_name} ({tag})"
+    try:
+        path = download_pretrained(cfg, cache_dir=str(hf_cache(cache)))
+    except Exception as e:  # offline, hub unreachable, file absent: all mean "not available here"
+        raise WeightsMissingError(what, how_to_fetch(None), str(e).splitlines()[0]) from e
+    if not path:
+        raise WeightsMissingError(what, how_to_fetch(None))
+    return Path(path)
+
+
+def build_clip(
+    cfg: ClipConfig,
+    *,
+    random_weights: bool = False,
+    tiny: bool = False,
+    cache_dir: str | os.PathLike[str] | None = None,
+    device: str | torch.device = "cpu",
+) -> DenseClip:
+    """Build the CLIP model of ``cfg``: pretrained, from a local file, or random (``random_weights``)."""
+    if tiny and not random_weights:
+        raise ValueError("a tiny CLIP exists only with random weights (--random-weights)")
+    tokenizer = open_clip.get_tokenizer(cfg.model if not tiny else "ViT-B-16")
+    if tiny:
+        model = _tiny_model()
+    else:
+        if cfg.model not in open_clip.list_models():
+            raise ValueError(f"unknown open_clip model {cfg.model!r}; e.g. ViT-B-16, ViT-L-14, ViT-H-14")
+        quick_gelu = bool((get_pretrained_cfg(cfg.model, cfg.pretrained) or {}).get("quick_gelu", False))
+        model = open_clip.create_model(cfg.model, pretrained=None, force_quick_gelu=quick_gelu)
+        if not random_weights:
+            path = cfg.weights or resolve_clip_checkpoint(cfg.model, cfg.pretrained, cache_dir)
+            _load_clip_weights(model, Path(path))
+    model.eval().requires_grad_(False).to(device)
+    return DenseClip(model, tokenizer, cfg.model if not tiny else "tiny", cfg.pretrained)
+
+
+def _load_clip_weights(model: nn.Module, path: Path) -> None:
+    """Load an OpenAI ``.pt`` (TorchScript) or an open_clip ``.bin`` / ``.safetensors`` state dict."""
+    state = load_state_dict_file(path)
+    for key in ("input_resolution", "context_length", "vocab_size"):  # OpenAI archive metadata
+        state.pop(key, None)
+    state = open_clip.factory.convert_state_dict(model, state)
+    if "logit_scale" in state and state["logit_scale"].ndim != model.logit_scale.ndim:
+        state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
+    open_clip.factory.resize_pos_embed(state, model)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "logit_bias"]
+    if missing or unexpected:
+        raise ValueError(
+            f"weights file {path} does not fit the CLIP architecture: "
+            f"missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}"
+        )

@@ -1,0 +1,180 @@
+"""Class names with synonyms, prompt templates, and text embeddings with an on-disk cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
+
+TEMPLATES: dict[str, tuple[Callable[[str], str], ...]] = {
+    "openai_imagenet": tuple(OPENAI_IMAGENET_TEMPLATES),  # the 80 prompts of CLIP's ImageNet eval
+    "simple_imagenet": tuple(SIMPLE_IMAGENET_TEMPLATES),
+    "none": (lambda c: c,),
+}
+
+
+def template_texts(name: str) -> list[str]:
+    """The template strings with ``{}`` for the class name (used for cache keys and reports)."""
+    return [t("{}") for t in get_templates(name)]
+
+
+def get_templates(name: str) -> tuple[Callable[[str], str], ...]:
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown templates {name!r}; valid: {', '.join(TEMPLATES)}")
+    return TEMPLATES[name]
+
+
+_SYNONYM_SPLIT = re.compile(r"\s*[;,]\s*")
+
+
+@dataclass(frozen=True)
+class ClassSet:
+    """Classes, each one or more synonyms (queries); class 0 is background where a dataset has one."""
+
+    synonyms: tuple[tuple[str, ...], ...]
+
+    def __post_init__(self) -> None:
+        if not self.synonyms:
+            raise ValueError("the class list is empty: give at least one class name")
+        seen: dict[str, int] = {}
+        for i, syns in enumerate(self.synonyms):
+            if not syns or any(not s for s in syns):
+                raise ValueError(f"class {i + 1} has an empty name")
+            for s in syns:
+                key = s.casefold()
+                if key in seen:
+                    where = "twice in one class" if seen[key] == i else f"in classes {seen[key] + 1} and {i + 1}"
+                    raise ValueError(f"duplicate class name {s!r} ({where})")
+                seen[key] = i
+
+    @property
+    def names(self) -> list[str]:
+        """Display names: synonyms joined with '; '."""
+        return ["; ".join(s) for s in self.synonyms]
+
+    @property
+    def queries(self) -> list[str]:
+        return [q for syns in self.synonyms for q in syns]
+
+    @property
+    def query_to_class(self) -> list[int]:
+        return [i for i, syns in enumerate(self.synonyms) for _ in syns]
+
+    def __len__(self) -> int:
+        return len(self.synonyms)
+
+    @classmethod
+    def from_list(cls, classes: Sequence[str]) -> ClassSet:
+        """Each item one class; synonyms inside an item separated by ';' or ','."""
+        if isinstance(classes, str):
+            raise TypeError("pass a list of class names, or use ClassSet.parse for a single string")
+        return cls(tuple(_split_synonyms(str(c)) for c in classes))
+
+    @classmethod
+    def parse(cls, text: str) -> ClassSet:
+        """'horse, grass, sky; clouds' -> classes split on ',', synonyms on ';'."""
+        items = [item for item in text.split(",")]
+        if not text.strip():
+            items = []
+        return cls(tuple(tuple(s.strip() for s in item.split(";")) for item in items))
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> ClassSet:
+        """One class per line; synonyms separated by ';' (ProxyCLIP files) or ',' (NACLIP files)."""
+        path = Path(path)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except OSError as e:
+            raise FileNotFoundError(f"cannot read class file {path}: {e.strerror}") from e
+        lines = [line for line in lines if line.strip()]
+        try:
+            return cls(tuple(_split_synonyms(line) for line in lines))
+        except ValueError as e:
+            raise ValueError(f"class file {path}: {e}") from e
+
+    @classmethod
+    def coerce(cls, classes: ClassSet | Sequence[str] | str) -> ClassSet:
+        if isinstance(classes, ClassSet):
+            return classes
+        if isinstance(classes, str):
+            return cls.parse(classes)
+        return cls.from_list(classes)
+
+
+def _split_synonyms(item: str) -> tuple[str, ...]:
+    return tuple(s.strip() for s in _SYNONYM_SPLIT.split(item.strip()))
+
+
+class TextEmbedder:
+    """Per-query text embeddings averaged over templates, as the references compute them.
+
+    For each query: embed every template, ℓ2-normalise each, average, ℓ2-normalise the mean.
+    Results are cached in memory and on disk under ``<cache>/text/<key>.pt``, the key hashing the
+    model, its weights tag, the templates and the query, so a second run encodes nothing.
+    """
+
+    def __init__(
+        self,
+        encode: Callable[[list[str]], torch.Tensor],
+        model_id: str,
+        templates: str,
+        cache_root: Path | None,
+    ) -> None:
+        self.encode = encode
+        self.model_id = model_id
+        self.templates = templates
+        self.cache_root = cache_root
+        self._memory: dict[str, torch.Tensor] = {}
+        self.encoded_queries = 0  # how many queries actually went through the text encoder
+
+    def _key(self, query: str) -> str:
+        blob = json.dumps([self.model_id, template_texts(self.templates), query])
+        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+    def embed_query(self, query: str) -> torch.Tensor:
+        key = self._key(query)
+        if key in self._memory:
+            return self._memory[key]
+        path = self.cache_root / f"{key}.pt" if self.cache_root is not None else None
+        emb = None
+        if path is not None and path.is_file():
+            try:
+                emb = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception:  # a torn or foreign cache file is recomputed, never trusted
+                emb = None
+        if emb is None:
+            emb = self._compute(query)
+            if path is not None:
+                _atomic_torch_save(emb, path)
+        self._memory[key] = emb
+        return emb
+
+    def _compute(self, query: str) -> torch.Tensor:
+        texts = [t(query) for t in get_templates(self.templates)]
+        with torch.no_grad():
+            feats = self.encode(texts).float().cpu()
+        feats = feats / feats.norm(dim=-1, keepdim=True)
+        mean = feats.mean(dim=0)
+        self.encoded_queries += 1
+        return mean / mean.norm()
+
+    def __call__(self, classes: ClassSet) -> torch.Tensor:
+        """(Q, E) normalised embeddings of every query of ``classes``."""
+        return torch.stack([self.embed_query(q) for q in classes.queries])
+
+
+def _atomic_torch_save(obj: torch.Tensor, path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # the cache is an optimisation; a read-only cache directory must not stop segmentation

@@ -1,0 +1,92 @@
+"""One cache directory for every model's weights, and the error raised when they are missing.
+
+The cache directory is ``--cache-dir``, else ``$DAPSEG_CACHE``, else ``~/.cache/dapseg``. Hugging Face
+hub files live under ``<cache>/hf`` and torch-hub / URL files under ``<cache>/torch``, so copying
+the one directory to an offline machine is enough.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+
+class WeightsMissingError(RuntimeError):
+    """Weights are not in the cache and cannot be downloaded (offline)."""
+
+    def __init__(self, what: str, how: str, cause: str = "") -> None:
+        self.what, self.how = what, how
+        msg = f"weights missing: {what}. {how}"
+        if cause:
+            msg += f" (last error: {cause})"
+        super().__init__(msg)
+
+
+def cache_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The weights cache directory (not created)."""
+    if explicit:
+        return Path(explicit).expanduser()
+    env = os.environ.get("DAPSEG_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "dapseg"
+
+
+def hf_cache(explicit: str | os.PathLike[str] | None = None) -> Path:
+    return cache_dir(explicit) / "hf"
+
+
+def torch_cache(explicit: str | os.PathLike[str] | None = None) -> Path:
+    return cache_dir(explicit) / "torch"
+
+
+def how_to_fetch(preset: str | None) -> str:
+    target = preset or "<preset>"
+    return (
+        f"Run `dapseg download {target}` on a machine with internet and copy the cache directory "
+        f"(--cache-dir / $DAPSEG_CACHE) here, or pass a local weights file; "
+        f"`--random-weights` runs without any weights (smoke mode)."
+    )
+
+
+def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """A state dict from a local checkpoint, loaded safely.
+
+    safetensors, or ``torch.load(weights_only=True)``; a TorchScript archive (the format of the
+    OpenAI CLIP release files) is opened with ``torch.jit.load`` only to read its tensors. Common
+    wrappers (``state_dict``, ``model``, ``module.`` prefixes) are unwrapped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj: object = load_file(str(path), device="cpu")
+        elif _is_torchscript(path):
+            obj = torch.jit.load(str(path), map_location="cpu").state_dict()
+        else:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # the message must name the file whatever the library raised
+        raise ValueError(f"cannot read weights file {path}: {e}") from e
+    for key in ("state_dict", "model", "module"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not obj:
+        raise ValueError(f"weights file {path} holds no state dict")
+    state = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _is_torchscript(path: Path) -> bool:
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(name.endswith("constants.pkl") for name in z.namelist())
