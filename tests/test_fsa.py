@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from dapseg.config import ClipConfig, FsaConfig, SegmenterConfig, VfmConfig
+from dapseg.api import Segmenter
+from dapseg.config import ClipConfig, FsaConfig, SegmenterConfig, VfmConfig, list_presets, load_preset
 from dapseg.heads.base import Attention, Head, HeadContext, HeadOutput
 from dapseg.plugins.fsa import (
     FsaParams,
     FsaPlugin,
     apply_head,
+    build_fsa,
     default_lambda,
     feedback_weights,
     fsa,
@@ -52,7 +55,6 @@ def naive_fsa(a: Attention, out_proj, to_embed, text, lam, p, scale_p=20.0, scal
     """Everything explicit: M×M uniform attention, N×N×C KL, explicit (W_ext·A + A·W_ext + W_ext)/3."""
     attn, v = a.attn.double(), a.v.double()
     b, heads, m, dh = v.shape
-    n = m - int(a.has_cls)
 
     def reduced(att):  # out_proj(att · v) with heads merged, (B, M, D)
         z = torch.matmul(att, v).transpose(1, 2).reshape(b, m, heads * dh)
@@ -340,3 +342,110 @@ def test_apply_head_uses_the_heads_own_output_when_not_reduced():
     want, _ = naive_fsa(a, ctx.block.attn.out_proj.double(), lambda t: to_embed.double()(t),
                         text.double(), 2.0, 0.45, 2.0, 3.5, head_tokens=head(ctx).tokens)
     torch.testing.assert_close(on.tokens.double(), want, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- every preset, end to end
+
+BASE_PRESETS = [p for p in list_presets() if not p.endswith("-fsa")]
+
+
+@pytest.fixture(scope="module")
+def windows() -> torch.Tensor:
+    return torch.rand(2, 3, 64, 80, generator=torch.Generator().manual_seed(11))  # tiny CLIP: 4×5 grid
+
+
+@pytest.fixture(scope="module")
+def text() -> torch.Tensor:
+    """(Q, E) normalised query embeddings; random ones are as good as encoded ones for FSA."""
+    return nn.functional.normalize(torch.randn(5, 32, generator=torch.Generator().manual_seed(12)), dim=-1)
+
+
+_SEGMENTERS: dict[tuple[str, bool], Segmenter] = {}
+
+
+def _segmenter(preset: str, fsa_off: bool = False) -> Segmenter:
+    """Tiny random segmenters; a preset and its -fsa variant share one set of models (saves time)."""
+    key = (preset, fsa_off)
+    if key not in _SEGMENTERS:
+        config = load_preset(preset, {"fsa.enabled": False} if fsa_off else None)
+        base = _SEGMENTERS.get((preset.removesuffix("-fsa"), False))
+        models = None if base is None else {"clip": base.clip, "vfm": base.vfm, "sam": base.sam}
+        _SEGMENTERS[key] = Segmenter(config, random_weights=True, tiny=True, device="cpu", _models=models)
+    return _SEGMENTERS[key]
+
+
+def _record(seg: Segmenter, windows: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """The engine's embeddings with the configured plug-in, and the contexts it ran on."""
+    seen: list = []
+    inner = seg.engine.plugin
+
+    def recording(head, ctx, text_emb, to_embed):
+        seen.append(ctx)
+        return inner(head, ctx, text_emb, to_embed) if inner is not None else head(ctx)
+
+    seg.engine.plugin = recording
+    try:
+        return seg.engine.embed(windows, text), seen
+    finally:
+        seg.engine.plugin = inner
+
+
+def _as_map(tokens: torch.Tensor, to_embed, grid) -> torch.Tensor:
+    """Head tokens (B, n, D) -> (B, E, h, w) normalised embeddings, as the engine returns them."""
+    emb = nn.functional.normalize(to_embed(tokens), dim=-1)
+    return emb.transpose(1, 2).reshape(emb.shape[0], -1, *grid)
+
+
+@pytest.mark.parametrize("preset", BASE_PRESETS)
+def test_fsa_preset_is_the_preset_with_fsa_enabled(preset):
+    base, derived = load_preset(preset), load_preset(f"{preset}-fsa")
+    assert not base.fsa.enabled and derived.fsa.enabled
+    skip = {"name", "description", "fsa"}
+    assert {k: v for k, v in derived.model_dump().items() if k not in skip} == {
+        k: v for k, v in base.model_dump().items() if k not in skip
+    }
+
+
+@pytest.mark.parametrize("preset", BASE_PRESETS)
+def test_fsa_off_gives_exactly_the_heads_output(preset, windows, text):
+    seg = _segmenter(preset)
+    assert seg.engine.plugin is None and build_fsa(seg.config) is None
+    got, (ctx,) = _record(seg, windows, text)
+    own = seg.head(ctx)
+    assert torch.equal(got, _as_map(own.tokens.float(), seg.clip.head_tokens_to_embeddings, own.grid))
+    # ... and so do the -fsa preset with FSA switched off again and the hook without a plug-in.
+    assert torch.equal(_segmenter(f"{preset}-fsa", fsa_off=True).engine.embed(windows, text), got)
+    hooked = apply_head(seg.head, ctx, None, text, seg.clip.head_tokens_to_embeddings)
+    assert torch.equal(hooked.tokens, own.tokens)
+
+
+@pytest.mark.parametrize("preset", BASE_PRESETS)
+def test_fsa_on_matches_naive_for_every_preset(preset, windows, text):
+    seg = _segmenter(f"{preset}-fsa")
+    assert seg.engine.plugin is not None
+    got, (ctx,) = _record(seg, windows, text)
+    assert torch.isfinite(got).all()
+
+    own = seg.head(ctx)
+    a = own.attention if own.attention is not None else seg.head.attention(ctx)
+    ln_post64, proj64 = copy.deepcopy(seg.clip.visual.ln_post).double(), seg.clip.visual.proj.double()
+    to_embed64 = lambda t: ln_post64(t) @ proj64  # LN_post then proj, in float64
+    out_proj64 = copy.deepcopy(ctx.block.attn.out_proj).double()
+    want, _ = naive_fsa(a, out_proj64, to_embed64, text.double(),
+                        lam=3.0, p=0.45, head_tokens=own.tokens)  # tiny CLIP is a ViT-B config: λ = 3
+    want_map = _as_map(want, to_embed64, own.grid)
+    torch.testing.assert_close(got.double(), want_map, atol=1e-5, rtol=1e-5)
+    # FSA really changes the result.
+    assert not torch.allclose(_segmenter(preset).engine.embed(windows, text), got, atol=1e-4)
+
+
+def test_cli_segment_with_fsa_flag(run_cli, tmp_path, astronaut):
+    from PIL import Image
+
+    img = tmp_path / "astronaut.png"
+    Image.fromarray(astronaut[::4, ::4]).save(img)
+    r = run_cli("segment", str(img), "--classes", "person, sky, flag", "--preset", "naclip", "--fsa",
+                "--random-weights", "--tiny", "--device", "cpu", "--set", "inference.short_side=128",
+                "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out" / "astronaut_labels.png").is_file()

@@ -144,6 +144,40 @@ def ensemble_values(attn: Tensor, v: Tensor, w: Tensor, has_cls: bool) -> Tensor
     return (_apply_w(w, torch.matmul(attn, v), has_cls) + torch.matmul(attn, wv) + wv) / 3.0
 
 
+def fsa_values(
+    a: Attention,
+    head_tokens: Tensor,
+    out_proj: nn.Module,
+    to_embed: ToEmbed,
+    text_emb: Tensor,
+    params: FsaParams,
+) -> Tensor:
+    """Attn_ens · v with heads merged, (B, M, D): what replaces the head's ``aggregate``.
+
+    head_tokens (B, n, D): the head's own output o, before LN_post / proj.
+    """
+    if params.lam is None:
+        raise ValueError("FSA needs fsa.params.lam; FsaPlugin.from_config derives it from the backbone")
+    b, _, m, _ = a.v.shape
+    n = m - int(a.has_cls)
+    if a.attn.dim() != 4 or a.attn.shape[0] != b or a.attn.shape[-2:] != (m, m):
+        raise ValueError(f"FSA: attention {tuple(a.attn.shape)} does not match values {tuple(a.v.shape)}")
+    if a.grid[0] * a.grid[1] != n:
+        raise ValueError(f"FSA: grid {a.grid} does not have the {n} patch tokens of the attention")
+    if head_tokens.shape[:2] != (b, n):
+        raise ValueError(f"FSA: head output {tuple(head_tokens.shape)} is not (B={b}, n={n}, D)")
+
+    # Uniform attention: every token gets the mean value, so one token per window suffices.
+    uniform = out_proj(merge_heads(a.v.mean(dim=2, keepdim=True)))  # (B, 1, D)
+    patch_emb, uniform_emb = to_embed(head_tokens), to_embed(uniform)
+    # The feedback weights in float32 even under autocast: fp16 KL terms round confident patches
+    # to exact ties, and top-p then prunes by index order instead of by similarity.
+    with torch.autocast(patch_emb.device.type, enabled=False):
+        d = class_distributions(patch_emb, uniform_emb, text_emb, params.scale_p, params.scale_u)
+        w = feedback_weights(d, params.lam, params.top_p)  # (B, n, n)
+    return merge_heads(ensemble_values(a.attn, a.v, w, a.has_cls))
+
+
 def fsa(
     a: Attention,
     out_proj: nn.Module,
@@ -152,33 +186,17 @@ def fsa(
     params: FsaParams,
     head_tokens: Tensor | None = None,
 ) -> HeadOutput:
-    """FSA over a head's ``Attention``: out = out_proj(Attn_ens · v), CLS dropped.
+    """FSA over a head's ``Attention`` in the reduced block: out = out_proj(Attn_ens · v), CLS dropped.
 
     out_proj: the last block's output projection (D -> D); to_embed: tokens -> embeddings
     (LN_post then proj); text_emb (Q, E) query embeddings; head_tokens (B, n, D): the head's own
-    output o (default: the reduced block out_proj(Attn · v), which is what every head but the
-    full vanilla block returns). ``params.lam`` must be set (``FsaPlugin`` resolves it).
+    output o (default: the reduced block out_proj(Attn · v)). ``params.lam`` must be set
+    (``FsaPlugin`` resolves it from the backbone).
     """
-    if params.lam is None:
-        raise ValueError("FSA needs fsa.params.lam; FsaPlugin.from_config derives it from the backbone")
-    b, _, m, _ = a.v.shape
-    n = m - int(a.has_cls)
-    if a.attn.shape[-2:] != (m, m) or a.attn.shape[0] != b:
-        raise ValueError(f"FSA: attention {tuple(a.attn.shape)} does not match values {tuple(a.v.shape)}")
-    if a.grid[0] * a.grid[1] != n:
-        raise ValueError(f"FSA: grid {a.grid} does not have the {n} patch tokens of the attention")
     if head_tokens is None:
         o = out_proj(merge_heads(torch.matmul(a.attn.to(a.v.dtype), a.v)))
         head_tokens = o[:, 1:] if a.has_cls else o
-    if head_tokens.shape[:2] != (b, n):
-        raise ValueError(f"FSA: head output {tuple(head_tokens.shape)} is not (B={b}, n={n}, D)")
-
-    # Uniform attention: every token gets the mean value, so one token per window suffices.
-    uniform = out_proj(merge_heads(a.v.mean(dim=2, keepdim=True)))  # (B, 1, D)
-    d = class_distributions(to_embed(head_tokens), to_embed(uniform), text_emb, params.scale_p, params.scale_u)
-    w = feedback_weights(d, params.lam, params.top_p)  # (B, n, n)
-
-    out = out_proj(merge_heads(ensemble_values(a.attn, a.v, w, a.has_cls)))
+    out = out_proj(fsa_values(a, head_tokens, out_proj, to_embed, text_emb, params))
     if a.has_cls:
         out = out[:, 1:]
     return HeadOutput(tokens=out, grid=a.grid, attention=a)
@@ -212,6 +230,10 @@ class FsaPlugin:
     ) -> HeadOutput:
         return fsa(a, out_proj, to_embed, text_emb, self.params, head_tokens)
 
+    def run_head(self, head: Head, ctx: HeadContext, text_emb: Tensor, to_embed: ToEmbed) -> HeadOutput:
+        """``head`` on ``ctx`` with FSA (the engine's plug-in signature)."""
+        return apply_head(head, ctx, self, text_emb, to_embed)
+
     def __repr__(self) -> str:
         return f"FsaPlugin({self.params!r})"
 
@@ -219,14 +241,24 @@ class FsaPlugin:
 def apply_head(
     head: Head, ctx: HeadContext, fsa_plugin: FsaPlugin | None, text_emb: Tensor, to_embed: ToEmbed
 ) -> HeadOutput:
-    """The hook for the inference pipeline: the head's output, reworked by FSA when given.
+    """The head's output, reworked by FSA when ``fsa_plugin`` is given (None: exactly ``head(ctx)``).
 
-    The head runs as usual (its output o is FSA's input); FSA then takes the head's attention
-    (from the output, or ``head.attention(ctx)`` for heads such as the full vanilla block that do
-    not report it). With ``fsa_plugin=None`` this is exactly ``head(ctx)``.
+    The head runs as usual: its output o is FSA's input. FSA takes the head's attention (from the
+    output, or ``head.attention(ctx)`` for heads that do not report it), replaces the head's
+    ``aggregate`` (Attn·v) by Attn_ens·v and hands that to the head's own ``project``: the reduced
+    block out_proj(·) for every head that keeps the base ``project``. Heads that aggregate in
+    several steps (DAP, ``steps`` > 1) report their one-step W, and FSA ensembles that W once;
+    their multi-step output only enters through o.
     """
     out = head(ctx)
     if fsa_plugin is None:
         return out
     a = out.attention if out.attention is not None else head.attention(ctx)
-    return fsa_plugin(a, ctx.block.attn.out_proj, to_embed, text_emb, head_tokens=out.tokens)
+    z = fsa_values(a, out.tokens, ctx.block.attn.out_proj, to_embed, text_emb, fsa_plugin.params)
+    return head.project(ctx, a, z)
+
+
+def build_fsa(config: SegmenterConfig) -> Callable[[Head, HeadContext, Tensor, ToEmbed], HeadOutput] | None:
+    """The engine's plug-in for ``config`` (``DenseEngine(plugin=...)``), None when FSA is off."""
+    plugin = FsaPlugin.from_config(config)
+    return plugin.run_head if plugin is not None else None
