@@ -13,7 +13,8 @@ def to_rgb_array(img: Image.Image, source: str = "image") -> np.ndarray:
     """Any PIL mode -> (H, W, 3) uint8. 16-bit and float images are scaled to their range."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        return _gray_float_to_rgb(arr, source)
+        # I;16 images are 16-bit by definition: scale by 65535 even when the image is dark.
+        return _gray_float_to_rgb(arr, source, 65535.0 if img.mode.startswith("I;16") else None)
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         # Composite on white so transparent regions do not turn black.
         rgba = img.convert("RGBA")
@@ -22,10 +23,12 @@ def to_rgb_array(img: Image.Image, source: str = "image") -> np.ndarray:
     return np.ascontiguousarray(np.asarray(img.convert("RGB"), dtype=np.uint8))
 
 
-def _gray_float_to_rgb(arr: np.ndarray, source: str) -> np.ndarray:
+def _gray_float_to_rgb(arr: np.ndarray, source: str, hi: float | None = None) -> np.ndarray:
+    """(H, W) values in [0, hi] -> (H, W, 3) uint8; ``hi`` unknown (None): guessed from the maximum."""
     if arr.ndim != 2:
         raise ValueError(f"{source}: unsupported image array of shape {arr.shape}")
-    hi = 65535.0 if arr.max(initial=0) > 255 else 255.0
+    if hi is None:
+        hi = 65535.0 if arr.max(initial=0) > 255 else 255.0
     arr8 = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return np.repeat(arr8[:, :, None], 3, axis=2)
 
@@ -40,7 +43,7 @@ def array_to_rgb(arr: np.ndarray, source: str = "array") -> np.ndarray:
             return np.repeat(arr[:, :, None], 3, axis=2)
         if np.issubdtype(arr.dtype, np.floating) and arr.max(initial=0) <= 1.0:
             arr = arr * 255.0
-        return _gray_float_to_rgb(arr.astype(np.float64), source)
+        return _gray_float_to_rgb(arr.astype(np.float64), source, 65535.0 if arr.dtype == np.uint16 else None)
     if arr.ndim != 3 or arr.shape[2] not in (3, 4):
         raise ValueError(f"{source}: expected an (H, W, 3) image array, got shape {arr.shape}")
     if arr.shape[2] == 4:

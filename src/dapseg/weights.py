@@ -90,3 +90,31 @@ def _is_torchscript(path: Path) -> bool:
         return False
     with zipfile.ZipFile(path) as z:
         return any(name.endswith("constants.pkl") for name in z.namelist())
+
+
+def is_offline(host: str = "huggingface.co") -> bool:
+    """True when downloads cannot work: HF_HUB_OFFLINE is set, or ``host`` does not resolve / connect.
+
+    Checked before any download so that a machine without internet fails in about a second instead
+    of waiting out the hub client's retries.
+    """
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return True
+    try:
+        with socket.create_connection((host, 443), timeout=3):
+            return False
+    except OSError:
+        return True
+
+
+def cached_hf_file(repo_id: str, filenames: list[str], explicit: str | os.PathLike[str] | None = None) -> Path | None:
+    """The first of ``filenames`` of hub repo ``repo_id`` already in the cache, else None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in filenames:
+        hit = try_to_load_from_cache(repo_id, name, cache_dir=str(hf_cache(explicit)))
+        if isinstance(hit, str):
+            return Path(hit)
+    return None

@@ -7,8 +7,11 @@ joint embedding space. No open_clip internals are patched.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import open_clip
@@ -18,7 +21,14 @@ from open_clip.pretrained import download_pretrained, get_pretrained_cfg
 from torch import Tensor, nn
 
 from dapseg.config import ClipConfig
-from dapseg.weights import WeightsMissingError, hf_cache, how_to_fetch, load_state_dict_file
+from dapseg.weights import (
+    WeightsMissingError,
+    cached_hf_file,
+    hf_cache,
+    how_to_fetch,
+    is_offline,
+    load_state_dict_file,
+)
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -138,9 +148,20 @@ def resolve_clip_checkpoint(model_name: str, tag: str, cache: str | os.PathLike[
             f"open_clip has no pretrained weights {tag!r} for {model_name!r}; valid tags: {', '.join(valid)}"
         )
     what = f"CLIP {model_name} ({tag})"
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        repo_id, filename = os.path.split(hub)  # 'org/name/' names the default file
+        filename = filename or "open_clip_pytorch_model.bin"
+        # open_clip prefers a .safetensors twin of the file where the hub has one.
+        names = [filename.replace("pytorch_model.bin", "model.safetensors"), filename]
+        hit = cached_hf_file(repo_id, names, cache)
+        if hit is not None:
+            return hit
+    if is_offline():
+        raise WeightsMissingError(what, how_to_fetch(None), "no network and nothing in the cache")
     try:
         path = download_pretrained(cfg, cache_dir=str(hf_cache(cache)))
-    except Exception as e:  # offline, hub unreachable, file absent: all mean "not available here"
+    except Exception as e:  # hub unreachable, file absent: both mean "not available here"
         raise WeightsMissingError(what, how_to_fetch(None), str(e).splitlines()[0]) from e
     if not path:
         raise WeightsMissingError(what, how_to_fetch(None))
@@ -165,12 +186,24 @@ def build_clip(
         if cfg.model not in open_clip.list_models():
             raise ValueError(f"unknown open_clip model {cfg.model!r}; e.g. ViT-B-16, ViT-L-14, ViT-H-14")
         quick_gelu = bool((get_pretrained_cfg(cfg.model, cfg.pretrained) or {}).get("quick_gelu", False))
-        model = open_clip.create_model(cfg.model, pretrained=None, force_quick_gelu=quick_gelu)
-        if not random_weights:
-            path = cfg.weights or resolve_clip_checkpoint(cfg.model, cfg.pretrained, cache_dir)
+        # Find the weights before building the model: a missing file should fail in a second.
+        path = None if random_weights else cfg.weights or resolve_clip_checkpoint(cfg.model, cfg.pretrained, cache_dir)
+        with _quiet_logging():  # open_clip warns "initialized randomly": we load the weights ourselves
+            model = open_clip.create_model(cfg.model, pretrained=None, force_quick_gelu=quick_gelu)
+        if path is not None:
             _load_clip_weights(model, Path(path))
     model.eval().requires_grad_(False).to(device)
     return DenseClip(model, tokenizer, cfg.model if not tiny else "tiny", cfg.pretrained)
+
+
+@contextmanager
+def _quiet_logging() -> Iterator[None]:
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
 
 
 def _load_clip_weights(model: nn.Module, path: Path) -> None:

@@ -1,0 +1,1 @@
+"""Model wrappers: CLIP (clip.py) and vision foundation models (vfm.py)."""

@@ -1,0 +1,75 @@
+"""DINOv3 on timm's ``Eva`` modules (beyond the ProxyCLIP reference).
+
+Features as for DINOv2: last block output after the final norm, CLS and the storage (register)
+tokens dropped. Positions are RoPE over the patch grid (timm's port matches the official
+``RopePositionEmbedding``), so any window size works without interpolation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import apply_rot_embed_cat
+
+from dapseg.models.vfm import VfmOutput, VfmSpec, VisionFoundationModel
+from dapseg.models.vfm_vit import patch_softmax
+
+
+def eva_attn_logits(
+    block: torch.nn.Module, x: torch.Tensor, rope: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-softmax attention of a timm ``EvaBlock`` on tokens ``x`` (B, T, D), RoPE applied to the
+    patch tokens as the block does: (q·kᵀ·scale (B, H, T, T), v (B, H, T, d))."""
+    attn = block.attn
+    h = block.norm1(x)
+    b, t, _ = h.shape
+    if attn.qkv is not None:
+        bias = None if attn.q_bias is None else torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+        qkv = F.linear(h, attn.qkv.weight, attn.qkv.bias if bias is None else bias)
+        q, k, v = qkv.reshape(b, t, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        q, k, v = (
+            p(h).reshape(b, t, attn.num_heads, -1).transpose(1, 2)
+            for p in (attn.q_proj, attn.k_proj, attn.v_proj)
+        )
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if rope is not None:
+        npt = attn.num_prefix_tokens
+        half = getattr(attn, "rotate_half", False)
+        q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], dim=2).type_as(v)
+        k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], dim=2).type_as(v)
+    return (q * attn.scale) @ k.transpose(-2, -1), v
+
+
+class Dinov3Vfm(VisionFoundationModel):
+    """DINOv3 over a timm ``Eva`` (``self.eva``)."""
+
+    def __init__(self, spec: VfmSpec, eva: torch.nn.Module, *, tiny: bool) -> None:
+        super().__init__(spec, embed_dim=eva.embed_dim, num_heads=eva.blocks[-1].attn.num_heads, tiny=tiny)
+        self.eva = eva
+
+    def tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int]]:
+        """Normalised image -> (tokens (B, 1 + R + h·w, C), RoPE table for the grid, grid)."""
+        eva = self.eva
+        patches = eva.patch_embed.proj(x)  # (B, C, h, w)
+        grid = (patches.shape[-2], patches.shape[-1])
+        patches = eva.patch_embed.norm(patches.flatten(2).transpose(1, 2))
+        if eva.pos_embed is not None:
+            raise RuntimeError(f"{self.name}: absolute position embeddings are not expected for DINOv3")
+        b = x.shape[0]
+        prefix = [t.expand(b, -1, -1) for t in (eva.cls_token, eva.reg_token) if t is not None]
+        tokens = eva.norm_pre(eva.pos_drop(torch.cat([*prefix, patches], dim=1)))
+        rope = eva.rope.get_embed(shape=grid) if eva.rope is not None else None
+        return tokens, rope, grid
+
+    def _encode(self, x: torch.Tensor, return_attn: bool) -> VfmOutput:
+        eva = self.eva
+        t, rope, (h, w) = self.tokens(x)
+        for blk in eva.blocks[:-1]:
+            t = blk(t, rope=rope)
+        attn = None
+        if return_attn:
+            attn = patch_softmax(eva_attn_logits(eva.blocks[-1], t, rope)[0], eva.num_prefix_tokens)
+        t = eva.norm(eva.blocks[-1](t, rope=rope))
+        feats = t[:, eva.num_prefix_tokens :].transpose(1, 2).reshape(x.shape[0], -1, h, w)
+        return VfmOutput(feats, attn)
