@@ -33,17 +33,27 @@ import torch
 SRC = Path(__file__).resolve().parents[1] / "src"
 sys.path.insert(0, str(SRC))
 
-from dapseg.plugins.fsa import LOG_EPS, ensemble_values, feedback_weights, top_p_mask  # noqa: E402
+from dapseg.plugins.fsa import (  # noqa: E402
+    LOG_EPS,
+    ensemble_values,
+    feedback_weights,
+    kl_matrix,
+    top_p_mask,
+)
 
 HEADS, HEAD_DIM, LAM, TOP_P = 12, 64, 3.0, 0.45
 MiB = 2**20
 
 
+def naive_kl(d: torch.Tensor) -> torch.Tensor:
+    """The reference's pairwise KL: the (1, N, N, C) tensor of terms, summed over C."""
+    log_d = torch.log(d + LOG_EPS)
+    return (d[:, :, None, :] * (log_d[:, :, None, :] - log_d[:, None, :, :])).sum(-1).clamp(min=0.0)
+
+
 def naive_step(attn: torch.Tensor, v: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """The reference's tensor forms. attn (1, 1, N, N), v (1, heads, N, d), d (1, N, C)."""
-    log_d = torch.log(d + LOG_EPS)
-    kl = (d[:, :, None, :] * (log_d[:, :, None, :] - log_d[:, None, :, :])).sum(-1)  # N×N×C
-    s = 1.0 / (1.0 + kl.clamp(min=0.0))
+    s = 1.0 / (1.0 + naive_kl(d))
     keep = top_p_mask(s, TOP_P)
     w = torch.softmax((s * torch.exp(LAM * s)).masked_fill(~keep, float("-inf")), dim=-1)[:, None]
     ens = (torch.matmul(w, attn) + torch.matmul(attn, w) + w) / 3.0  # explicit N×N products
@@ -82,7 +92,14 @@ def child(n: int, c: int, form: str, repeats: int) -> dict:
             t0 = time.perf_counter()
             step(*args)
             times.append(time.perf_counter() - t0)
-    return {"peak_rss": peak, "time": sorted(times)[len(times) // 2]}
+        kl = kl_matrix if form == "lean" else naive_kl
+        kl_times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            kl(args[2])
+            kl_times.append(time.perf_counter() - t0)
+    median = lambda t: sorted(t)[len(t) // 2]
+    return {"peak_rss": peak, "time": median(times), "kl_time": median(kl_times)}
 
 
 def analytic_bytes(n: int, c: int, form: str) -> int:
@@ -117,7 +134,7 @@ def main() -> int:
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{available_bytes() / 2**30:.1f} GiB free")
     print(f"N = {args.n}, shared attention, {HEADS} heads × {HEAD_DIM}, float32, median of {args.repeats}\n")
-    header = f"{'C':>5} {'form':>6} {'analytic MiB':>13} {'peak RSS +MiB':>14} {'time s':>8}"
+    header = f"{'C':>5} {'form':>6} {'analytic MiB':>13} {'peak RSS +MiB':>14} {'step s':>8} {'KL s':>8}"
     print(header)
     print("-" * len(header))
     results: dict[tuple[int, str], dict] = {}
@@ -131,13 +148,14 @@ def main() -> int:
                    "--child", str(c), form]
             r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
             results[(c, form)] = r
-            print(f"{c:>5} {form:>6} {est / MiB:>13.0f} {r['peak_rss'] / MiB:>14.0f} {r['time']:>8.3f}")
+            print(f"{c:>5} {form:>6} {est / MiB:>13.0f} {r['peak_rss'] / MiB:>14.0f} {r['time']:>8.3f} "
+                  f"{r['kl_time']:>8.3f}")
     print()
     for c in args.classes:
         lean, naive = results.get((c, "lean")), results.get((c, "naive"))
         if lean and naive:
             print(f"C = {c}: naive / lean  memory {naive['peak_rss'] / max(lean['peak_rss'], 1):.1f}x, "
-                  f"time {naive['time'] / lean['time']:.1f}x")
+                  f"step time {naive['time'] / lean['time']:.1f}x, KL time {naive['kl_time'] / lean['kl_time']:.0f}x")
     return 0
 
 
