@@ -150,7 +150,7 @@ class Segmenter:
         self.refiner: Refiner | None = build_refiner(
             config.refine.name, config.refine.params, sam=self.sam, segmenter=self
         )
-        self.text = TextEmbedder(
+        self.text = models.get("text") or TextEmbedder(
             self.clip.encode_text,
             model_id=f"{self.clip.name}:{self.clip.tag}",
             templates=config.templates,
@@ -189,6 +189,10 @@ class Segmenter:
         }
         if "clip" not in models:
             models = {}
+        elif config.templates == self.config.templates:
+            models["text"] = self.text  # same encoder, same prompts: keep the embedding cache
+        if config.inference.crop != self.config.inference.crop and _built_at_window_size(config.vfm):
+            models.pop("vfm", None)  # e.g. MAE is built at the window size
         return Segmenter(
             config,
             device=self.device,
@@ -270,6 +274,14 @@ def with_weight_files(
                 raise ValueError(f"--{key}-weights given but preset {config.name!r} uses no {key.upper()}")
             overrides[f"{key}.weights"] = str(path)
     return config.with_overrides(overrides)
+
+
+def _built_at_window_size(cfg: Any) -> bool:
+    if cfg is None:
+        return False
+    from dapseg.models.vfm import vfm_spec
+
+    return vfm_spec(cfg.name).family == "mae"
 
 
 def _text_cache(explicit: PathLike | None) -> Path:

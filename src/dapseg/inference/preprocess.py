@@ -28,7 +28,7 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def to_tensor01(image: np.ndarray) -> Tensor:
     """(H, W, 3) uint8 -> (3, H, W) float in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div_(255.0)
 
 
 def normalize(images01: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
