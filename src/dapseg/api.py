@@ -140,6 +140,10 @@ class Segmenter:
                 config.clip, random_weights=random_weights, tiny=tiny, cache_dir=cache_dir, device=self.device
             )
             self.vfm = models.get("vfm") or self._build_vfm(config.vfm)
+            if config.sam is not None and "sam" not in models and not tiny:
+                from dapseg.models.sam_encoder import check_memory
+
+                check_memory(config.sam.name, self.device)  # fail before loading a SAM that cannot fit
             self.sam = models.get("sam") or self._build_vfm(config.sam)
         except WeightsMissingError as e:
             raise WeightsMissingError(e.what, how_to_fetch(config.name)) from e

@@ -8,8 +8,9 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-# (image (H, W, 3) uint8, logits (Q, H, W), query_to_class) -> logits (Q, H, W)
-Refiner = Callable[[np.ndarray, Tensor, list[int]], Tensor]
+# (image (H, W, 3) uint8, logits (Q, H, W), query_to_class) -> logits (Q, H, W), or (logits, labels (H, W))
+# for a refiner that decides the labels itself (SAM prompts).
+Refiner = Callable[[np.ndarray, Tensor, list[int]], Tensor | tuple[Tensor, Tensor]]
 REFINER_BUILDERS: dict[str, Callable[..., Refiner]] = {}
 
 
