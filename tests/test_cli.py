@@ -161,6 +161,16 @@ def test_segment_glob_and_classes_file_with_synonyms(cli, tmp_path: Path) -> Non
     assert "segmented 2/2 images" in proc.stdout
 
 
+def test_output_stems_never_collide() -> None:
+    from dapseg.commands.segment import unique_stems
+
+    paths = [Path("x/a.png"), Path("x/a.jpg"), Path("x/a_1.png"), Path("y/a.png"), Path("b.png")]
+    stems = unique_stems(paths)
+    assert len(set(stems)) == len(paths)  # no image's outputs overwrite another's
+    assert stems[0] == "a" and stems[4] == "b"
+    assert all(s.startswith(p.stem) for s, p in zip(stems, paths, strict=True))
+
+
 # ----------------------------------------------------------------------------- bad class lists
 
 @pytest.mark.parametrize(
@@ -180,6 +190,14 @@ def test_segment_bad_classes_clear_error(cli, tmp_path: Path, classes: str, expe
     _no_traceback(proc)
     assert expected in proc.stderr
     assert not (tmp_path / "out" / "a.json").exists()
+
+
+def test_missing_classes_file_is_named(cli, tmp_path: Path) -> None:
+    missing = tmp_path / "classes.txt"
+    proc = cli("segment", str(tmp_path / "a.png"), "--classes-file", str(missing),
+               "--out", str(tmp_path / "out"), *SMOKE)
+    assert proc.returncode != 0
+    assert f"cannot read class file {missing}" in proc.stderr
 
 
 # ----------------------------------------------------------------------------- bad settings

@@ -140,6 +140,10 @@ class Segmenter:
                 config.clip, random_weights=random_weights, tiny=tiny, cache_dir=cache_dir, device=self.device
             )
             self.vfm = models.get("vfm") or self._build_vfm(config.vfm)
+            if config.sam is not None and "sam" not in models and not tiny:
+                from dapseg.models.sam_encoder import check_memory
+
+                check_memory(config.sam.name, self.device)  # fail before loading a SAM that cannot fit
             self.sam = models.get("sam") or self._build_vfm(config.sam)
         except WeightsMissingError as e:
             raise WeightsMissingError(e.what, how_to_fetch(config.name)) from e
@@ -147,7 +151,9 @@ class Segmenter:
         self.engine = DenseEngine(self.clip, self.head, self.vfm, self._build_plugin())
         self.engine.sam = self.sam  # the splice strategy's global affinity uses SAM when configured
         self.strategy = get_strategy(config.inference.mode)
-        self.refiner: Refiner | None = build_refiner(config.refine.name, config.refine.params, sam=self.sam)
+        self.refiner: Refiner | None = build_refiner(
+            config.refine.name, config.refine.params, sam=self.sam, segmenter=self
+        )
         self.text = models.get("text") or TextEmbedder(
             self.clip.encode_text,
             model_id=f"{self.clip.name}:{self.clip.tag}",
@@ -247,8 +253,12 @@ class Segmenter:
             labels = labels_banded(coarse, img.shape[:2], post.logit_scale, q2c, post.prob_thd)
             return SegmentationResult(img, class_set, coarse, labels, post.logit_scale)
         full = F.interpolate(coarse[None], size=img.shape[:2], mode="bilinear", align_corners=False)[0]
-        full = self.refiner(img, full, q2c).float().cpu()
-        labels = labels_from_probs(class_probs(full, post.logit_scale, q2c), post.prob_thd)
+        refined = self.refiner(img, full, q2c)
+        if isinstance(refined, tuple):  # a label-level refiner (SAM prompts) decides the labels itself
+            full, labels = refined[0].float().cpu(), refined[1].cpu()
+        else:
+            full = refined.float().cpu()
+            labels = labels_from_probs(class_probs(full, post.logit_scale, q2c), post.prob_thd)
         return SegmentationResult(img, class_set, coarse, labels, post.logit_scale, full_logits=full)
 
 

@@ -9,7 +9,7 @@ import sys
 
 from dapseg import __version__
 
-COMMANDS = ["segment", "presets", "download", "demo"]
+COMMANDS = ["segment", "presets", "download", "demo", "eval", "eval_all", "sweep", "convert"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)
+    except BrokenPipeError:  # output piped into `head` and closed: not an error
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

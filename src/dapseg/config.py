@@ -52,6 +52,14 @@ class FsaConfig(_Strict):
     enabled: bool = False
     params: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("params")
+    @classmethod
+    def _check_params(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from dapseg.plugins.fsa import FsaParams
+
+        FsaParams(**v)  # unknown names and out-of-range values fail at config time
+        return v
+
 
 class InferenceConfig(_Strict):
     mode: Literal["whole", "slide", "splice"] = "slide"

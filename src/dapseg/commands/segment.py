@@ -49,12 +49,16 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
 
 
 def unique_stems(paths: list[Path]) -> list[str]:
-    counts: dict[str, int] = {}
+    """Output stems, one per path: a stem already taken gets _1, _2, ... (never one that is taken)."""
+    used: set[str] = set()
     stems = []
     for p in paths:
-        n = counts.get(p.stem, 0)
-        counts[p.stem] = n + 1
-        stems.append(p.stem if n == 0 else f"{p.stem}_{n}")
+        stem, n = p.stem, 0
+        while stem in used:  # a.png, a.jpg, a_1.png -> a, a_1, a_1_1 (not a_1 twice)
+            n += 1
+            stem = f"{p.stem}_{n}"
+        used.add(stem)
+        stems.append(stem)
     return stems
 
 

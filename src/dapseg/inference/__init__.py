@@ -1,3 +1,6 @@
 """Inference strategies (whole, slide, splice) over a dense CLIP engine."""
 
-from dapseg.inference import strategies  # noqa: F401  (registers whole and slide)
+from dapseg.inference import (
+    splice,  # noqa: F401  (registers splice)
+    strategies,  # noqa: F401  (registers whole and slide)
+)

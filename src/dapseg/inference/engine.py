@@ -45,8 +45,8 @@ class DenseEngine(nn.Module):
         return nullcontext()
 
     @torch.no_grad()
-    def embed(self, windows01: Tensor, text: Tensor) -> Tensor:
-        """(B, 3, H, W) window pixels in [0, 1] -> (B, E, h, w) ℓ2-normalised patch embeddings.
+    def head_output(self, windows01: Tensor, text: Tensor) -> HeadOutput:
+        """(B, 3, H, W) window pixels in [0, 1] -> the head's tokens (B, n, D), before LN_post / proj.
 
         ``text`` (Q, E) is only used by plug-ins that need the classes (FSA).
         """
@@ -61,8 +61,14 @@ class DenseEngine(nn.Module):
                 x=x, grid=grid, block=self.clip.last_block, vfm_feats=vfm_feats, vfm_attn=vfm_attn, images=windows01
             )
             to_embed = self.clip.head_tokens_to_embeddings
-            out = self.plugin(self.head, ctx, text, to_embed) if self.plugin is not None else self.head(ctx)
-            emb = to_embed(out.tokens).float()  # (B, n, E)
+            return self.plugin(self.head, ctx, text, to_embed) if self.plugin is not None else self.head(ctx)
+
+    @torch.no_grad()
+    def embed(self, windows01: Tensor, text: Tensor) -> Tensor:
+        """(B, 3, H, W) window pixels in [0, 1] -> (B, E, h, w) ℓ2-normalised patch embeddings."""
+        out = self.head_output(windows01, text)
+        with self.autocast():
+            emb = self.clip.head_tokens_to_embeddings(out.tokens).float()  # (B, n, E)
         emb = F.normalize(emb, dim=-1)
         h, w = out.grid
         return emb.transpose(1, 2).reshape(emb.shape[0], -1, h, w)

@@ -8,8 +8,9 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-# (image (H, W, 3) uint8, logits (Q, H, W), query_to_class) -> logits (Q, H, W)
-Refiner = Callable[[np.ndarray, Tensor, list[int]], Tensor]
+# (image (H, W, 3) uint8, logits (Q, H, W), query_to_class) -> logits (Q, H, W), or (logits, labels (H, W))
+# for a refiner that decides the labels itself (SAM prompts).
+Refiner = Callable[[np.ndarray, Tensor, list[int]], Tensor | tuple[Tensor, Tensor]]
 REFINER_BUILDERS: dict[str, Callable[..., Refiner]] = {}
 
 
@@ -23,7 +24,7 @@ def register_refiner(name: str) -> Callable[[Callable[..., Refiner]], Callable[.
 
 def build_refiner(name: str, params: dict[str, Any], **models: Any) -> Refiner | None:
     """The refiner ``name`` ('none' -> None). ``models`` carries e.g. ``sam`` for SAM prompting."""
-    from dapseg.refine import pamr  # noqa: F401  (registers pamr)
+    from dapseg.refine import pamr, sam_prompt  # noqa: F401  (registers pamr, sam)
 
     if name == "none":
         return None

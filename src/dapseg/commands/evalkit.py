@@ -1,0 +1,106 @@
+"""Flags and the segmenter-backed predictor factory shared by ``eval``, ``eval-all`` and ``sweep``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dapseg.eval import dist
+from dapseg.eval.harness import BuiltPredictor
+from dapseg.eval.runner import RunOptions
+
+
+def add_run_args(parser: argparse.ArgumentParser, default_work_dir: str) -> None:
+    g = parser.add_argument_group("evaluation")
+    g.add_argument("--data-root", required=True, help="folder holding the datasets (MMSegmentation layout), "
+                   "or one dataset's own folder")
+    g.add_argument("--work-dir", default=default_work_dir,
+                   help=f"checkpoints, predictions and result tables (default: {default_work_dir})")
+    g.add_argument("--limit", type=int, default=None, help="only the first N images (sorted by name)")
+    g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes for decoding")
+    g.add_argument("--checkpoint-every", type=int, default=20, metavar="N",
+                   help="save partial results every N images (per process)")
+    g.add_argument("--skip-bad", action="store_true",
+                   help="count and list unreadable images instead of stopping at the first")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_options(args: argparse.Namespace) -> RunOptions:
+    if args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    if args.checkpoint_every < 1:
+        raise ValueError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
+    return RunOptions(num_workers=args.workers, checkpoint_every=args.checkpoint_every,
+                      progress=not args.no_progress, save_pred=getattr(args, "save_pred", False),
+                      show=getattr(args, "show", 0) or 0)
+
+
+def setup_distributed(args: argparse.Namespace) -> dist.DistInfo:
+    """Join torchrun's process group; each rank uses its own GPU (LOCAL_RANK) when on CUDA."""
+    info = dist.init_from_env(args.device)
+    if info.enabled and torch.cuda.is_available() and (args.device in (None, "cuda")):
+        args.device = f"cuda:{info.local_rank}"
+    return info
+
+
+def autocast_dtype(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "bfloat16 (autocast)" if torch.cuda.is_bf16_supported() else "float16 (autocast)"
+    return "float32"
+
+
+class SegmenterFactory:
+    """(preset, overrides, class names) -> predictor; models are built once per preset and reused."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self._base: dict[str, Any] = {}
+
+    def _base_segmenter(self, preset: str) -> Any:
+        from dapseg.commands.common import build_segmenter
+
+        if preset not in self._base:
+            ns = argparse.Namespace(**vars(self.args))
+            ns.preset = preset
+            self._base[preset] = build_segmenter(ns)
+        return self._base[preset]
+
+    def __call__(self, preset: str, overrides: dict[str, Any], class_names: list[str]) -> BuiltPredictor:
+        from dapseg.text import ClassSet
+
+        seg = self._base_segmenter(preset).derive(overrides)
+        classes = ClassSet.from_list(class_names)
+
+        def predict(image: Any) -> torch.Tensor:
+            return seg.predict(image, classes).labels
+
+        a = self.args
+        extra = {"random_weights": bool(a.random_weights), "tiny": bool(a.tiny),
+                 "weights": {"clip": a.clip_weights, "vfm": a.vfm_weights, "sam": a.sam_weights}}
+        return BuiltPredictor(predict, seg.config.model_dump(mode="json"), str(seg.device),
+                              autocast_dtype(seg.device), extra)
+
+
+def preset_names(args: argparse.Namespace) -> list[str]:
+    """Presets named by --preset (one or more) or the name of --config's config."""
+    if args.config:
+        from dapseg.config import load_config_file
+
+        return [load_config_file(args.config).name]
+    presets = args.preset if isinstance(args.preset, list) else [args.preset] if args.preset else []
+    if not presets:
+        raise ValueError("give --preset NAME (or --config FILE)")
+    from dapseg.config import list_presets
+
+    valid = list_presets()
+    for p in presets:
+        if p not in valid:
+            raise ValueError(f"unknown preset {p!r}; valid presets: {', '.join(valid)}")
+    return list(dict.fromkeys(presets))
+
+
+def job_dir(work_dir: str | Path, *parts: str) -> Path:
+    return Path(work_dir).joinpath(*parts)

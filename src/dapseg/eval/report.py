@@ -1,0 +1,129 @@
+"""Results tables: results.xlsx (summary + per-class sheets), results.csv, results.md, results.json.
+
+A *record* is one (preset, dataset) evaluation: ``EvalResult.to_dict()`` plus ``preset`` and
+``provenance``. Every file is written atomically (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from dapseg.data.spec import EXTRA, STANDARD
+from dapseg.eval.checkpoint import atomic_write_text
+
+
+def _dataset_order(names: list[str]) -> list[str]:
+    known = [d for d in [*STANDARD, *EXTRA] if d in names]
+    return known + sorted(n for n in names if n not in known)
+
+
+def summary_table(records: list[dict[str, Any]], metric: str = "mIoU") -> pd.DataFrame:
+    """One row per preset (in first-seen order), one column per dataset, then the average."""
+    presets = list(dict.fromkeys(r["preset"] for r in records))
+    datasets = _dataset_order(list({r["dataset"] for r in records}))
+    table = pd.DataFrame(index=pd.Index(presets, name="preset"), columns=datasets, dtype=float)
+    for r in records:
+        table.loc[r["preset"], r["dataset"]] = r[metric]
+    table["average"] = table[datasets].mean(axis=1, skipna=False).round(2)
+    return table
+
+
+def per_class_table(records: list[dict[str, Any]], dataset: str) -> pd.DataFrame:
+    """Rows: classes of ``dataset``; columns: IoU (%) per preset."""
+    cols = {}
+    classes: list[str] = []
+    for r in records:
+        if r["dataset"] == dataset:
+            classes = [c["class"] for c in r["per_class"]]
+            cols[r["preset"]] = [c["IoU"] for c in r["per_class"]]
+    return pd.DataFrame(cols, index=pd.Index(classes, name="class"), dtype=float)
+
+
+def markdown_table(df: pd.DataFrame, index: bool = True, floatfmt: str = "{:.2f}") -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return "–" if math.isnan(v) else floatfmt.format(v)
+        return str(v).replace("|", "\\|")
+
+    head = ([df.index.name or ""] if index else []) + [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for idx, row in df.iterrows():
+        cells = ([cell(idx)] if index else []) + [cell(v) for v in row.tolist()]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _sheet_name(name: str, used: set[str]) -> str:
+    base = "".join(ch for ch in name if ch not in "[]:*?/\\")[:31] or "sheet"
+    out, k = base, 1
+    while out in used:
+        k += 1
+        out = f"{base[:28]}~{k}"
+    used.add(out)
+    return out
+
+
+def write_xlsx(path: Path, sheets: dict[str, pd.DataFrame]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.xlsx")
+    used: set[str] = set()
+    with pd.ExcelWriter(tmp, engine="openpyxl") as writer:
+        for name, df in sheets.items():
+            df.to_excel(writer, sheet_name=_sheet_name(name, used))
+    os.replace(tmp, path)
+
+
+def write_results(out_dir: str | Path, records: list[dict[str, Any]], *, title: str = "dapseg results",
+                  note: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Path]:
+    """Write results.{xlsx,csv,md,json} for ``records``; returns the paths."""
+    out_dir = Path(out_dir)
+    paths = {k: out_dir / f"results.{k}" for k in ("xlsx", "csv", "md", "json")}
+    summary = summary_table(records)
+    datasets = [c for c in summary.columns if c != "average"]
+    sheets = {"summary": summary}
+    for metric in ("mAcc", "aAcc"):
+        sheets[f"summary {metric}"] = summary_table(records, metric)
+    for d in datasets:
+        sheets[d] = per_class_table(records, d)
+    write_xlsx(paths["xlsx"], sheets)
+
+    long = pd.DataFrame([{k: r.get(k) for k in ("preset", "dataset", "mIoU", "mAcc", "aAcc", "n_images",
+                                                  "n_bad")} for r in records])
+    atomic_write_text(paths["csv"], long.to_csv(index=False))
+
+    md = [f"# {title}\n"]
+    if note:
+        md.append(f"{note}\n")
+    md.append("mIoU (%) per dataset:\n")
+    md.append(markdown_table(summary))
+    md.append("\nDetails (mIoU / mAcc / aAcc, images):\n")
+    md.append(markdown_table(long.set_index("preset")))
+    atomic_write_text(paths["md"], "\n".join(md))
+
+    payload = {"title": title, "note": note, "summary_mIoU": json.loads(summary.to_json(orient="index")),
+               "results": records, **(extra or {})}
+    atomic_write_text(paths["json"], dumps_json(payload))
+    return paths
+
+
+def _clean(obj: Any) -> Any:
+    """NaN/inf -> None so the JSON is standard (``null`` = undefined, e.g. a class never seen)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def dumps_json(obj: Any) -> str:
+    return json.dumps(_clean(obj), indent=2, default=str, allow_nan=False)

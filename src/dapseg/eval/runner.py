@@ -1,0 +1,182 @@
+"""The evaluation loop: any predictor over a SegDataset -> one confusion matrix, resumable, sharded.
+
+A predictor is a callable ``image (H, W, 3) uint8 ndarray -> labels (H, W) int tensor/ndarray`` (the
+segmenter's ``predict(...).labels`` or, in tests, a fake). Decoding runs in DataLoader workers while the
+predictor runs in the main process. Under torchrun each rank takes its round-robin share of the images
+not yet done; the partial matrices are summed with all_reduce and rank 0 writes the result.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from dapseg.data.dataset import Sample, SegDataset
+from dapseg.data.io import write_label_png
+from dapseg.eval import dist
+from dapseg.eval.checkpoint import Checkpointer, State, atomic_write_text, check_fingerprint, ensure_writable
+from dapseg.eval.metrics import Metrics, confusion_matrix, metrics_from_confusion
+from dapseg.eval.report import dumps_json
+from dapseg.eval.visual import save_comparison
+
+Predictor = Callable[[np.ndarray], "torch.Tensor | np.ndarray"]
+
+
+@dataclass
+class EvalResult:
+    dataset: str
+    classes: list[str]
+    cm: torch.Tensor  # (C, C) int64, summed over all ranks and all runs
+    n_images: int  # images in the evaluated set (after --limit)
+    bad: dict[str, str] = field(default_factory=dict)  # skipped image name -> error
+    seconds: float = 0.0  # wall time of this run's loop (resumed runs: this part only)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def metrics(self) -> Metrics:
+        return metrics_from_confusion(self.cm)
+
+    def to_dict(self) -> dict[str, Any]:
+        m = self.metrics
+        return {
+            "dataset": self.dataset,
+            **m.as_percent(),
+            "n_images": self.n_images,
+            "n_bad": len(self.bad),
+            "bad": self.bad,
+            "per_class": [
+                {"class": c, "IoU": _pct(i), "Acc": _pct(a)}
+                for c, i, a in zip(self.classes, m.iou, m.acc, strict=True)
+            ],
+            "seconds": round(self.seconds, 2),
+            "settings": self.settings,
+        }
+
+
+def _pct(x: float) -> float | None:
+    return round(100.0 * float(x), 2) if np.isfinite(x) else None
+
+
+def _identity(sample: Sample) -> Sample:
+    return sample
+
+
+@dataclass
+class RunOptions:
+    num_workers: int = 2
+    checkpoint_every: int = 20  # images per rank between checkpoints
+    progress: bool = True
+    save_pred: bool = False  # label PNGs under work_dir/pred
+    show: int = 0  # comparison pictures for the first K images under work_dir/show
+    desc: str | None = None
+
+
+def evaluate(dataset: SegDataset, predictor: Predictor, work_dir: str | Path, settings: dict[str, Any],
+             options: RunOptions | None = None) -> EvalResult:
+    """Evaluate (or finish evaluating) ``dataset`` in ``work_dir``; every rank returns the same result."""
+    opt = options or RunOptions()
+    info = dist.current()
+    work_dir = Path(work_dir)
+    spec = dataset.spec
+    classes = spec.class_names()
+    C = spec.num_classes
+
+    # --- resume: rank 0 reads and consolidates, the others learn what is done
+    if info.is_main:
+        ensure_writable(work_dir)
+        check_fingerprint(work_dir, settings, write=True)
+    ckpt = Checkpointer(work_dir, C, info.rank)
+    if info.is_main:
+        base, gen = ckpt.load()
+        ckpt.consolidate(base, gen)
+        plan = (sorted(base.done), gen)
+    else:
+        base, plan = None, None
+    done, gen = dist.broadcast_object(plan, info)  # type: ignore[misc]
+    done_set = set(done)
+    pending = [i for i in range(len(dataset)) if i not in done_set]
+    mine = dist.shard(pending, info)
+
+    part = State(torch.zeros(C, C, dtype=torch.long))
+    base_cm = base.cm if base is not None else None
+    t0 = time.perf_counter()
+    try:
+        _loop(dataset, predictor, mine, part, ckpt, gen, base_cm, opt, info, work_dir)
+    finally:
+        if part.done:
+            ckpt.save_part(part, gen)
+    seconds = time.perf_counter() - t0
+
+    # --- combine: this run's parts from every rank + what earlier runs finished
+    new_cm = dist.all_reduce_sum(part.cm, info)
+    bad_parts = dist.all_gather_objects(part.bad, info)
+    result = None
+    if info.is_main:
+        assert base is not None
+        cm = base.cm + new_cm
+        bad = dict(base.bad)
+        for b in bad_parts:
+            bad.update(b)  # type: ignore[arg-type]
+        result = EvalResult(spec.name, classes, cm, len(dataset),
+                            {dataset.names[i]: msg for i, msg in sorted(bad.items())}, seconds, settings)
+        atomic_write_text(work_dir / "result.json", dumps_json(result.to_dict()))
+    result = dist.broadcast_object(result, info)
+    return result  # type: ignore[return-value]
+
+
+def _loop(dataset: SegDataset, predictor: Predictor, indices: list[int], part: State, ckpt: Checkpointer,
+          gen: int, base_cm: torch.Tensor | None, opt: RunOptions, info: dist.DistInfo,
+          work_dir: Path) -> None:
+    spec = dataset.spec
+    if not indices:
+        return
+    loader = DataLoader(dataset, batch_size=None, sampler=indices, num_workers=opt.num_workers,
+                        collate_fn=_identity)
+    bar = tqdm(total=len(indices), desc=opt.desc or spec.name, unit="img", disable=not (opt.progress and
+                                                                                       info.is_main))
+    since_ckpt = 0
+    for sample in loader:
+        if sample.error is not None:
+            part.bad[sample.index] = sample.error
+            part.done.add(sample.index)
+        else:
+            pred = _as_labels(predictor(sample.image), sample, dataset)
+            gt = torch.from_numpy(sample.label)
+            part.cm += confusion_matrix(pred, gt, spec.num_classes, spec.ignore_index)
+            part.done.add(sample.index)
+            _write_outputs(sample, pred, opt, work_dir, spec.num_classes)
+        since_ckpt += 1
+        if since_ckpt >= opt.checkpoint_every:
+            ckpt.save_part(part, gen)
+            since_ckpt = 0
+        bar.update(1)
+        if info.is_main and bar.n % 5 == 1:
+            running = part.cm + base_cm if base_cm is not None else part.cm
+            bar.set_postfix(mIoU=f"{100 * metrics_from_confusion(running).miou:.2f}", refresh=False)
+    bar.close()
+
+
+def _as_labels(pred: Any, sample: Sample, dataset: SegDataset) -> torch.Tensor:
+    pred = torch.as_tensor(np.asarray(pred) if not isinstance(pred, torch.Tensor) else pred).cpu()
+    expected = sample.label.shape  # type: ignore[union-attr]
+    if tuple(pred.shape) != tuple(expected):
+        raise ValueError(f"predictor returned labels of shape {tuple(pred.shape)} for {sample.name} "
+                         f"({expected[1]}x{expected[0]} image); expected {tuple(expected)}")
+    return pred.long()
+
+
+def _write_outputs(sample: Sample, pred: torch.Tensor, opt: RunOptions, work_dir: Path,
+                   num_classes: int) -> None:
+    if opt.save_pred:
+        write_label_png(work_dir / "pred" / f"{sample.name}.png", pred.numpy())
+    if opt.show and sample.index < opt.show:
+        save_comparison(work_dir / "show" / f"{sample.name}.jpg", sample.image, sample.label, pred.numpy(),
+                        num_classes)

@@ -1,0 +1,152 @@
+"""Splice-then-segment (Trident): windows -> dense features -> one full-image map -> global affinity.
+
+Unlike ``slide`` (segment each window, then stitch logits), ``splice`` stitches the windows' *features*
+(the head's output tokens after out_proj, before LN_post / proj — where the reference splices them),
+averages overlaps, moves the whole map with an affinity computed over the whole image by SAM
+(``global_affinity``) and only then applies LN_post, proj and the text cosine, once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor
+
+from dapseg.config import InferenceConfig
+from dapseg.inference.engine import DenseEngine
+from dapseg.inference.global_affinity import AffinityParams, GlobalAffinity, aggregate_map, valid_grid
+from dapseg.inference.strategies import crop_windows, pad_windows, register_strategy
+from dapseg.inference.windows import centred_padding, window_grid
+from dapseg.models.sam_encoder import check_encode_memory, encode_image, image_encoder_of
+
+
+def splice_features(
+    feats: list[Tensor], boxes: list[tuple[int, int, int, int]], image_size: tuple[int, int], cell: float
+) -> Tensor:
+    """Average window feature maps onto the full-image grid.
+
+    feats[i]: (D, h_i, w_i) features of window i covering pixels boxes[i] = (y1, x1, y2, x2) of an
+    image of ``image_size`` (H, W); ``cell`` = pixels per feature cell (e.g. 16 for ViT-B/16 on a
+    336 window with a 21 × 21 grid). Output: (D, ceil(H / cell), ceil(W / cell)); a window whose grid
+    does not match its box on that grid (padding, odd sizes) is bilinearly resized onto it.
+    Cells no window covers (none, for the usual window layouts) stay zero.
+    """
+    if len(feats) != len(boxes) or not feats:
+        raise ValueError(f"need one box per window feature map, got {len(feats)} maps and {len(boxes)} boxes")
+    H, W = image_size
+    gh, gw = math.ceil(H / cell), math.ceil(W / cell)
+    d = feats[0].shape[0]
+    total = feats[0].new_zeros((d, gh, gw), dtype=torch.float32)
+    count = feats[0].new_zeros((1, gh, gw), dtype=torch.float32)
+    for f, (y1, x1, y2, x2) in zip(feats, boxes, strict=True):
+        r1, c1 = round(y1 / cell), round(x1 / cell)
+        r2, c2 = min(gh, max(r1 + 1, round(y2 / cell))), min(gw, max(c1 + 1, round(x2 / cell)))
+        f = f.float()
+        if f.shape[-2:] != (r2 - r1, c2 - c1):
+            f = F.interpolate(f[None], size=(r2 - r1, c2 - c1), mode="bilinear", align_corners=False)[0]
+        total[:, r1:r2, c1:c2] += f
+        count[:, r1:r2, c1:c2] += 1
+    return total / count.clamp(min=1)
+
+
+class SpliceParams(AffinityParams):
+    """``inference.params`` of ``mode: splice`` (the affinity settings plus these)."""
+
+    kind: Literal["cos", "attn", "aff", "none"] = "aff"  # none: splice only, no global aggregation
+    sam_splits: int = Field(default=1, ge=1)  # SAM on this many vertical strips (reference: 2 for Cityscapes)
+    align: bool = True  # resize the image to multiples of the patch size (>= crop), as the reference
+
+
+def splice_size(h: int, w: int, patch: int, crop: int) -> tuple[int, int]:
+    """The reference's resize before splicing: sides multiples of ``patch`` and at least ``crop``.
+
+    An image already a multiple of the patch size is kept (even when smaller than a window: it is then
+    one window of its own size). Otherwise the long side is rounded up to a multiple of the patch, the
+    short side scaled with it and rounded up too, and both raised to at least ``crop``.
+    """
+    if h % patch == 0 and w % patch == 0:
+        return h, w
+    long = max(h, w)
+    dst = -(-long // patch) * patch
+    nh, nw = int(h * dst / long), int(w * dst / long)
+    nh, nw = -(-nh // patch) * patch, -(-nw // patch) * patch
+    return max(nh, crop), max(nw, crop)
+
+
+def window_features(
+    engine: DenseEngine, image01: Tensor, text: Tensor, cfg: InferenceConfig
+) -> tuple[list[Tensor], list[tuple[int, int, int, int]], float]:
+    """Head features of every window, padding cropped away: ([(D, h_i, w_i)], boxes, pixels per cell)."""
+    _, h, w = image01.shape
+    windows = window_grid(h, w, cfg.crop, cfg.stride)
+    wh, ww = windows[0].size
+    left, right, top, bottom = centred_padding(wh, ww, cfg.pad_multiple)
+    feats: list[Tensor] = []
+    cell = 0.0
+    for start in range(0, len(windows), cfg.max_batch):
+        batch = windows[start : start + cfg.max_batch]
+        crops = pad_windows(crop_windows(image01, batch), (left, right, top, bottom), engine.clip.mean)
+        out = engine.head_output(crops, text)
+        gh, gw = out.grid
+        cell = (wh + top + bottom) / gh  # pixels per feature cell (the patch of the head's grid)
+        maps = out.tokens.float().transpose(1, 2).reshape(len(batch), -1, gh, gw)  # (B, D, gh, gw)
+        r0, r1 = round(top / cell), round((top + wh) / cell)
+        c0, c1 = round(left / cell), round((left + ww) / cell)
+        feats.extend(maps[:, :, r0:r1, c0:c1].unbind(0))
+    boxes = [(win.y1, win.x1, win.y2, win.x2) for win in windows]
+    return feats, boxes, cell
+
+
+def global_aggregate(sam: object, image01: Tensor, spliced: Tensor, p: SpliceParams) -> Tensor:
+    """Aggregate the spliced map (D, gh, gw) with SAM's affinity over the image: (D, vh, vw).
+
+    ``sam_splits`` > 1 runs SAM on vertical strips, each strip's features moved by its own affinity.
+    """
+    check_encode_memory(sam, chunk=p.chunk)
+    enc_module = image_encoder_of(sam)
+    sam_patch = enc_module.patch_embed.proj.stride[0]
+    _, _, w = image01.shape
+    gw = spliced.shape[-1]
+    k = min(p.sam_splits, w, gw)
+    parts = []
+    for i in range(k):
+        x0, x1 = i * w // k, (i + 1) * w // k
+        c0, c1 = i * gw // k, (i + 1) * gw // k
+        enc = encode_image(enc_module, image01[:, :, x0:x1], chunk=p.chunk)
+        aff = GlobalAffinity(enc.last, valid_grid(enc.input_size, sam_patch), p)
+        parts.append(aggregate_map(spliced[:, :, c0:c1], aff))
+    vh = parts[0].shape[1]
+    parts = [t if t.shape[1] == vh else F.interpolate(t[None], (vh, t.shape[2]), mode="bilinear",
+                                                       align_corners=False)[0] for t in parts]
+    return torch.cat(parts, dim=-1)
+
+
+@register_strategy("splice")
+def splice(engine: DenseEngine, image01: Tensor, text: Tensor, cfg: InferenceConfig) -> Tensor:
+    """Splice-then-segment: (3, H, W) in [0, 1] -> cosine logits (Q, H, W)."""
+    p = SpliceParams(**cfg.params)
+    _, H, W = image01.shape
+    image01 = image01.to(engine.device)
+    h, w = splice_size(H, W, engine.clip.patch_size, cfg.crop) if p.align else (H, W)
+    img = image01 if (h, w) == (H, W) else F.interpolate(
+        image01[None], (h, w), mode="bilinear", align_corners=False)[0]
+    feats, boxes, cell = window_features(engine, img, text, cfg)
+    spliced = splice_features(feats, boxes, (h, w), cell)  # (D, gh, gw)
+    if p.kind == "none":
+        agg = spliced
+    else:
+        sam = getattr(engine, "sam", None)
+        if sam is None:
+            raise ValueError("inference.mode=splice with a global affinity needs a SAM model: add "
+                             "`sam: {name: sam_vitb}` to the config, or set inference.params.kind=none")
+        agg = global_aggregate(sam, img, spliced, p)
+    d, gh, gw = agg.shape
+    with engine.autocast():
+        emb = engine.clip.head_tokens_to_embeddings(agg.reshape(d, -1).T[None].to(engine.device)).float()[0]
+    emb = F.normalize(emb, dim=-1)  # (N, E)
+    logits = (emb @ text.to(emb).T).T.reshape(-1, gh, gw)  # (Q, gh, gw)
+    return F.interpolate(logits[None], (H, W), mode="bilinear", align_corners=False)[0]

@@ -1,0 +1,1 @@
+"""Plug-ins that rework a head's attention without the head knowing (see ``fsa.py``)."""
