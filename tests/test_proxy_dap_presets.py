@@ -35,3 +35,22 @@ def test_every_vfm_has_proxyclip_and_dap_presets():
     presets = set(list_presets())
     for vfm in list_vfms():
         assert {f"proxyclip-{vfm}", f"dap-{vfm}", f"dap-{vfm}-fsa"} <= presets
+
+
+def test_dap_with_sam_regions_through_the_segmenter():
+    """regions=sam binds SAM's automatic mask generator around the configured SAM encoder."""
+    import pytest
+
+    from dapseg.heads.regions import SamRegions
+
+    with pytest.raises(ValueError, match="regions=sam needs a SAM model"):
+        Segmenter.from_preset("dap", random_weights=True, tiny=True, overrides={"head.params.regions": "sam"})
+    seg = Segmenter.from_preset(
+        "dap", random_weights=True, tiny=True,
+        overrides={"head.params.regions": "sam", "head.params.sam_points_per_side": 2,
+                   "sam": {"name": "sam_vitb"}, "inference.short_side": 64, "inference.crop": 64},
+    )
+    assert isinstance(seg.head.region_provider, SamRegions)
+    out = seg.predict(data.coffee()[::6, ::6], ["cup", "table"])
+    assert out.labels.shape == (67, 100)
+    assert torch.isfinite(out.probs).all()

@@ -148,6 +148,8 @@ class Segmenter:
         except WeightsMissingError as e:
             raise WeightsMissingError(e.what, how_to_fetch(config.name)) from e
         self.head = build_head(config.head.name, config.head.params).to(self.device)
+        if getattr(self.head, "needs_sam", False):
+            self._bind_sam_regions()
         self.engine = DenseEngine(self.clip, self.head, self.vfm, self._build_plugin())
         self.engine.sam = self.sam  # the splice strategy's global affinity uses SAM when configured
         self.strategy = get_strategy(config.inference.mode)
@@ -205,6 +207,19 @@ class Segmenter:
             cache_dir=self.cache_dir,
             _models=models,
         )
+
+    def _bind_sam_regions(self) -> None:
+        """DAP with regions=sam: SAM's automatic masks (a full Sam around the configured encoder)."""
+        if self.sam is None:
+            raise ValueError(
+                f"preset {self.config.name!r}: head.params.regions=sam needs a SAM model; "
+                "add e.g. --set sam.name=sam_vitb (or a `sam:` section in the config)"
+            )
+        from dapseg.models.sam_encoder import sam_decoder_file, sam_with_decoder
+
+        weights = sam_decoder_file(self.config.sam, random_weights=self.random_weights or self.tiny,
+                                   cache_dir=self.cache_dir)
+        self.head.bind_sam(sam_with_decoder(self.sam, weights=weights))
 
     def _build_vfm(self, cfg: Any) -> torch.nn.Module | None:
         if cfg is None:

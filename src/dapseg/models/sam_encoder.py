@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from segment_anything.modeling import (
@@ -130,6 +131,18 @@ def image_encoder_of(sam: object) -> ImageEncoderViT:
         if isinstance(enc, ImageEncoderViT):
             return enc
     raise TypeError(f"{type(sam).__name__} holds no segment-anything ImageEncoderViT (is `sam:` a SAM model?)")
+
+
+def sam_decoder_file(cfg: Any, *, random_weights: bool, cache_dir: Any = None) -> Path | None:
+    """The SAM release file that holds the prompt encoder / mask decoder of VFM config ``cfg``
+    (the local ``weights`` file, else the cached download); None for random weights or no SAM."""
+    if cfg is None or random_weights:
+        return None
+    if cfg.weights is not None:
+        return Path(cfg.weights)
+    from dapseg.models.vfm_loading import fetch_weights  # the VFM registry's cache / download
+
+    return fetch_weights(cfg.name, cache_dir)
 
 
 def sam_with_decoder(sam: object, *, weights: Path | None = None) -> Sam:

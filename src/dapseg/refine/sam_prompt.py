@@ -237,11 +237,9 @@ def build_sam_refiner(params: dict[str, Any], sam: object | None = None, segment
 
 def _decoder_weights(segmenter: Any) -> Path | None:
     """The SAM release file holding the prompt encoder / mask decoder (None for random weights)."""
-    if segmenter is None or segmenter.random_weights or segmenter.tiny or segmenter.config.sam is None:
-        return None
-    cfg = segmenter.config.sam
-    if cfg.weights is not None:
-        return Path(cfg.weights)
-    from dapseg.models.vfm_loading import fetch_weights  # the VFM registry's cache / download
+    from dapseg.models.sam_encoder import sam_decoder_file
 
-    return fetch_weights(cfg.name, segmenter.cache_dir)
+    if segmenter is None:
+        return None
+    return sam_decoder_file(segmenter.config.sam, random_weights=segmenter.random_weights or segmenter.tiny,
+                            cache_dir=segmenter.cache_dir)
