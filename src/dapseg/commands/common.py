@@ -9,9 +9,12 @@ from dapseg.api import Segmenter, with_weight_files
 from dapseg.config import SegmenterConfig, load_config_file, load_preset, parse_override
 
 
-def add_model_args(parser: argparse.ArgumentParser, default_preset: str | None = None) -> None:
+def add_model_args(
+    parser: argparse.ArgumentParser, default_preset: str | None = None, preset_note: str = "required"
+) -> None:
+    """``preset_note`` says in --help what happens without --preset (e.g. "default: dap")."""
     g = parser.add_argument_group("model")
-    g.add_argument("--preset", default=default_preset, help=f"method preset (default: {default_preset}); "
+    g.add_argument("--preset", default=default_preset, help=f"method preset ({preset_note}); "
                    "`dapseg presets` lists them")
     g.add_argument("--config", help="a YAML/TOML config file (may say `base: <preset>`); overrides --preset")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -16,7 +16,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="address to bind (default 127.0.0.1: this machine only; "
                    "0.0.0.0 opens the demo to the network)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    add_model_args(p, default_preset=None)
+    add_model_args(p, default_preset=None, preset_note="default: dap, or naclip where dap is absent")
     p.set_defaults(run=run)
 
 

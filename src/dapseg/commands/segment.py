@@ -26,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--classes", help='classes separated by ",", synonyms by ";" (e.g. "horse, sky; clouds")')
     c.add_argument("--classes-file", help="one class per line, synonyms separated by '; '")
     p.add_argument("--out", default="out", help="output directory (default: out/)")
-    add_model_args(p, default_preset=None)
+    add_model_args(p, default_preset=None, preset_note="default: dap, or naclip where dap is absent")
     p.set_defaults(run=run)
 
 
