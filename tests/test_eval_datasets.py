@@ -156,3 +156,32 @@ def test_dataset_present_tells_shared_trees_apart(tmp_path):
     assert dataset_present(load_dataset_spec("coco_stuff171"), tmp_path)
     assert not dataset_present(load_dataset_spec("coco_object"), tmp_path)  # not converted yet
     assert not dataset_present(load_dataset_spec("ade20k"), tmp_path)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_shipped_class_files_build_the_evaluation_class_set(name):
+    """The references' files repeat a few names across classes (coco_object's background lists
+    'bed', ade847 has 'screen' twice); evaluation must accept them, user lists must not."""
+    from dapseg.text import ClassSet
+
+    names = load_dataset_spec(name).class_names()
+    classes = ClassSet.from_list(names, allow_repeats=True)
+    assert len(classes) == load_dataset_spec(name).num_classes
+    assert max(classes.query_to_class) == len(classes) - 1
+    if name == "coco_object":
+        with pytest.raises(ValueError, match="duplicate class name 'bed'"):
+            ClassSet.from_list(names)
+
+
+def test_repeated_query_ties_go_to_the_first_class():
+    """A name in two classes gives both the same probability; argmax keeps the first, as the references."""
+    import torch
+
+    from dapseg.postprocess import class_probs, labels_from_probs
+    from dapseg.text import ClassSet
+
+    classes = ClassSet.from_list(["sky; bed", "bed", "cat"], allow_repeats=True)
+    assert classes.query_to_class == [0, 0, 1, 2]
+    logits = torch.tensor([0.1, 0.9, 0.9, 0.2]).view(4, 1, 1)  # the two 'bed' queries score alike
+    labels = labels_from_probs(class_probs(logits, 40.0, classes.query_to_class), 0.0)
+    assert labels.item() == 0

@@ -7,7 +7,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,6 +39,10 @@ class ClassSet:
     """Classes, each one or more synonyms (queries); class 0 is background where a dataset has one."""
 
     synonyms: tuple[tuple[str, ...], ...]
+    # Benchmark class files repeat a few names across classes (COCO-Object's background lists "bed",
+    # ADE-847 has "screen" twice); the references keep them, ties going to the first class. A user's
+    # own list must not (a repeated name is almost always a typo), so this is off by default.
+    allow_repeats: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.synonyms:
@@ -47,6 +51,8 @@ class ClassSet:
         for i, syns in enumerate(self.synonyms):
             if not syns or any(not s for s in syns):
                 raise ValueError(f"class {i + 1} has an empty name")
+            if self.allow_repeats:
+                continue
             for s in syns:
                 key = s.casefold()
                 if key in seen:
@@ -71,11 +77,11 @@ class ClassSet:
         return len(self.synonyms)
 
     @classmethod
-    def from_list(cls, classes: Sequence[str]) -> ClassSet:
+    def from_list(cls, classes: Sequence[str], allow_repeats: bool = False) -> ClassSet:
         """Each item one class; synonyms inside an item separated by ';' or ','."""
         if isinstance(classes, str):
             raise TypeError("pass a list of class names, or use ClassSet.parse for a single string")
-        return cls(tuple(_split_synonyms(str(c)) for c in classes))
+        return cls(tuple(_split_synonyms(str(c)) for c in classes), allow_repeats)
 
     @classmethod
     def parse(cls, text: str) -> ClassSet:

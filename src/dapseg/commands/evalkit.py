@@ -72,7 +72,7 @@ class SegmenterFactory:
         from dapseg.text import ClassSet
 
         seg = self._base_segmenter(preset).derive(overrides)
-        classes = ClassSet.from_list(class_names)
+        classes = ClassSet.from_list(class_names, allow_repeats=True)  # benchmark files, as the references
 
         def predict(image: Any) -> torch.Tensor:
             return seg.predict(image, classes).labels
