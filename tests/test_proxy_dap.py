@@ -21,6 +21,7 @@ from dapseg.heads.base import HeadContext, build_head
 from dapseg.heads.dap import DapHead
 from dapseg.heads.proxy import ProxyHead
 from dapseg.heads.regions import kmeans_labels, pool_labels_to_grid
+from dapseg.models.vfm import list_vfms
 
 WIDTH, HEADS = 32, 4
 
@@ -599,21 +600,6 @@ def test_presets_validate_overrides():
     assert cfg.head.params["rho"] == 0.2 and cfg.head.params["knn"] == 8
 
 
-VFMS = [
-    "dino_vits8",
-    "dino_vits16",
-    "dino_vitb8",
-    "dino_vitb16",
-    "dinov2_vitb14",
-    "dinov2_vitb14_reg",
-    "mae_vitb16",
-    "sam_vitb",
-    "sam_vitl",
-    "sam_vith",
-    "dinov3_vits16",
-    "dinov3_vitb16",
-    "dinov3_vitl16",
-]
 
 
 def test_presets():
@@ -633,7 +619,7 @@ def test_presets():
         "steps": 1,
     }
     assert d.inference == p.inference
-    for vfm in VFMS:
+    for vfm in list_vfms():  # every registered VFM (tests/test_vfm.py pins the list itself)
         for method, head in (("proxyclip", "proxy"), ("dap", "dap")):
             c = load_preset(f"{method}-{vfm}")
             assert c.vfm.name == vfm and c.head.name == head and c.clip.model == "ViT-B-16"
