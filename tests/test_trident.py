@@ -521,3 +521,17 @@ def test_trident_h14_preset_config():
     cfg = load_preset("trident-h14")
     assert (cfg.clip.model, cfg.sam.name, cfg.inference.mode) == ("ViT-H-14", "sam_vith", "splice")
     assert (cfg.inference.crop, cfg.inference.stride) == (336, 224)
+
+
+def test_splice_params_are_validated_when_the_config_loads():
+    from pydantic import ValidationError
+
+    from dapseg.config import load_preset
+
+    assert load_preset("trident").inference.params["kind"] == "aff"  # defaults filled in at load
+    with pytest.raises(ValidationError, match="kind"):
+        load_preset("trident", {"inference.params.kind": "nope"})
+    with pytest.raises(ValidationError, match="takes no params"):
+        load_preset("naclip", {"inference.params": {"kind": "aff"}})
+    switched = load_preset("trident", {"inference.mode": "slide", "inference.params": {}})
+    assert switched.inference.mode == "slide"

@@ -84,6 +84,14 @@ class InferenceConfig(_Strict):
             raise ValueError("must be >= 1 or null")
         return v
 
+    @model_validator(mode="after")
+    def _check_params(self) -> InferenceConfig:
+        if self.mode != "slide" or self.params:  # slide/whole take none: skip importing the engine
+            from dapseg.inference.strategies import validate_strategy_params
+
+            self.__dict__["params"] = validate_strategy_params(self.mode, self.params)
+        return self
+
 
 class PostprocessConfig(_Strict):
     logit_scale: float = 40.0
@@ -164,9 +172,8 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> None:
 
 
 def parse_value(text: str) -> Any:
-    """A command-line value as YAML scalar: '0.5' -> 0.5, 'none' stays 'none', 'null' -> None."""
-    value = yaml.safe_load(text)
-    return text if isinstance(value, (dict, list)) and "," not in text else value
+    """A command-line value parsed as YAML: "0.5" -> 0.5, "none" stays a string, "null" -> None, "[8, 16]" -> a list."""
+    return yaml.safe_load(text)
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -125,7 +125,7 @@ def global_aggregate(sam: object, image01: Tensor, spliced: Tensor, p: SplicePar
     return torch.cat(parts, dim=-1)
 
 
-@register_strategy("splice")
+@register_strategy("splice", params=SpliceParams)
 def splice(engine: DenseEngine, image01: Tensor, text: Tensor, cfg: InferenceConfig) -> Tensor:
     """Splice-then-segment: (3, H, W) in [0, 1] -> cosine logits (Q, H, W)."""
     p = SpliceParams(**cfg.params)

@@ -8,9 +8,11 @@ A strategy maps (engine, image (3, H, W) in [0, 1], text (Q, E), settings) to co
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel
 from torch import Tensor
 
 from dapseg.config import InferenceConfig
@@ -19,14 +21,30 @@ from dapseg.inference.windows import Window, centred_padding, window_grid
 
 Strategy = Callable[[DenseEngine, Tensor, Tensor, InferenceConfig], Tensor]
 STRATEGIES: dict[str, Strategy] = {}
+# The pydantic model of ``inference.params`` for strategies that take parameters.
+STRATEGY_PARAMS: dict[str, type[BaseModel]] = {}
 
 
-def register_strategy(name: str) -> Callable[[Strategy], Strategy]:
+def register_strategy(name: str, params: type[BaseModel] | None = None) -> Callable[[Strategy], Strategy]:
     def deco(fn: Strategy) -> Strategy:
         STRATEGIES[name] = fn
+        if params is not None:
+            STRATEGY_PARAMS[name] = params
         return fn
 
     return deco
+
+
+def validate_strategy_params(mode: str, params: dict[str, Any]) -> dict[str, Any]:
+    """``inference.params`` checked against the strategy's model (at config time, not mid-run)."""
+    get_strategy(mode)
+    model = STRATEGY_PARAMS.get(mode)
+    if model is None:
+        if params:
+            raise ValueError(f"inference mode {mode!r} takes no params, got {sorted(params)} "
+                             "(switching from splice? also set inference.params={})")
+        return params
+    return model(**params).model_dump()
 
 
 def get_strategy(name: str) -> Strategy:
