@@ -137,11 +137,12 @@ class TextEmbedder:
         self.model_id = model_id
         self.templates = templates
         self.cache_root = cache_root
+        self._template_texts = template_texts(templates)  # part of every cache key; computed once
         self._memory: dict[str, torch.Tensor] = {}
         self.encoded_queries = 0  # how many queries actually went through the text encoder
 
     def _key(self, query: str) -> str:
-        blob = json.dumps([self.model_id, template_texts(self.templates), query])
+        blob = json.dumps([self.model_id, self._template_texts, query])
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
     def embed_query(self, query: str) -> torch.Tensor:
