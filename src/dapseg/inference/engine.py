@@ -64,18 +64,28 @@ class DenseEngine(nn.Module):
             return self.plugin(self.head, ctx, text, to_embed) if self.plugin is not None else self.head(ctx)
 
     @torch.no_grad()
+    def embeddings(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+        """Head tokens (B, n, D) on an (h, w) grid -> ℓ2-normalised embeddings (B, E, h, w) (LN_post, proj)."""
+        with self.autocast():
+            emb = self.clip.head_tokens_to_embeddings(tokens.to(self.device)).float()  # (B, n, E)
+        return F.normalize(emb, dim=-1).transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
+
+    @torch.no_grad()
+    def patch_logits(self, tokens: Tensor, grid: tuple[int, int], text: Tensor) -> Tensor:
+        """Head tokens (B, n, D) -> cosine logits (B, Q, h, w) against ``text`` (Q, E): the one place
+        tokens become class scores (slide, whole and splice all end here)."""
+        emb = self.embeddings(tokens, grid)
+        return torch.einsum("behw,qe->bqhw", emb, text.to(emb))
+
+    @torch.no_grad()
     def embed(self, windows01: Tensor, text: Tensor) -> Tensor:
         """(B, 3, H, W) window pixels in [0, 1] -> (B, E, h, w) ℓ2-normalised patch embeddings."""
         out = self.head_output(windows01, text)
-        with self.autocast():
-            emb = self.clip.head_tokens_to_embeddings(out.tokens).float()  # (B, n, E)
-        emb = F.normalize(emb, dim=-1)
-        h, w = out.grid
-        return emb.transpose(1, 2).reshape(emb.shape[0], -1, h, w)
+        return self.embeddings(out.tokens, out.grid)
 
     @torch.no_grad()
     def window_logits(self, windows01: Tensor, text: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, Q, H, W) cosine logits, bilinearly upsampled to the window size."""
-        emb = self.embed(windows01, text)
-        logits = torch.einsum("behw,qe->bqhw", emb, text.to(emb))
+        out = self.head_output(windows01, text)
+        logits = self.patch_logits(out.tokens, out.grid, text)
         return F.interpolate(logits, size=windows01.shape[-2:], mode="bilinear", align_corners=False)

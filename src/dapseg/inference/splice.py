@@ -145,8 +145,5 @@ def splice(engine: DenseEngine, image01: Tensor, text: Tensor, cfg: InferenceCon
                              "`sam: {name: sam_vitb}` to the config, or set inference.params.kind=none")
         agg = global_aggregate(sam, img, spliced, p)
     d, gh, gw = agg.shape
-    with engine.autocast():
-        emb = engine.clip.head_tokens_to_embeddings(agg.reshape(d, -1).T[None].to(engine.device)).float()[0]
-    emb = F.normalize(emb, dim=-1)  # (N, E)
-    logits = (emb @ text.to(emb).T).T.reshape(-1, gh, gw)  # (Q, gh, gw)
-    return F.interpolate(logits[None], (H, W), mode="bilinear", align_corners=False)[0]
+    logits = engine.patch_logits(agg.reshape(d, -1).T[None], (gh, gw), text)  # (1, Q, gh, gw)
+    return F.interpolate(logits, (H, W), mode="bilinear", align_corners=False)[0]
