@@ -388,8 +388,7 @@ def make_engine(clip, head="maskclip", sam=None):
     from dapseg.heads.base import build_head
     from dapseg.inference.engine import DenseEngine
 
-    engine = DenseEngine(clip, build_head(head))
-    engine.sam = sam
+    engine = DenseEngine(clip, build_head(head), sam=sam)
     return engine
 
 

@@ -150,8 +150,7 @@ class Segmenter:
         self.head = build_head(config.head.name, config.head.params).to(self.device)
         if getattr(self.head, "needs_sam", False):
             self._bind_sam_regions()
-        self.engine = DenseEngine(self.clip, self.head, self.vfm, self._build_plugin())
-        self.engine.sam = self.sam  # the splice strategy's global affinity uses SAM when configured
+        self.engine = DenseEngine(self.clip, self.head, self.vfm, self._build_plugin(), sam=self.sam)
         self.strategy = get_strategy(config.inference.mode)
         self.refiner: Refiner | None = build_refiner(
             config.refine.name, config.refine.params, sam=self.sam, segmenter=self

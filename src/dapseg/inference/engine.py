@@ -26,12 +26,14 @@ class DenseEngine(nn.Module):
         head: Head,
         vfm: nn.Module | None = None,
         plugin: HeadPlugin | None = None,
+        sam: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.clip = clip
         self.head = head
         self.vfm = vfm
         self.plugin = plugin
+        self.sam = sam  # the splice strategy's global affinity (None: no SAM configured)
 
     @property
     def device(self) -> torch.device:

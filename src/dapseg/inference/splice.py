@@ -139,7 +139,7 @@ def splice(engine: DenseEngine, image01: Tensor, text: Tensor, cfg: InferenceCon
     if p.kind == "none":
         agg = spliced
     else:
-        sam = getattr(engine, "sam", None)
+        sam = engine.sam
         if sam is None:
             raise ValueError("inference.mode=splice with a global affinity needs a SAM model: add "
                              "`sam: {name: sam_vitb}` to the config, or set inference.params.kind=none")
