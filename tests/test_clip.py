@@ -103,3 +103,16 @@ def test_unknown_model_and_tag() -> None:
         build_clip(ClipConfig(model="ViT-Nope"), random_weights=True)
     with pytest.raises(ValueError, match="valid tags"):
         build_clip(ClipConfig(pretrained="nope"))
+
+
+def test_random_weights_repeat_and_leave_the_callers_rng_alone() -> None:
+    from dapseg.api import Segmenter
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first = Segmenter.from_preset("naclip", random_weights=True, tiny=True)
+    assert torch.equal(torch.rand(3), expected)  # building did not consume or reseed the global RNG
+    second = Segmenter.from_preset("naclip", random_weights=True, tiny=True)
+    for p, q in zip(first.clip.parameters(), second.clip.parameters(), strict=True):
+        assert torch.equal(p, q)

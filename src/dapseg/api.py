@@ -133,28 +133,19 @@ class Segmenter:
         self.tiny = tiny
         self.cache_dir = cache_dir
         models = _models or {}
-        if random_weights and not models:
-            torch.manual_seed(0)  # the same random model every time: smoke runs are reproducible
-        try:
-            self.clip = models.get("clip") or build_clip(
-                config.clip, random_weights=random_weights, tiny=tiny, cache_dir=cache_dir, device=self.device
+        # Random weights are seeded so smoke runs repeat; the caller's RNG state is left untouched.
+        with torch.random.fork_rng(devices=[], enabled=random_weights):
+            if random_weights:
+                torch.manual_seed(0)
+            self._build_models(config, models)
+            self.head = build_head(config.head.name, config.head.params).to(self.device)
+            if getattr(self.head, "needs_sam", False):
+                self._bind_sam_regions()  # SAM's decoder: random too with random weights
+            self.refiner: Refiner | None = build_refiner(
+                config.refine.name, config.refine.params, sam=self.sam, segmenter=self
             )
-            self.vfm = models.get("vfm") or self._build_vfm(config.vfm)
-            if config.sam is not None and "sam" not in models and not tiny:
-                from dapseg.models.sam_encoder import check_memory
-
-                check_memory(config.sam.name, self.device)  # fail before loading a SAM that cannot fit
-            self.sam = models.get("sam") or self._build_vfm(config.sam)
-        except WeightsMissingError as e:
-            raise WeightsMissingError(e.what, how_to_fetch(config.name)) from e
-        self.head = build_head(config.head.name, config.head.params).to(self.device)
-        if getattr(self.head, "needs_sam", False):
-            self._bind_sam_regions()
         self.engine = DenseEngine(self.clip, self.head, self.vfm, self._build_plugin(), sam=self.sam)
         self.strategy = get_strategy(config.inference.mode)
-        self.refiner: Refiner | None = build_refiner(
-            config.refine.name, config.refine.params, sam=self.sam, segmenter=self
-        )
         self.text = models.get("text") or TextEmbedder(
             self.clip.encode_text,
             model_id=f"{self.clip.name}:{self.clip.tag}",
@@ -206,6 +197,22 @@ class Segmenter:
             cache_dir=self.cache_dir,
             _models=models,
         )
+
+    def _build_models(self, config: SegmenterConfig, models: dict[str, Any]) -> None:
+        """CLIP, VFM and SAM: reused from ``models`` where given, else built (or loaded)."""
+        try:
+            self.clip = models.get("clip") or build_clip(
+                config.clip, random_weights=self.random_weights, tiny=self.tiny, cache_dir=self.cache_dir,
+                device=self.device,
+            )
+            self.vfm = models.get("vfm") or self._build_vfm(config.vfm)
+            if config.sam is not None and "sam" not in models and not self.tiny:
+                from dapseg.models.sam_encoder import check_memory
+
+                check_memory(config.sam.name, self.device)  # fail before loading a SAM that cannot fit
+            self.sam = models.get("sam") or self._build_vfm(config.sam)
+        except WeightsMissingError as e:
+            raise WeightsMissingError(e.what, how_to_fetch(config.name)) from e
 
     def _bind_sam_regions(self) -> None:
         """DAP with regions=sam: SAM's automatic masks (a full Sam around the configured encoder)."""
