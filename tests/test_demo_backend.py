@@ -12,16 +12,18 @@ import skimage.data
 from PIL import Image
 
 from dapseg.config import SegmenterConfig, load_preset
-from dapseg.demo_backend import (
+from dapseg.demo.backend import (
     DemoSession,
     Knobs,
-    SegmenterPool,
-    config_value,
     heatmap_state,
     knobs_from_ui,
     legend_html,
     percent_shares,
+    plugin_choices,
+    refiner_choices,
 )
+from dapseg.pool import SegmenterPool
+from dapseg.registry import PLUGINS, REFINERS
 
 # ----------------------------------------------------------------------------- percent_shares
 
@@ -67,17 +69,29 @@ def test_legend_html_escapes_names_and_lists_every_class():
 
 
 def test_knobs_from_ui_and_their_overrides_validate():
-    k = knobs_from_ui(0, 224, 112, 0.25, True, "pamr")
-    assert k == Knobs(None, 224, 112, 0.25, True, "pamr")
+    k = knobs_from_ui(0, 224, 112, 0.25, "fsa", "pamr")
+    assert k == Knobs(None, 224, 112, 0.25, "fsa", "pamr")
     config = SegmenterConfig().with_overrides(k.overrides())
     assert config.inference.short_side is None and config.inference.stride == 112
-    assert config.postprocess.prob_thd == 0.25 and config.fsa.enabled and config.refine.name == "pamr"
+    assert config.postprocess.prob_thd == 0.25 and config.plugin("fsa") is not None
+    assert config.refine.name == "pamr" and config.inference.crop == 224
     assert Knobs.from_config(config) == k
-    assert config_value(config, "inference.crop") == 224
+    off = config.with_overrides(knobs_from_ui(0, 224, 112, 0.25, "none", "none").overrides(config))
+    assert off.plugins == [] and off.refine.name == "none"
+    pamr = load_preset("naclip-pamr")  # the same refiner keeps the preset's parameters
+    kept = pamr.with_overrides(Knobs.from_config(pamr).overrides(pamr))
+    assert kept == pamr
     with pytest.raises(ValueError, match="stride"):
-        knobs_from_ui(336, 112, 224, 0.0, False, "none")
+        knobs_from_ui(336, 112, 224, 0.0, "none", "none")
     with pytest.raises(ValueError, match="refiner"):
-        knobs_from_ui(336, 224, 112, 0.0, False, "crf")
+        knobs_from_ui(336, 224, 112, 0.0, "none", "crf")
+    with pytest.raises(ValueError, match="plug-in"):
+        knobs_from_ui(336, 224, 112, 0.0, "fsb", "none")
+
+
+def test_menus_list_the_registries():
+    assert plugin_choices() == ["none", *PLUGINS.names()] and "fsa" in plugin_choices()
+    assert refiner_choices() == ["none", *REFINERS.names()] and {"pamr", "sam"} <= set(refiner_choices())
 
 
 # ----------------------------------------------------------------------------- pool
@@ -105,7 +119,7 @@ def test_pool_builds_each_preset_once_and_derives_knob_changes():
 
     pool = SegmenterPool(build, capacity=2, derived_capacity=2)
     base = pool.get("a", {})
-    same = pool.get("a", Knobs.from_config(base.config).overrides())  # all knobs at the defaults
+    same = pool.get("a", Knobs.from_config(base.config).overrides(base.config))  # knobs at the defaults
     assert same is base and base.derived == []
     d1 = pool.get("a", {"inference.stride": 56})
     assert d1.root is base and d1.config.inference.stride == 56

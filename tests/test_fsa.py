@@ -9,19 +9,19 @@ import torch
 from torch import nn
 
 from dapseg.api import Segmenter
-from dapseg.config import ClipConfig, FsaConfig, SegmenterConfig, VfmConfig, list_presets, load_preset
+from dapseg.config import ClipConfig, PluginConfig, SegmenterConfig, VfmConfig, list_presets, load_preset
 from dapseg.heads.base import Attention, Head, HeadContext, HeadOutput
 from dapseg.plugins.fsa import (
     FsaParams,
     FsaPlugin,
     apply_head,
-    build_fsa,
     default_lambda,
     feedback_weights,
     fsa,
     kl_matrix,
     top_p_mask,
 )
+from dapseg.registry import PLUGINS, Backbone
 
 D, HEADS, E = 16, 4, 8
 
@@ -249,33 +249,52 @@ def test_bad_shapes_are_named():
 # ----------------------------------------------------------------------------- config and λ
 
 
+def build_fsa(config: SegmenterConfig, vfm_family: str | None = None) -> FsaPlugin | None:
+    """The FSA plug-in a config asks for, built through the registry as the segmenter builds it."""
+    p = config.plugin("fsa")
+    if p is None:
+        return None
+    vfm_name = config.vfm.name if config.vfm is not None else None
+    backbone = Backbone(config.clip.model, vfm_name, vfm_family)
+    return PLUGINS.build("fsa", p.params, backbone=backbone)
+
+
 @pytest.mark.parametrize(
-    ("clip", "vfm", "lam"),
+    ("clip", "vfm", "family", "lam"),
     [
-        ("ViT-B-16", "dino_vitb8", 3.0),
-        ("ViT-L-14-336", "dinov2_vitb14_reg", 3.0),
-        ("ViT-H-14", None, 2.3),
-        ("ViT-H-14-378-quickgelu", "sam_vit_b", 2.3),
-        ("ViT-H-14", "mae_vit_b16", 4.5),
-        ("ViT-B-16", "MAE", 4.5),
+        ("ViT-B-16", "dino_vitb8", "dino", 3.0),
+        ("ViT-L-14-336", "dinov2_vitb14_reg", "dinov2", 3.0),
+        ("ViT-H-14", None, None, 2.3),
+        ("ViT-H-14-378-quickgelu", "sam_vitb", "sam", 2.3),
+        ("ViT-H-14", "mae_vitb16", "mae", 4.5),
+        ("ViT-B-16", "mae_vitb16", "mae", 4.5),
     ],
 )
-def test_default_lambda(clip, vfm, lam):
-    assert default_lambda(clip, vfm) == lam
+def test_default_lambda(clip, vfm, family, lam):
+    assert default_lambda(clip, family) == lam
     cfg = SegmenterConfig(clip=ClipConfig(model=clip), vfm=VfmConfig(name=vfm) if vfm else None,
-                          fsa=FsaConfig(enabled=True))
-    plugin = FsaPlugin.from_config(cfg)
+                          plugins=[PluginConfig(name="fsa")])
+    plugin = build_fsa(cfg, family)
     assert plugin is not None and plugin.params.lam == lam
-    over = FsaPlugin.from_config(cfg.with_overrides({"fsa.params.lam": 1.5}))
-    assert over is not None and over.params.lam == 1.5
+    for key in ("fsa.params.lam", "plugins.fsa.params.lam", "lam"):
+        over = build_fsa(cfg.with_overrides({key: 1.5}), family)
+        assert over is not None and over.params.lam == 1.5
 
 
 def test_fsa_config_validation_and_disabled():
-    assert FsaPlugin.from_config(SegmenterConfig()) is None
+    assert build_fsa(SegmenterConfig()) is None
     with pytest.raises(ValueError, match="lamda"):
-        FsaConfig(enabled=True, params={"lamda": 3.0})
+        PluginConfig(name="fsa", params={"lamda": 3.0})
     with pytest.raises(ValueError, match="top_p"):
-        FsaConfig(enabled=True, params={"top_p": 0.0})
+        PluginConfig(name="fsa", params={"top_p": 0.0})
+    with pytest.raises(ValueError, match="unknown plug-in 'fsb'; known: fsa"):
+        PluginConfig(name="fsb")
+    with pytest.raises(KeyError, match="not enabled"):
+        SegmenterConfig().with_overrides({"fsa.params.lam": 2.0})
+    # switched on and configured in one go, whatever the order of the keys
+    cfg = SegmenterConfig().with_overrides({"fsa.params.lam": 2.0, "fsa.enabled": True})
+    assert cfg.plugin("fsa") is not None and cfg.plugin("fsa").params["lam"] == 2.0
+    assert cfg.with_overrides({"plugins.fsa.enabled": False}).plugins == []
 
 
 # ----------------------------------------------------------------------------- the pipeline hook
@@ -320,7 +339,7 @@ def test_apply_head_off_is_the_head_and_on_is_fsa():
     off = apply_head(head, ctx, None, text, to_embed)
     torch.testing.assert_close(off.tokens, head(ctx).tokens, atol=0, rtol=0)
 
-    plugin = FsaPlugin(FsaParams(), clip_model="ViT-B-16")
+    plugin = FsaPlugin(FsaParams(), backbone=Backbone(clip_model="ViT-B-16"))
     on = apply_head(head, ctx, plugin, text, to_embed)
     a = head.attention(ctx)
     out_proj = ctx.block.attn.out_proj
@@ -349,7 +368,8 @@ BASE_PRESETS = [p for p in list_presets() if not p.endswith("-fsa")]
 
 
 def expected_lambda(config: SegmenterConfig) -> float:
-    """The reference's λ table (hyper_param.txt), written out independently of the plug-in."""
+    """The reference's λ table (hyper_param.txt), written out independently of the plug-in (the
+    preset names its MAE models mae_*)."""
     if config.vfm is not None and config.vfm.name.lower().startswith("mae"):
         return 4.5
     return 2.3 if config.clip.model.startswith("ViT-H-") else 3.0
@@ -392,7 +412,7 @@ def _segmenter(preset: str, fsa_off: bool = False) -> Segmenter:
     """Tiny random segmenters; a preset and its -fsa variant share one set of models (saves time)."""
     key = (preset, fsa_off)
     if key not in _SEGMENTERS:
-        config = load_preset(preset, {"fsa.enabled": False} if fsa_off else None)
+        config = load_preset(preset, {"plugins.fsa.enabled": False} if fsa_off else None)
         base = _SEGMENTERS.get((preset.removesuffix("-fsa"), False))
         models = None if base is None else {"clip": base.clip, "vfm": base.vfm, "sam": base.sam}
         _SEGMENTERS[key] = Segmenter(config, random_weights=True, tiny=True, device="cpu", _models=models)
@@ -424,10 +444,11 @@ def _as_map(tokens: torch.Tensor, to_embed, grid) -> torch.Tensor:
 @pytest.mark.parametrize("preset", BASE_PRESETS)
 def test_fsa_preset_is_the_preset_with_fsa_enabled(preset):
     base, derived = load_preset(preset), load_preset(f"{preset}-fsa")
-    assert not base.fsa.enabled and derived.fsa.enabled
-    assert build_fsa(base) is None and build_fsa(derived) is not None
-    assert FsaPlugin.from_config(derived).params.lam == expected_lambda(derived)
-    skip = {"name", "description", "fsa"}
+    assert base.plugin("fsa") is None and derived.plugin("fsa") is not None
+    seg_family = "mae" if derived.vfm is not None and derived.vfm.name.startswith("mae") else None
+    assert build_fsa(base) is None
+    assert build_fsa(derived, seg_family).params.lam == expected_lambda(derived)
+    skip = {"name", "description", "plugins"}
     assert {k: v for k, v in derived.model_dump().items() if k not in skip} == {
         k: v for k, v in base.model_dump().items() if k not in skip
     }

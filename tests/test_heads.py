@@ -131,5 +131,5 @@ def test_head_params_are_validated() -> None:
 
     with pytest.raises(ValidationError):
         build_head("naclip", {"sigma": -1})
-    with pytest.raises(ValueError, match="takes no parameters"):
+    with pytest.raises(ValueError, match="takes no params"):
         build_head("vanilla", {"sigma": 1})

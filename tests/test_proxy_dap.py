@@ -22,6 +22,8 @@ from dapseg.heads.dap import DapHead
 from dapseg.heads.proxy import ProxyHead
 from dapseg.heads.regions import kmeans_labels, pool_labels_to_grid
 from dapseg.models.vfm import list_vfms
+from dapseg.registry import HEADS as HEAD_REGISTRY
+from dapseg.registry import Need
 
 WIDTH, HEADS = 32, 4
 
@@ -229,7 +231,8 @@ def test_proxy_vfm_attention_ablation():
     full = torch.randn(2, 3, 25, 25, generator=g).softmax(-1)
     ctx.vfm_attn = full[:, :, 1:, 1:]
     head = ProxyHead(ProxyHead.Params(affinity="vfm_attention"))
-    assert head.needs_vfm_attention
+    assert Need.VFM_ATTENTION in HEAD_REGISTRY.get("proxy").needs_for({"affinity": "vfm_attention"})
+    assert Need.VFM_ATTENTION not in HEAD_REGISTRY.get("proxy").needs_for({})
 
     def attn(b):
         mean = sum(ctx.vfm_attn[b, h].double().numpy() for h in range(3)) / 3
@@ -549,11 +552,13 @@ def test_dap_sam_regions_run_with_random_sam():
             regions="sam", sam_points_per_side=4, sam_pred_iou_thresh=0.0, sam_stability_thresh=0.0
         )
     )
-    assert head.needs_sam and head.needs_images
+    params = {"regions": "sam", "sam_points_per_side": 4, "sam_pred_iou_thresh": 0.0, "sam_stability_thresh": 0.0}
+    assert {Need.SAM_DECODER, Need.WINDOW_PIXELS} <= HEAD_REGISTRY.get("dap").needs_for(params)
+    assert Need.SAM_DECODER not in HEAD_REGISTRY.get("dap").needs_for({**params, "rho": 0.0})
     with pytest.raises(ValueError, match="SAM"):
         run(head, ctx)
-    head.bind_sam(tiny_sam())
-    assert not head.needs_sam
+    head = build_head("dap", params, sam_decoder=tiny_sam())  # the model it declared, handed over
+    assert isinstance(head.region_provider, SamRegions)
     out = run(head, ctx)
     assert out.shape == (1, 60, WIDTH) and torch.isfinite(out).all()
     with pytest.raises(TypeError, match="Sam"):
@@ -561,6 +566,8 @@ def test_dap_sam_regions_run_with_random_sam():
 
 
 def test_dap_needs_images_for_slic():
+    assert Need.WINDOW_PIXELS in HEAD_REGISTRY.get("dap").needs_for({"regions": "slic"})
+    assert Need.WINDOW_PIXELS not in HEAD_REGISTRY.get("dap").needs_for({"regions": "kmeans"})
     ctx = make_ctx(b=1)
     ctx.images = None
     with pytest.raises(ValueError, match="images"):
@@ -630,4 +637,4 @@ def test_presets():
             "laion2b_s32b_b79k",
             "dino_vitb8",
         )
-    assert load_preset("dap-fsa").fsa.enabled
+    assert load_preset("dap-fsa").plugin("fsa") is not None

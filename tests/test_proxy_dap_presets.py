@@ -43,7 +43,7 @@ def test_dap_with_sam_regions_through_the_segmenter():
 
     from dapseg.heads.regions import SamRegions
 
-    with pytest.raises(ValueError, match="regions=sam needs a SAM model"):
+    with pytest.raises(ValueError, match="head 'dap' needs a SAM model"):
         Segmenter.from_preset("dap", random_weights=True, tiny=True, overrides={"head.params.regions": "sam"})
     seg = Segmenter.from_preset(
         "dap", random_weights=True, tiny=True,

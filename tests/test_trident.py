@@ -199,7 +199,7 @@ def test_vit_h_memory_check_fails_up_front(monkeypatch):
     from dapseg.refine import build_refiner
 
     with pytest.raises(MemoryError, match="GiB"):
-        build_refiner("sam", {}, sam=tiny_sam())
+        build_refiner("sam", {}, sam_decoder=tiny_sam())
     with pytest.raises(ValueError, match="sam_vitb"):
         sam_encoder.sam_variant("sam_vitx")
     assert sam_encoder.sam_variant("sam_vit_h") == sam_encoder.sam_variant("sam_vith") == "vit_h"
@@ -354,22 +354,27 @@ def test_refiner_rejects_no_prompts():
         SamPromptRefiner(tiny_sam(), dict(points=False, boxes=False, masks=False))
 
 
-def test_refiner_registered_fits_logits_contract():
-    from dapseg.postprocess import class_probs
-    from dapseg.refine import build_refiner
-    from dapseg.refine.sam_prompt import probs_as_logits
+def test_refiner_registered_returns_probs_and_labels():
+    from dapseg.refine import RefineInput, build_refiner
 
     torch.manual_seed(0)
-    refine = build_refiner("sam", {"minimal_area": 20, "iou_thresh": -1e9}, sam=tiny_sam())
+    sam = tiny_sam()
+    refine = build_refiner("sam", {"minimal_area": 20, "iou_thresh": -1e9}, sam_decoder=sam)
     labels, probs = _coarse()
     q2c = [0, 1, 1, 2]  # class 1 has two synonyms
     logits = torch.log(torch.stack([probs[0], probs[1], probs[1] * 0.5, probs[2]])) / 40.0
-    out_logits, out_labels = refine((torch.rand(*labels.shape, 3) * 255).byte().numpy(), logits, q2c)
-    assert out_logits.shape == (4, *labels.shape) and out_labels.shape == labels.shape
-    # probs_as_logits round-trips through the postprocess for any distribution.
-    p = torch.rand(3, 5, 7)
-    p = p / p.sum(0)
-    torch.testing.assert_close(class_probs(probs_as_logits(p, 40.0, q2c), 40.0, q2c), p)
+    image = (torch.rand(*labels.shape, 3) * 255).byte().numpy()
+    inp = RefineInput(image, logits, q2c, logit_scale=40.0, prob_thd=0.0)
+    out = refine(inp)
+    assert out.logits is None  # SAM decides labels and probabilities, never logits
+    assert out.probs.shape == (3, *labels.shape) and out.labels.shape == labels.shape
+    torch.testing.assert_close(out.probs.sum(0), torch.ones(labels.shape))
+    # the same as the refiner class on the coarse probabilities and labels, renormalised per pixel
+    torch.manual_seed(0)
+    want_labels, want_probs = SamPromptRefiner(sam, {"minimal_area": 20, "iou_thresh": -1e9})(
+        torch.from_numpy(image).permute(2, 0, 1).float() / 255, inp.labels, inp.probs)
+    assert torch.equal(out.labels, want_labels)
+    torch.testing.assert_close(out.probs, want_probs / want_probs.sum(0))
 
 
 # ----------------------------------------------------------------------------- splice strategy
@@ -388,8 +393,15 @@ def make_engine(clip, head="maskclip", sam=None):
     from dapseg.heads.base import build_head
     from dapseg.inference.engine import DenseEngine
 
-    engine = DenseEngine(clip, build_head(head), sam=sam)
+    engine = DenseEngine(clip, build_head(head))
+    engine.sam_for_tests = sam  # handed to the strategy by ``run_strategy``, as the segmenter does
     return engine
+
+
+def run_strategy(name, engine, image, text, cfg):
+    """Build strategy ``name`` as the segmenter does (params validated once, SAM handed over), run it."""
+    params = cfg.params if name == cfg.mode else {}  # the config's params are the splice strategy's
+    return get_strategy(name, params, sam_encoder=engine.sam_for_tests)(engine, image, text, cfg)
 
 
 def splice_cfg(**kw):
@@ -439,7 +451,7 @@ def test_splice_without_affinity_equals_naive_average(tiny_clip, head):
     engine = make_engine(tiny_clip, head)
     text = random_text(tiny_clip)
     image = torch.rand(3, 64, 96, generator=torch.Generator().manual_seed(1))
-    got = get_strategy("splice")(engine, image, text, splice_cfg(params={"kind": "none"}))
+    got = run_strategy("splice", engine, image, text, splice_cfg(params={"kind": "none"}))
     expected = classify(engine, naive_splice_tokens(engine, image, 48, 32, text), text, (64, 96))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
@@ -449,8 +461,8 @@ def test_splice_one_window_without_affinity_equals_whole(tiny_clip):
     text = random_text(tiny_clip)
     image = torch.rand(3, 48, 80)
     cfg = splice_cfg(crop=224, stride=112, params={"kind": "none"})
-    torch.testing.assert_close(get_strategy("splice")(engine, image, text, cfg),
-                               get_strategy("whole")(engine, image, text, cfg), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(run_strategy("splice", engine, image, text, cfg),
+                               run_strategy("whole", engine, image, text, cfg), atol=1e-5, rtol=1e-5)
 
 
 def test_splice_with_sam_affinity_equals_manual_composition(tiny_clip):
@@ -460,7 +472,7 @@ def test_splice_with_sam_affinity_equals_manual_composition(tiny_clip):
     text = random_text(tiny_clip)
     image = torch.rand(3, 64, 96, generator=torch.Generator().manual_seed(2))
     p = AffinityParams(kind="aff")
-    got = get_strategy("splice")(engine, image, text, splice_cfg(params={"kind": "aff", "chunk": 5}))
+    got = run_strategy("splice", engine, image, text, splice_cfg(params={"kind": "aff", "chunk": 5}))
     spliced = naive_splice_tokens(engine, image, 48, 32, text)
     enc = encode_image(sam, image)
     vh, vw = enc.input_size[0] // 16, enc.input_size[1] // 16
@@ -478,7 +490,7 @@ def test_splice_small_and_non_square_images(tiny_clip, size):
     text = random_text(tiny_clip)
     image = torch.rand(3, *size)
     for params in ({"kind": "aff"}, {"kind": "cos", "sam_splits": 2}, {"kind": "attn"}):
-        out = get_strategy("splice")(engine, image, text, splice_cfg(crop=224, stride=112, params=params))
+        out = run_strategy("splice", engine, image, text, splice_cfg(crop=224, stride=112, params=params))
         assert out.shape == (3, *size) and torch.isfinite(out).all()
 
 
@@ -492,7 +504,7 @@ def test_splice_size_follows_reference_rule():
 def test_splice_without_sam_names_the_fix(tiny_clip):
     engine = make_engine(tiny_clip)
     with pytest.raises(ValueError, match="sam_vitb"):
-        get_strategy("splice")(engine, torch.rand(3, 48, 48), random_text(tiny_clip), splice_cfg())
+        run_strategy("splice", engine, torch.rand(3, 48, 48), random_text(tiny_clip), splice_cfg())
 
 
 # ----------------------------------------------------------------------------- presets end to end

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -14,108 +12,29 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from dapseg.bundle import ModelBundle
 from dapseg.config import SegmenterConfig, load_preset
 from dapseg.heads.base import build_head
 from dapseg.images import load_image
 from dapseg.inference.engine import DenseEngine, HeadPlugin
 from dapseg.inference.preprocess import resize_image, short_side_size, to_tensor01
-from dapseg.inference.strategies import get_strategy
-from dapseg.models.clip import build_clip
+from dapseg.models.clip import DenseClip
 from dapseg.postprocess import class_probs, labels_banded, labels_from_probs
-from dapseg.refine import Refiner, build_refiner
+from dapseg.refine import RefineInput, Refiner
+from dapseg.registry import HEADS, PLUGINS, REFINERS, STRATEGIES, Need, Registry
+from dapseg.result import SegmentationResult
 from dapseg.text import ClassSet, TextEmbedder
-from dapseg.viz import heatmap, label_image, overlay
-from dapseg.weights import WeightsMissingError, cache_dir, how_to_fetch
+from dapseg.weights import cache_dir
 
 PathLike = str | os.PathLike[str]
 
 
-class SegmentationResult:
-    """One image's segmentation. Full-resolution tensors are computed on first access.
-
-    ``labels`` (H, W) int64 is computed eagerly, in row bands, so images of any size fit in memory;
-    ``logits`` (Q, H, W) and ``probs`` (C, H, W) are upsampled on demand (large for big images).
-    """
-
-    def __init__(
-        self,
-        image: np.ndarray,
-        classes: ClassSet,
-        coarse_logits: torch.Tensor,
-        labels: torch.Tensor,
-        logit_scale: float,
-        full_logits: torch.Tensor | None = None,
-    ) -> None:
-        self.image = image  # (H, W, 3) uint8
-        self.class_set = classes
-        self.coarse_logits = coarse_logits  # (Q, h, w) at the processing resolution
-        self.labels = labels
-        self.logit_scale = logit_scale
-        if full_logits is not None:
-            self.__dict__["logits"] = full_logits
-
-    @property
-    def classes(self) -> list[str]:
-        return self.class_set.names
-
-    @cached_property
-    def logits(self) -> torch.Tensor:
-        """(Q, H, W) cosine logits per query, before the logit scale."""
-        size = self.image.shape[:2]
-        return F.interpolate(self.coarse_logits[None], size=size, mode="bilinear", align_corners=False)[0]
-
-    @cached_property
-    def probs(self) -> torch.Tensor:
-        """(C, H, W) class probabilities after softmax and synonym merge."""
-        return class_probs(self.logits, self.logit_scale, self.class_set.query_to_class)
-
-    def pixel_shares(self) -> dict[str, float]:
-        counts = torch.bincount(self.labels.flatten(), minlength=len(self.classes)).double()
-        shares = counts / counts.sum()
-        return {name: float(s) for name, s in zip(self.classes, shares, strict=True)}
-
-    def label_image(self) -> Image.Image:
-        return label_image(self.labels.numpy(), len(self.classes))
-
-    def overlay(self, alpha: float = 0.5) -> Image.Image:
-        return overlay(self.image, self.labels.numpy(), self.classes, alpha=alpha)
-
-    def heatmap(self, class_index: int) -> Image.Image:
-        if not 0 <= class_index < len(self.classes):
-            raise IndexError(f"class index {class_index} out of range for {len(self.classes)} classes")
-        return heatmap(self.image, self.probs[class_index].numpy())
-
-    def summary(self) -> dict[str, Any]:
-        h, w = self.image.shape[:2]
-        return {"size": [h, w], "classes": self.classes, "pixel_share": self.pixel_shares()}
-
-    def save(self, out_dir: PathLike, stem: str, extra: dict[str, Any] | None = None) -> dict[str, Path]:
-        """Write <stem>_labels.png, <stem>_overlay.png and <stem>.json atomically into ``out_dir``."""
-        out = Path(out_dir)
-        paths = {
-            "labels": out / f"{stem}_labels.png",
-            "overlay": out / f"{stem}_overlay.png",
-            "json": out / f"{stem}.json",
-        }
-        _atomic_write(paths["labels"], lambda p: self.label_image().save(p, format="PNG"))
-        _atomic_write(paths["overlay"], lambda p: self.overlay().save(p, format="PNG"))
-        summary = {**self.summary(), **(extra or {})}
-        _atomic_write(paths["json"], lambda p: p.write_text(json.dumps(summary, indent=2), encoding="utf-8"))
-        return paths
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OSError(f"cannot write {path}: {e.strerror or e}") from e
-
-
 class Segmenter:
-    """A configured segmentation method with its models loaded."""
+    """A configured segmentation method with its models loaded.
+
+    The models are built once (``ModelBundle``); the head, plug-in, strategy and refiner are built
+    from their registries, each handed only the models it declared it needs (``dapseg.registry.Need``).
+    """
 
     def __init__(
         self,
@@ -137,15 +56,22 @@ class Segmenter:
         with torch.random.fork_rng(devices=[], enabled=random_weights):
             if random_weights:
                 torch.manual_seed(0)
-            self._build_models(config, models)
-            self.head = build_head(config.head.name, config.head.params).to(self.device)
-            if getattr(self.head, "needs_sam", False):
-                self._bind_sam_regions()  # SAM's decoder: random too with random weights
-            self.refiner: Refiner | None = build_refiner(
-                config.refine.name, config.refine.params, sam=self.sam, segmenter=self
-            )
-        self.engine = DenseEngine(self.clip, self.head, self.vfm, self._build_plugin(), sam=self.sam)
-        self.strategy = get_strategy(config.inference.mode)
+            self.models = ModelBundle.build(config, device=self.device, random_weights=random_weights,
+                                            tiny=tiny, cache_dir=cache_dir, reuse=models)
+            head_needs = self._needs(HEADS, "head", config.head.name, config.head.params)
+            self.head = build_head(config.head.name, config.head.params,
+                                   **self.models.provide(head_needs, config)).to(self.device)
+            plugin, plugin_needs = self._build_plugin()
+            strategy_needs = self._needs(STRATEGIES, "inference mode", config.inference.mode,
+                                         config.inference.params)
+            self.strategy = STRATEGIES.build(config.inference.mode, config.inference.params,
+                                             **self.models.provide(strategy_needs, config))
+            self.refiner: Refiner | None = None
+            if config.refine.name != REFINERS.none_name:
+                refine_needs = self._needs(REFINERS, "refiner", config.refine.name, config.refine.params)
+                self.refiner = REFINERS.build(config.refine.name, config.refine.params,
+                                              **self.models.provide(refine_needs, config))
+        self.engine = DenseEngine(self.clip, self.head, self.vfm, plugin, needs=head_needs | plugin_needs)
         self.text = models.get("text") or TextEmbedder(
             self.clip.encode_text,
             model_id=f"{self.clip.name}:{self.clip.tag}",
@@ -153,6 +79,31 @@ class Segmenter:
             # Random weights differ from real ones: never share their text embeddings on disk.
             cache_root=None if random_weights or config.clip.weights else _text_cache(cache_dir),
         )
+
+    @property
+    def clip(self) -> DenseClip:
+        return self.models.clip
+
+    @property
+    def vfm(self) -> torch.nn.Module | None:
+        return self.models.vfm
+
+    @property
+    def sam(self) -> torch.nn.Module | None:
+        return self.models.sam
+
+    def _needs(self, registry: Registry[Any], kind: str, name: str, params: dict[str, Any]) -> frozenset[Need]:
+        """The declared needs of component ``name``, checked against the models the config names."""
+        needs = registry.get(name).needs_for(params)
+        self.models.check(needs, f"{kind} {name!r}", self.config)
+        return needs
+
+    def _build_plugin(self) -> tuple[HeadPlugin | None, frozenset[Need]]:
+        """The configured head plug-in (at most one, see ``SegmenterConfig``) and its needs."""
+        for p in self.config.plugins:
+            needs = self._needs(PLUGINS, "plug-in", p.name, p.params)
+            return PLUGINS.build(p.name, p.params, **self.models.provide(needs, self.config)), needs
+        return None, frozenset()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -183,6 +134,8 @@ class Segmenter:
             for key in ("clip", "vfm", "sam")
             if getattr(config, key) == getattr(self.config, key)
         }
+        if "sam" in models and self.models._sam_decoder is not None:
+            models["sam_decoder"] = self.models._sam_decoder  # the decoder around the same encoder
         if "clip" not in models:
             models = {}
         elif config.templates == self.config.templates:
@@ -197,56 +150,6 @@ class Segmenter:
             cache_dir=self.cache_dir,
             _models=models,
         )
-
-    def _build_models(self, config: SegmenterConfig, models: dict[str, Any]) -> None:
-        """CLIP, VFM and SAM: reused from ``models`` where given, else built (or loaded)."""
-        try:
-            self.clip = models.get("clip") or build_clip(
-                config.clip, random_weights=self.random_weights, tiny=self.tiny, cache_dir=self.cache_dir,
-                device=self.device,
-            )
-            self.vfm = models.get("vfm") or self._build_vfm(config.vfm)
-            if config.sam is not None and "sam" not in models and not self.tiny:
-                from dapseg.models.sam_encoder import check_memory
-
-                check_memory(config.sam.name, self.device)  # fail before loading a SAM that cannot fit
-            self.sam = models.get("sam") or self._build_vfm(config.sam)
-        except WeightsMissingError as e:
-            raise WeightsMissingError(e.what, how_to_fetch(config.name)) from e
-
-    def _bind_sam_regions(self) -> None:
-        """DAP with regions=sam: SAM's automatic masks (a full Sam around the configured encoder)."""
-        if self.sam is None:
-            raise ValueError(
-                f"preset {self.config.name!r}: head.params.regions=sam needs a SAM model; "
-                "add e.g. --set sam.name=sam_vitb (or a `sam:` section in the config)"
-            )
-        from dapseg.models.sam_encoder import sam_decoder_file, sam_with_decoder
-
-        weights = sam_decoder_file(self.config.sam, random_weights=self.random_weights or self.tiny,
-                                   cache_dir=self.cache_dir)
-        self.head.bind_sam(sam_with_decoder(self.sam, weights=weights))
-
-    def _build_vfm(self, cfg: Any) -> torch.nn.Module | None:
-        if cfg is None:
-            return None
-        from dapseg.models.vfm import build_vfm
-
-        return build_vfm(
-            cfg,
-            random_weights=self.random_weights,
-            tiny=self.tiny,
-            cache_dir=self.cache_dir,
-            window_size=self.config.inference.crop,
-            device=self.device,
-        )
-
-    def _build_plugin(self) -> HeadPlugin | None:
-        if not self.config.fsa.enabled:
-            return None
-        from dapseg.plugins.fsa import build_fsa
-
-        return build_fsa(self.config)
 
     # ------------------------------------------------------------------ inference
     def text_embeddings(self, classes: ClassSet) -> torch.Tensor:
@@ -274,13 +177,16 @@ class Segmenter:
             labels = labels_banded(coarse, img.shape[:2], post.logit_scale, q2c, post.prob_thd)
             return SegmentationResult(img, class_set, coarse, labels, post.logit_scale)
         full = F.interpolate(coarse[None], size=img.shape[:2], mode="bilinear", align_corners=False)[0]
-        refined = self.refiner(img, full, q2c)
-        if isinstance(refined, tuple):  # a label-level refiner (SAM prompts) decides the labels itself
-            full, labels = refined[0].float().cpu(), refined[1].cpu()
+        out = self.refiner(RefineInput(img, full, q2c, post.logit_scale, post.prob_thd))
+        logits = out.logits.float().cpu() if out.logits is not None else None
+        probs = out.probs.float().cpu() if out.probs is not None else None
+        if out.labels is not None:
+            labels = out.labels.cpu()
         else:
-            full = refined.float().cpu()
-            labels = labels_from_probs(class_probs(full, post.logit_scale, q2c), post.prob_thd)
-        return SegmentationResult(img, class_set, coarse, labels, post.logit_scale, full_logits=full)
+            labels = labels_from_probs(probs if probs is not None else class_probs(logits, post.logit_scale, q2c),
+                                       post.prob_thd)
+        return SegmentationResult(img, class_set, coarse, labels, post.logit_scale,
+                                  full_logits=logits, full_probs=probs)
 
 
 def with_weight_files(
@@ -306,7 +212,7 @@ def _built_at_window_size(cfg: Any) -> bool:
         return False
     from dapseg.models.vfm import vfm_spec
 
-    return vfm_spec(cfg.name).family == "mae"
+    return vfm_spec(cfg.name).built_at_window_size
 
 
 def _text_cache(explicit: PathLike | None) -> Path:

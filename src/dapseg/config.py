@@ -10,10 +10,12 @@ from __future__ import annotations
 import copy
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from dapseg.registry import HEADS, PLUGINS, REFINERS, STRATEGIES, Registry
 
 
 class _Strict(BaseModel):
@@ -31,38 +33,36 @@ class VfmConfig(_Strict):
     weights: Path | None = None  # the official release file
 
 
-class HeadConfig(_Strict):
-    name: str = "vanilla"
+class ComponentConfig(_Strict):
+    """A registered component by name, with its ``params`` checked against the component's own
+    params model (asked from the registry, so this module imports no component)."""
+
+    _registry: ClassVar[Registry[Any]]
+    name: str
     params: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _check_params(self) -> HeadConfig:
-        from dapseg.heads.base import head_class
-
-        cls = head_class(self.name)
-        params_model = getattr(cls, "Params", None)
-        if params_model is not None:
-            self.__dict__["params"] = params_model(**self.params).model_dump()
-        elif self.params:
-            raise ValueError(f"head {self.name!r} takes no parameters, got {sorted(self.params)}")
+    def _check_params(self) -> ComponentConfig:
+        self.__dict__["params"] = self._registry.validate(self.name, self.params)
         return self
 
 
-class FsaConfig(_Strict):
-    enabled: bool = False
-    params: dict[str, Any] = Field(default_factory=dict)
+class HeadConfig(ComponentConfig):
+    _registry = HEADS
+    name: str = "vanilla"
 
-    @field_validator("params")
-    @classmethod
-    def _check_params(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from dapseg.plugins.fsa import FsaParams
 
-        FsaParams(**v)  # unknown names and out-of-range values fail at config time
-        return v
+class PluginConfig(ComponentConfig):
+    _registry = PLUGINS
+
+
+class RefineConfig(ComponentConfig):
+    _registry = REFINERS
+    name: str = "none"
 
 
 class InferenceConfig(_Strict):
-    mode: Literal["whole", "slide", "splice"] = "slide"
+    mode: str = "slide"  # a registered strategy (dapseg.registry.STRATEGIES)
     short_side: int | None = 336  # resize so the short side is this (None: keep the size)
     crop: int = 224  # sliding-window size (px)
     stride: int = 112  # sliding-window stride (px)
@@ -86,10 +86,12 @@ class InferenceConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_params(self) -> InferenceConfig:
-        if self.mode != "slide" or self.params:  # slide/whole take none: skip importing the engine
-            from dapseg.inference.strategies import validate_strategy_params
-
-            self.__dict__["params"] = validate_strategy_params(self.mode, self.params)
+        try:
+            self.__dict__["params"] = STRATEGIES.validate(self.mode, self.params)
+        except ValueError as e:
+            if self.params and STRATEGIES.get(self.mode).params is None:
+                raise ValueError(f"{e} (switching from another mode? also set inference.params={{}})") from e
+            raise
         return self
 
 
@@ -105,23 +107,32 @@ class PostprocessConfig(_Strict):
         return v
 
 
-class RefineConfig(_Strict):
-    name: Literal["none", "pamr", "sam"] = "none"
-    params: dict[str, Any] = Field(default_factory=dict)
-
-
 class SegmenterConfig(_Strict):
     name: str = "custom"
     description: str = ""
     clip: ClipConfig = Field(default_factory=ClipConfig)
     vfm: VfmConfig | None = None
-    sam: VfmConfig | None = None  # SAM for splice-global affinity and prompt refinement
+    sam: VfmConfig | None = None  # SAM for splice-global affinity, SAM regions and prompt refinement
     head: HeadConfig = Field(default_factory=HeadConfig)
-    fsa: FsaConfig = Field(default_factory=FsaConfig)
+    plugins: list[PluginConfig] = Field(default_factory=list)  # at most one reworks the head (e.g. fsa)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
     refine: RefineConfig = Field(default_factory=RefineConfig)
     templates: str = "openai_imagenet"
+
+    @field_validator("plugins")
+    @classmethod
+    def _unique_plugins(cls, v: list[PluginConfig]) -> list[PluginConfig]:
+        names = [p.name for p in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a plug-in is listed twice: {names}")
+        if len(names) > 1:
+            raise ValueError(f"at most one plug-in can rework the head, got {names}")
+        return v
+
+    def plugin(self, name: str) -> PluginConfig | None:
+        """The configured plug-in ``name``, or None when it is not enabled."""
+        return next((p for p in self.plugins if p.name == name), None)
 
     def with_overrides(self, overrides: dict[str, Any] | None) -> SegmenterConfig:
         """A new, validated config with ``overrides`` applied (see ``apply_overrides``)."""
@@ -134,11 +145,11 @@ class SegmenterConfig(_Strict):
 
 # ----------------------------------------------------------------------------- overrides
 
-_SECTIONS_WITH_PARAMS = ("head", "inference", "fsa", "refine")
+_SECTIONS_WITH_PARAMS = ("head", "inference", "refine")
 
 
 def _resolve_key(data: dict[str, Any], key: str) -> list[str]:
-    """Dotted path for an override key. Bare names are looked up in every section."""
+    """Dotted path for an override key. Bare names are looked up in every section and plug-in."""
     if "." in key:
         return key.split(".")
     if key in data:
@@ -150,6 +161,9 @@ def _resolve_key(data: dict[str, Any], key: str) -> list[str]:
                 hits.append([section, key])
             elif section in _SECTIONS_WITH_PARAMS and key in value.get("params", {}):
                 hits.append([section, "params", key])
+    for plugin in data.get("plugins") or []:
+        if key in plugin.get("params", {}):
+            hits.append(["plugins", plugin["name"], "params", key])
     if len(hits) == 1:
         return hits[0]
     if not hits:
@@ -159,10 +173,57 @@ def _resolve_key(data: dict[str, Any], key: str) -> list[str]:
     raise KeyError(f"setting {key!r} is ambiguous: {', '.join('.'.join(h) for h in hits)}")
 
 
+def _plugin_path(data: dict[str, Any], path: list[str]) -> tuple[str, list[str]] | None:
+    """(plug-in name, rest) for ``plugins.<name>.<rest>`` or the sugar ``<plug-in name>.<rest>``."""
+    if path[0] == "plugins" and len(path) > 1:
+        return path[1], path[2:]
+    if path[0] not in data and len(path) > 1 and path[0] in PLUGINS:
+        return path[0], path[1:]
+    return None
+
+
+def _set_plugin(data: dict[str, Any], name: str, rest: list[str], value: Any) -> None:
+    """``<name>.enabled=true|false`` adds / removes plug-in ``name``; ``<name>.params.<key>=v`` sets a
+    parameter of an enabled plug-in; ``<name>.params={...}`` replaces its parameters."""
+    plugins = data.setdefault("plugins", None) or []
+    data["plugins"] = plugins
+    entry = next((p for p in plugins if p.get("name") == name), None)
+    if rest == ["enabled"]:
+        if not isinstance(value, bool):
+            raise ValueError(f"plugins.{name}.enabled must be true or false, got {value!r}")
+        if value and entry is None:
+            PLUGINS.get(name)  # an unknown plug-in fails here, naming the known ones
+            plugins.append({"name": name, "params": {}})
+        elif not value and entry is not None:
+            plugins.remove(entry)
+        return
+    if not rest or rest[0] != "params" or len(rest) > 2:
+        raise KeyError(f"unknown setting plugins.{name}.{'.'.join(rest)}; use plugins.{name}.enabled "
+                       f"or plugins.{name}.params.KEY")
+    if entry is None:
+        raise KeyError(f"plug-in {name!r} is not enabled; add plugins.{name}.enabled=true (or --{name})")
+    if len(rest) == 1:
+        entry["params"] = dict(value or {})
+    else:
+        entry.setdefault("params", {})[rest[1]] = value
+
+
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> None:
-    """Set each (possibly dotted) key of ``overrides`` in the nested ``data`` dict, in place."""
-    for key, value in overrides.items():
-        path = _resolve_key(data, key)
+    """Set each (possibly dotted) key of ``overrides`` in the nested ``data`` dict, in place.
+
+    Plug-ins are a list; they are addressed by name (``plugins.fsa.params.lam=2``, or ``fsa.…`` as
+    sugar) and switched on and off before any of their parameters are set.
+    """
+    resolved = [(_resolve_key(data, key), value) for key, value in overrides.items()]
+    plugin_keys = [(_plugin_path(data, path), value) for path, value in resolved]
+    toggles = [(pp, v) for pp, v in plugin_keys if pp is not None and pp[1] == ["enabled"]]
+    for (name, rest), value in toggles:
+        _set_plugin(data, name, rest, value)
+    for (path, value), (pp, _) in zip(resolved, plugin_keys, strict=True):
+        if pp is not None:
+            if pp[1] != ["enabled"]:
+                _set_plugin(data, pp[0], pp[1], value)
+            continue
         node = data
         for part in path[:-1]:
             if node.get(part) is None:
@@ -232,7 +293,11 @@ def _derived_presets(raw: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]
     for name in raw:
         if not name.endswith("-fsa") and f"{name}-fsa" not in raw:
             description = f"{raw[name].get('description', name)} + FSA feedback attention"
-            derived[f"{name}-fsa"] = {"base": name, "fsa": {"enabled": True}, "description": description}
+            plugins = _resolve(name, raw).get("plugins") or []
+            if any(p.get("name") == "fsa" for p in plugins):
+                continue
+            derived[f"{name}-fsa"] = {"base": name, "plugins": [*plugins, {"name": "fsa"}],
+                                      "description": description}
     return derived
 
 

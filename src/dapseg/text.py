@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import torch
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
+
+from dapseg.files import atomic_write
 
 TEMPLATES: dict[str, tuple[Callable[[str], str], ...]] = {
     "openai_imagenet": tuple(OPENAI_IMAGENET_TEMPLATES),  # the 80 prompts of CLIP's ImageNet eval
@@ -178,10 +181,6 @@ class TextEmbedder:
 
 
 def _atomic_torch_save(obj: torch.Tensor, path: Path) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except OSError:
-        pass  # the cache is an optimisation; a read-only cache directory must not stop segmentation
+    # The cache is an optimisation; a read-only cache directory must not stop segmentation.
+    with contextlib.suppress(OSError):
+        atomic_write(path, lambda tmp: torch.save(obj, tmp))

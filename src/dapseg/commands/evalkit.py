@@ -11,6 +11,7 @@ import torch
 from dapseg.eval import dist
 from dapseg.eval.harness import BuiltPredictor
 from dapseg.eval.runner import RunOptions
+from dapseg.pool import SegmenterPool
 
 
 def add_run_args(parser: argparse.ArgumentParser, default_work_dir: str) -> None:
@@ -47,31 +48,32 @@ def setup_distributed(args: argparse.Namespace) -> dist.DistInfo:
 
 
 def autocast_dtype(device: torch.device) -> str:
-    if device.type == "cuda":
-        return "bfloat16 (autocast)" if torch.cuda.is_bf16_supported() else "float16 (autocast)"
-    return "float32"
+    """The engine's autocast dtype on ``device``, as the evaluation records it."""
+    from dapseg.inference.engine import autocast_dtype as engine_dtype
+
+    dtype = engine_dtype(device)
+    return f"{str(dtype).removeprefix('torch.')} (autocast)" if dtype is not None else "float32"
 
 
 class SegmenterFactory:
-    """(preset, overrides, class names) -> predictor; models are built once per preset and reused."""
+    """(preset, overrides, class names) -> predictor; models are built once per preset and reused
+    (the ``SegmenterPool`` the demo uses too)."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self._base: dict[str, Any] = {}
+        self.pool = SegmenterPool(self._build)
 
-    def _base_segmenter(self, preset: str) -> Any:
+    def _build(self, preset: str) -> Any:
         from dapseg.commands.common import build_segmenter
 
-        if preset not in self._base:
-            ns = argparse.Namespace(**vars(self.args))
-            ns.preset = preset
-            self._base[preset] = build_segmenter(ns)
-        return self._base[preset]
+        ns = argparse.Namespace(**vars(self.args))
+        ns.preset = preset
+        return build_segmenter(ns)
 
     def __call__(self, preset: str, overrides: dict[str, Any], class_names: list[str]) -> BuiltPredictor:
         from dapseg.text import ClassSet
 
-        seg = self._base_segmenter(preset).derive(overrides)
+        seg = self.pool.get(preset, overrides)
         classes = ClassSet.from_list(class_names, allow_repeats=True)  # benchmark files, as the references
 
         def predict(image: Any) -> torch.Tensor:

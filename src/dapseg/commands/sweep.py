@@ -18,10 +18,11 @@ from dapseg.commands.evalkit import (
 from dapseg.config import load_config_file, load_preset
 from dapseg.data.spec import load_dataset_spec
 from dapseg.eval import dist
-from dapseg.eval.checkpoint import atomic_write_text, ensure_writable
+from dapseg.eval.checkpoint import ensure_writable
 from dapseg.eval.harness import Job, run_job
 from dapseg.eval.report import dumps_json, markdown_table, write_xlsx
 from dapseg.eval.sweep import combinations, combo_slug, parse_grid
+from dapseg.files import atomic_write_text
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

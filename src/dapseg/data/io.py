@@ -7,6 +7,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from dapseg.files import atomic_write
+from dapseg.images import load_image
+
 
 class DataError(ValueError):
     """A dataset file is missing, unreadable or inconsistent; the message names it."""
@@ -17,11 +20,10 @@ class UnreadableFileError(DataError):
 
 
 def read_image(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB."""
+    """(H, W, 3) uint8 RGB, read by ``dapseg.images.load_image`` (the one image reader)."""
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, SyntaxError) as e:
+        return load_image(path)
+    except (OSError, ValueError) as e:
         raise UnreadableFileError(f"cannot read image {path}: {e}") from e
 
 
@@ -57,7 +59,4 @@ def write_label_png(path: Path, label: np.ndarray) -> None:
 
 
 def atomic_save_image(im: Image.Image, path: Path, fmt: str = "PNG") -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    im.save(tmp, format=fmt)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: im.save(tmp, format=fmt))

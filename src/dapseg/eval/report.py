@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from dapseg.data.spec import EXTRA, STANDARD
-from dapseg.eval.checkpoint import atomic_write_text
+from dapseg.files import atomic_write, atomic_write_text
 
 
 def _dataset_order(names: list[str]) -> list[str]:
@@ -70,13 +69,14 @@ def _sheet_name(name: str, used: set[str]) -> str:
 
 
 def write_xlsx(path: Path, sheets: dict[str, pd.DataFrame]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.xlsx")
     used: set[str] = set()
-    with pd.ExcelWriter(tmp, engine="openpyxl") as writer:
-        for name, df in sheets.items():
-            df.to_excel(writer, sheet_name=_sheet_name(name, used))
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with pd.ExcelWriter(tmp, engine="openpyxl") as writer:
+            for name, df in sheets.items():
+                df.to_excel(writer, sheet_name=_sheet_name(name, used))
+
+    atomic_write(path, write)
 
 
 def write_results(out_dir: str | Path, records: list[dict[str, Any]], *, title: str = "dapseg results",

@@ -22,10 +22,11 @@ from tqdm import tqdm
 from dapseg.data.dataset import Sample, SegDataset
 from dapseg.data.io import write_label_png
 from dapseg.eval import dist
-from dapseg.eval.checkpoint import Checkpointer, State, atomic_write_text, check_fingerprint, ensure_writable
+from dapseg.eval.checkpoint import Checkpointer, State, check_fingerprint, ensure_writable
 from dapseg.eval.metrics import Metrics, confusion_matrix, metrics_from_confusion
 from dapseg.eval.report import dumps_json
 from dapseg.eval.visual import save_comparison
+from dapseg.files import atomic_write_text
 
 Predictor = Callable[[np.ndarray], "torch.Tensor | np.ndarray"]
 

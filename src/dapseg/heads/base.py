@@ -16,7 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from pydantic import BaseModel
 from torch import Tensor, nn
+
+from dapseg.registry import HEADS, Need
 
 
 @dataclass
@@ -77,6 +80,11 @@ class Head(nn.Module):
 
     name: str = ""
 
+    @staticmethod
+    def declared_needs(params: Any) -> frozenset[Need]:
+        """What the head needs from the pipeline with ``params`` (its Params object or None)."""
+        return frozenset()
+
     def attention(self, ctx: HeadContext) -> Attention:
         raise NotImplementedError
 
@@ -96,32 +104,18 @@ class Head(nn.Module):
         return self.project(ctx, a, self.aggregate(a))
 
 
-HEADS: dict[str, type[Head]] = {}
-
-
 def register_head(cls: type[Head]) -> type[Head]:
-    """Class decorator: make a head buildable by its ``name``."""
+    """Class decorator: register a head in ``dapseg.registry.HEADS`` under its ``name``, with its
+    ``Params`` model and its ``declared_needs`` (see ``Head.declared_needs``)."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
-    HEADS[cls.name] = cls
+    params = getattr(cls, "Params", None)
+    doc = (cls.__doc__ or "").strip().splitlines()
+    HEADS.register(cls.name, params=params, needs=cls.declared_needs, description=doc[0] if doc else "")(cls)
     return cls
 
 
-def head_class(name: str) -> type[Head]:
-    """The head registered as ``name``; the error lists the valid names."""
-    from dapseg import heads as _heads  # noqa: F401  (registers the built-in heads)
-
-    if name not in HEADS:
-        raise ValueError(f"unknown head {name!r}; valid heads: {', '.join(sorted(HEADS))}")
-    return HEADS[name]
-
-
-def build_head(name: str, params: dict[str, Any] | None = None) -> Head:
-    """Build head ``name``; a head with a ``Params`` model gets its validated params object."""
-    cls = head_class(name)
-    params_model = getattr(cls, "Params", None)
-    if params_model is None:
-        if params:
-            raise ValueError(f"head {name!r} takes no parameters, got {sorted(params)}")
-        return cls()
-    return cls(params_model(**(params or {})))
+def build_head(name: str, params: dict[str, Any] | BaseModel | None = None, **provided: Any) -> Head:
+    """Build head ``name`` with its validated params; ``provided`` holds the models it may need
+    (e.g. ``sam_decoder``), of which it receives only those it declared."""
+    return HEADS.build(name, params, **provided)

@@ -1,4 +1,4 @@
-"""DAP: Dense Aggregation via Proxies, the headline head (DESIGN.md §3 "dap").
+"""DAP: Dense Aggregation via Proxies, the headline head (docs/design.md, "Heads").
 
 1. affinity as the proxy head: A = γ(S − β·mean(S)) on the VFM grid, mean per window;
 2. neighbourhoods: keep A_ij ≥ 0 and, if knn > 0, mutual k-nearest neighbours under S; a row
@@ -37,6 +37,7 @@ from dapseg.heads.regions import (
     region_mean,
     slic_labels,
 )
+from dapseg.registry import Need
 
 
 @register_head
@@ -62,20 +63,30 @@ class DapHead(Head):
         sam_stability_thresh: float = Field(0.95, ge=0, le=1, description="SAM regions: stability cut")
         steps: int = Field(1, ge=1, description="propagation steps z = W(W(…W v))")
 
-    def __init__(self, params: Params | None = None, region_provider: RegionProvider | None = None) -> None:
+    def __init__(
+        self,
+        params: Params | None = None,
+        region_provider: RegionProvider | None = None,
+        *,
+        sam_decoder: Any = None,
+    ) -> None:
+        """``sam_decoder``: a segment-anything ``Sam`` whose automatic masks are the regions of
+        ``regions='sam'`` (the pipeline hands it over because the head declares ``Need.SAM_DECODER``)."""
         super().__init__()
         self.params = params or self.Params()
         self.region_provider = region_provider
+        if sam_decoder is not None and region_provider is None:
+            self.bind_sam(sam_decoder)
 
-    @property
-    def needs_images(self) -> bool:
-        """Whether the pipeline must pass the window pixels (HeadContext.images)."""
-        return self.params.regions in ("slic", "sam") and self.params.rho > 0
-
-    @property
-    def needs_sam(self) -> bool:
-        """Whether ``bind_sam`` (or a ``region_provider``) is needed before the first forward."""
-        return self.params.regions == "sam" and self.params.rho > 0 and self.region_provider is None
+    @staticmethod
+    def declared_needs(params: Params) -> frozenset[Need]:
+        """VFM features; the window pixels for SLIC / SAM regions; SAM with its decoder for SAM regions."""
+        needs = {Need.VFM_FEATURES}
+        if params.rho > 0 and params.regions in ("slic", "sam"):
+            needs.add(Need.WINDOW_PIXELS)
+        if params.rho > 0 and params.regions == "sam":
+            needs.add(Need.SAM_DECODER)
+        return frozenset(needs)
 
     def bind_sam(self, sam: Any) -> None:
         """Use SAM automatic masks (segment-anything ``Sam``) as the regions of ``regions='sam'``."""

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from dapseg.heads.affinity import proxy_attention, values_on_grid
 from dapseg.heads.base import Attention, Head, HeadContext, qkv, register_head
+from dapseg.registry import Need
 
 
 def vfm_grid(ctx: HeadContext, head: str) -> tuple[int, int]:
@@ -83,10 +84,12 @@ class ProxyHead(Head):
         super().__init__()
         self.params = params or self.Params()
 
-    @property
-    def needs_vfm_attention(self) -> bool:
-        """Whether the pipeline must ask the VFM for its last-layer attention."""
-        return self.params.affinity == "vfm_attention"
+    @staticmethod
+    def declared_needs(params: Params) -> frozenset[Need]:
+        """VFM features always (their grid); the VFM's own attention for ``affinity='vfm_attention'``."""
+        if params.affinity == "vfm_attention":
+            return frozenset({Need.VFM_FEATURES, Need.VFM_ATTENTION})
+        return frozenset({Need.VFM_FEATURES})
 
     def attention(self, ctx: HeadContext) -> Attention:
         p = self.params

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -12,9 +12,18 @@ from torch import Tensor, nn
 from dapseg.heads.base import Head, HeadContext, HeadOutput
 from dapseg.inference.preprocess import normalize
 from dapseg.models.clip import DenseClip
+from dapseg.registry import Need
 
 # (head, ctx, text embeddings (Q, E), tokens -> embeddings) -> HeadOutput; e.g. the FSA plug-in.
 HeadPlugin = Callable[[Head, HeadContext, Tensor, Callable[[Tensor], Tensor]], HeadOutput]
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of inference on ``device`` (the one place it is chosen): bf16 on CUDA where
+    supported, else fp16; None (float32, no autocast) elsewhere."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None
 
 
 class DenseEngine(nn.Module):
@@ -26,25 +35,25 @@ class DenseEngine(nn.Module):
         head: Head,
         vfm: nn.Module | None = None,
         plugin: HeadPlugin | None = None,
-        sam: nn.Module | None = None,
+        needs: Iterable[Need] = (),
     ) -> None:
+        """``needs``: what the head (and plug-in) declared; the VFM's attention is computed only
+        when ``Need.VFM_ATTENTION`` is among them."""
         super().__init__()
         self.clip = clip
         self.head = head
         self.vfm = vfm
         self.plugin = plugin
-        self.sam = sam  # the splice strategy's global affinity (None: no SAM configured)
+        self.needs = frozenset(needs)
 
     @property
     def device(self) -> torch.device:
         return self.clip.visual.proj.device
 
     def autocast(self) -> AbstractContextManager[object]:
-        """fp16 autocast on CUDA (bf16 where supported is the user's choice via torch); fp32 on CPU."""
-        if self.device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            return torch.autocast("cuda", dtype=dtype)
-        return nullcontext()
+        """Autocast at ``autocast_dtype`` on CUDA; nothing (fp32) on CPU."""
+        dtype = autocast_dtype(self.device)
+        return torch.autocast("cuda", dtype=dtype) if dtype is not None else nullcontext()
 
     @torch.no_grad()
     def head_output(self, windows01: Tensor, text: Tensor) -> HeadOutput:
@@ -57,7 +66,7 @@ class DenseEngine(nn.Module):
             x, grid = self.clip.tokens_before_last_block(normalize(windows01, self.clip.mean, self.clip.std))
             vfm_feats = vfm_attn = None
             if self.vfm is not None:
-                vfm_out = self.vfm(windows01, return_attn=bool(getattr(self.head, "needs_vfm_attention", False)))
+                vfm_out = self.vfm(windows01, return_attn=Need.VFM_ATTENTION in self.needs)
                 vfm_feats, vfm_attn = vfm_out.feats, vfm_out.attn
             ctx = HeadContext(
                 x=x, grid=grid, block=self.clip.last_block, vfm_feats=vfm_feats, vfm_attn=vfm_attn, images=windows01

@@ -19,9 +19,9 @@ from torch import Tensor
 from dapseg.config import InferenceConfig
 from dapseg.inference.engine import DenseEngine
 from dapseg.inference.global_affinity import AffinityParams, GlobalAffinity, aggregate_map, valid_grid
-from dapseg.inference.strategies import crop_windows, pad_windows, register_strategy
-from dapseg.inference.windows import centred_padding, window_grid
+from dapseg.inference.windows import centred_padding, crop_windows, pad_windows, window_grid
 from dapseg.models.sam_encoder import check_encode_memory, encode_image, image_encoder_of
+from dapseg.registry import STRATEGIES, Need
 
 
 def splice_features(
@@ -125,25 +125,34 @@ def global_aggregate(sam: object, image01: Tensor, spliced: Tensor, p: SplicePar
     return torch.cat(parts, dim=-1)
 
 
-@register_strategy("splice", params=SpliceParams)
-def splice(engine: DenseEngine, image01: Tensor, text: Tensor, cfg: InferenceConfig) -> Tensor:
-    """Splice-then-segment: (3, H, W) in [0, 1] -> cosine logits (Q, H, W)."""
-    p = SpliceParams(**cfg.params)
-    _, H, W = image01.shape
-    image01 = image01.to(engine.device)
-    h, w = splice_size(H, W, engine.clip.patch_size, cfg.crop) if p.align else (H, W)
-    img = image01 if (h, w) == (H, W) else F.interpolate(
-        image01[None], (h, w), mode="bilinear", align_corners=False)[0]
-    feats, boxes, cell = window_features(engine, img, text, cfg)
-    spliced = splice_features(feats, boxes, (h, w), cell)  # (D, gh, gw)
-    if p.kind == "none":
-        agg = spliced
-    else:
-        sam = engine.sam
-        if sam is None:
+def _splice_needs(p: SpliceParams) -> frozenset[Need]:
+    return frozenset() if p.kind == "none" else frozenset({Need.SAM_ENCODER})
+
+
+@STRATEGIES.register("splice", params=SpliceParams, needs=_splice_needs,
+                     description="windows' features spliced, moved by SAM's global affinity, classified once")
+class SpliceStrategy:
+    """Splice-then-segment with its params validated once; ``sam_encoder``: the configured SAM
+    (any module ``image_encoder_of`` accepts), needed unless ``kind`` is ``none``."""
+
+    def __init__(self, params: SpliceParams | None = None, *, sam_encoder: object | None = None) -> None:
+        self.params = params or SpliceParams()
+        if self.params.kind != "none" and sam_encoder is None:
             raise ValueError("inference.mode=splice with a global affinity needs a SAM model: add "
                              "`sam: {name: sam_vitb}` to the config, or set inference.params.kind=none")
-        agg = global_aggregate(sam, img, spliced, p)
-    d, gh, gw = agg.shape
-    logits = engine.patch_logits(agg.reshape(d, -1).T[None], (gh, gw), text)  # (1, Q, gh, gw)
-    return F.interpolate(logits, (H, W), mode="bilinear", align_corners=False)[0]
+        self.sam = sam_encoder
+
+    def __call__(self, engine: DenseEngine, image01: Tensor, text: Tensor, cfg: InferenceConfig) -> Tensor:
+        """(3, H, W) in [0, 1] -> cosine logits (Q, H, W)."""
+        p = self.params
+        _, H, W = image01.shape
+        image01 = image01.to(engine.device)
+        h, w = splice_size(H, W, engine.clip.patch_size, cfg.crop) if p.align else (H, W)
+        img = image01 if (h, w) == (H, W) else F.interpolate(
+            image01[None], (h, w), mode="bilinear", align_corners=False)[0]
+        feats, boxes, cell = window_features(engine, img, text, cfg)
+        spliced = splice_features(feats, boxes, (h, w), cell)  # (D, gh, gw)
+        agg = spliced if p.kind == "none" else global_aggregate(self.sam, img, spliced, p)
+        d, gh, gw = agg.shape
+        logits = engine.patch_logits(agg.reshape(d, -1).T[None], (gh, gw), text)  # (1, Q, gh, gw)
+        return F.interpolate(logits, (H, W), mode="bilinear", align_corners=False)[0]

@@ -1,71 +1,33 @@
 """Inference strategies: how an image becomes windows and window logits become image logits.
 
-A strategy maps (engine, image (3, H, W) in [0, 1], text (Q, E), settings) to cosine logits
-(Q, H, W) at the processed image's resolution. ``whole`` and ``slide`` live here; ``splice``
+A strategy is registered in ``dapseg.registry.STRATEGIES`` under its ``inference.mode`` name; its
+builder takes the validated ``inference.params`` object (when it has a params model) and the models
+it declared (``Need``), and returns a callable
+
+    strategy(engine, image01 (3, H, W) in [0, 1], text (Q, E), settings) -> logits (Q, H, W)
+
+giving cosine logits covering the processed image. ``whole`` and ``slide`` live here; ``splice``
 (splice-then-segment) registers itself from its own module.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
-import torch.nn.functional as F
-from pydantic import BaseModel
 from torch import Tensor
 
 from dapseg.config import InferenceConfig
 from dapseg.inference.engine import DenseEngine
-from dapseg.inference.windows import Window, centred_padding, window_grid
+from dapseg.inference.windows import centred_padding, crop_windows, pad_windows, window_grid
+from dapseg.registry import STRATEGIES
 
 Strategy = Callable[[DenseEngine, Tensor, Tensor, InferenceConfig], Tensor]
-STRATEGIES: dict[str, Strategy] = {}
-# The pydantic model of ``inference.params`` for strategies that take parameters.
-STRATEGY_PARAMS: dict[str, type[BaseModel]] = {}
 
 
-def register_strategy(name: str, params: type[BaseModel] | None = None) -> Callable[[Strategy], Strategy]:
-    def deco(fn: Strategy) -> Strategy:
-        STRATEGIES[name] = fn
-        if params is not None:
-            STRATEGY_PARAMS[name] = params
-        return fn
-
-    return deco
-
-
-def validate_strategy_params(mode: str, params: dict[str, Any]) -> dict[str, Any]:
-    """``inference.params`` checked against the strategy's model (at config time, not mid-run)."""
-    get_strategy(mode)
-    model = STRATEGY_PARAMS.get(mode)
-    if model is None:
-        if params:
-            raise ValueError(f"inference mode {mode!r} takes no params, got {sorted(params)} "
-                             "(switching from splice? also set inference.params={})")
-        return params
-    return model(**params).model_dump()
-
-
-def get_strategy(name: str) -> Strategy:
-    import dapseg.inference  # noqa: F401  (registers every built-in strategy)
-
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown inference mode {name!r}; valid: {', '.join(sorted(STRATEGIES))}")
-    return STRATEGIES[name]
-
-
-def pad_windows(windows01: Tensor, pad: tuple[int, int, int, int], fill: tuple[float, ...]) -> Tensor:
-    """Pad (B, 3, h, w) windows with a constant colour (the CLIP mean: zero after normalisation)."""
-    if not any(pad):
-        return windows01
-    out = F.pad(windows01, pad, value=0.0)
-    left, _, top, _ = pad
-    h, w = windows01.shape[-2:]
-    mask = torch.ones_like(out[:, :1], dtype=torch.bool)
-    mask[..., top : top + h, left : left + w] = False
-    colour = torch.tensor(fill, dtype=out.dtype, device=out.device).view(1, 3, 1, 1)
-    return torch.where(mask, colour, out)
+def get_strategy(name: str, params: dict | None = None, **provided: object) -> Strategy:
+    """The strategy ``name`` built with ``params`` (validated once, here) and ``provided`` models."""
+    return STRATEGIES.build(name, params, **provided)
 
 
 def padded_window_logits(engine: DenseEngine, windows01: Tensor, text: Tensor, pad_multiple: int | None) -> Tensor:
@@ -77,18 +39,11 @@ def padded_window_logits(engine: DenseEngine, windows01: Tensor, text: Tensor, p
     return logits[..., top : top + h, left : left + w]
 
 
-@register_strategy("whole")
 def whole(engine: DenseEngine, image01: Tensor, text: Tensor, cfg: InferenceConfig) -> Tensor:
     """The whole image as one window."""
     return padded_window_logits(engine, image01[None], text, cfg.pad_multiple)[0]
 
 
-def crop_windows(image01: Tensor, windows: list[Window]) -> Tensor:
-    """(3, H, W) -> (n, 3, h, w) stacked crops (all windows of a grid share one size)."""
-    return torch.stack([image01[:, w.y1 : w.y2, w.x1 : w.x2] for w in windows])
-
-
-@register_strategy("slide")
 def slide(engine: DenseEngine, image01: Tensor, text: Tensor, cfg: InferenceConfig) -> Tensor:
     """Segment-then-splice: window logits averaged where windows overlap.
 
@@ -106,3 +61,8 @@ def slide(engine: DenseEngine, image01: Tensor, text: Tensor, cfg: InferenceConf
             logits[:, win.y1 : win.y2, win.x1 : win.x2] += win_logits
             count[:, win.y1 : win.y2, win.x1 : win.x2] += 1
     return logits / count
+
+
+# Parameterless strategies: the builder returns the function itself.
+STRATEGIES.register("whole", description="the whole image as one window")(lambda: whole)
+STRATEGIES.register("slide", description="sliding windows, logits averaged where they overlap")(lambda: slide)

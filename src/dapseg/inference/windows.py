@@ -1,8 +1,13 @@
-"""The sliding-window grid of the references (MMSegmentation's slide inference)."""
+"""Windows: the sliding-window grid of the references (MMSegmentation's slide inference), cropping
+and padding. Every strategy that cuts an image into windows uses these."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -47,3 +52,22 @@ def centred_padding(h: int, w: int, multiple: int | None) -> tuple[int, int, int
     lr = (-w) % multiple
     tb = (-h) % multiple
     return lr // 2, lr - lr // 2, tb // 2, tb - tb // 2
+
+
+def crop_windows(image01: Tensor, windows: list[Window]) -> Tensor:
+    """(3, H, W) -> (n, 3, h, w) stacked crops (all windows of a grid share one size)."""
+    return torch.stack([image01[:, w.y1 : w.y2, w.x1 : w.x2] for w in windows])
+
+
+def pad_windows(windows01: Tensor, pad: tuple[int, int, int, int], fill: tuple[float, ...]) -> Tensor:
+    """Pad (B, 3, h, w) windows by (left, right, top, bottom) with a constant colour ``fill``
+    (the CLIP mean, so that padding is zero after normalisation)."""
+    if not any(pad):
+        return windows01
+    out = F.pad(windows01, pad, value=0.0)
+    left, _, top, _ = pad
+    h, w = windows01.shape[-2:]
+    mask = torch.ones_like(out[:, :1], dtype=torch.bool)
+    mask[..., top : top + h, left : left + w] = False
+    colour = torch.tensor(fill, dtype=out.dtype, device=out.device).view(1, 3, 1, 1)
+    return torch.where(mask, colour, out)

@@ -64,6 +64,11 @@ class VfmSpec:
     pos_antialias: bool = False
     tiny: dict[str, Any] = field(default_factory=dict)  # overrides giving the tiny test variant
 
+    @property
+    def built_at_window_size(self) -> bool:
+        """MAE is built at the sliding-window size (the one place MAE is recognised: its family)."""
+        return self.family == "mae"
+
 
 _TINY_VIT = {"embed_dim": 32, "depth": 2, "num_heads": 2}
 _SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"

@@ -88,14 +88,9 @@ def _download_url(url: str, dest: Path) -> Path:
     """Download ``url`` to ``dest`` atomically (a partial file is never taken for the checkpoint)."""
     import torch.hub
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
-    try:
-        torch.hub.download_url_to_file(url, str(tmp), progress=True)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return dest
+    from dapseg.files import atomic_write
+
+    return atomic_write(dest, lambda tmp: torch.hub.download_url_to_file(url, str(tmp), progress=True))
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -167,8 +162,8 @@ def _wrap(spec: VfmSpec, module: nn.Module, tiny: bool, window_size: int) -> Vis
         return SamVfm(spec, module, tiny=tiny)
     if spec.family == "dinov3":
         return Dinov3Vfm(spec, module, tiny=tiny)
-    if spec.family == "mae":
-        # built at the window size: resize the (checkpoint's) position grid once, MAE-style
+    if spec.built_at_window_size:
+        # MAE: built at the window size: resize the (checkpoint's) position grid once, MAE-style
         grid = window_size // spec.patch_size
         module.pos_embed = nn.Parameter(
             resize_pos_embed_mae(module.pos_embed.data, module.num_prefix_tokens, grid)

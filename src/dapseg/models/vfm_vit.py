@@ -80,7 +80,7 @@ class TimmVitVfm(VisionFoundationModel):
         super().__init__(spec, embed_dim=vit.embed_dim, num_heads=vit.blocks[-1].attn.num_heads, tiny=tiny)
         self.vit = vit
         # MAE is built at the window size (the reference resizes every window to slide_crop²)
-        self.window_size = window_size if spec.family == "mae" else None
+        self.window_size = window_size if spec.built_at_window_size else None
 
     def input_size(self, height: int, width: int) -> tuple[int, int]:
         if self.window_size is not None:
@@ -100,7 +100,7 @@ class TimmVitVfm(VisionFoundationModel):
         grid = (patches.shape[-2], patches.shape[-1])
         patches = vit.patch_embed.norm(patches.flatten(2).transpose(1, 2))  # (B, h·w, C)
         prefix_pos, patch_pos = self._pos_split()
-        if self.family == "mae":
+        if self.spec.built_at_window_size:
             if patch_pos.shape[1] != grid[0] * grid[1]:
                 raise RuntimeError(f"{self.name}: built for {patch_pos.shape[1]} patches, got grid {grid}")
         else:

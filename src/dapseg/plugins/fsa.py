@@ -26,7 +26,6 @@ forming the M×M×M products W·Attn and Attn·W.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from dapseg.heads.base import Attention, Head, HeadContext, HeadOutput, merge_heads
-
-if TYPE_CHECKING:
-    from dapseg.config import SegmenterConfig
+from dapseg.registry import PLUGINS, Backbone, Need
 
 # Added to the probabilities inside the log, as the reference does: it bounds the penalty for a
 # class that patch j deems impossible, and keeps log finite where a probability underflows to 0.
@@ -46,7 +43,7 @@ ToEmbed = Callable[[Tensor], Tensor]  # (B, n, D) tokens -> (B, n, E) embeddings
 
 
 class FsaParams(BaseModel):
-    """FSA settings (``fsa.params`` in a config)."""
+    """FSA settings (the ``params`` of the ``fsa`` plug-in in a config)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -56,13 +53,13 @@ class FsaParams(BaseModel):
     scale_u: float = Field(35.0, gt=0.0)  # logit scale of the uniform-attention logits
 
 
-def default_lambda(clip_model: str, vfm_name: str | None = None) -> float:
-    """The reference's λ: 4.5 with an MAE VFM; else 2.3 for ViT-H, 3.0 for ViT-B / ViT-L.
+def default_lambda(clip_model: str, vfm_family: str | None = None) -> float:
+    """The reference's λ: 4.5 with a VFM of the MAE family; else 2.3 for ViT-H, 3.0 for ViT-B / ViT-L.
 
     Backbones the reference does not cover (ViT-g, bigG, SO400M, ...) get 3.0; set
-    ``fsa.params.lam`` for them.
+    ``plugins: [{name: fsa, params: {lam: ...}}]`` for them.
     """
-    if vfm_name is not None and "mae" in vfm_name.lower():
+    if vfm_family == "mae":
         return 4.5
     size_tokens = set(clip_model.replace("/", "-").split("-"))
     return 2.3 if "H" in size_tokens else 3.0
@@ -157,7 +154,7 @@ def fsa_values(
     head_tokens (B, n, D): the head's own output o, before LN_post / proj.
     """
     if params.lam is None:
-        raise ValueError("FSA needs fsa.params.lam; FsaPlugin.from_config derives it from the backbone")
+        raise ValueError("FSA needs params.lam; FsaPlugin derives it from the backbone")
     b, _, m, _ = a.v.shape
     n = m - int(a.has_cls)
     if a.attn.dim() != 4 or a.attn.shape[0] != b or a.attn.shape[-2:] != (m, m):
@@ -205,32 +202,22 @@ def fsa(
 # ----------------------------------------------------------------------------- plug-in and hook
 
 
+@PLUGINS.register("fsa", params=FsaParams, needs={Need.BACKBONE, Need.CLASS_TEXT},
+                  description="FSA: feedback self-adaptive attention for any head")
 class FsaPlugin:
-    """FSA with its parameters resolved (λ from the backbone unless given)."""
+    """FSA with its parameters resolved (λ from the backbone unless given).
 
-    def __init__(self, params: FsaParams, *, clip_model: str = "ViT-B-16", vfm_name: str | None = None):
-        lam = params.lam if params.lam is not None else default_lambda(clip_model, vfm_name)
+    The registered plug-in: ``plugins: [{name: fsa, params: {...}}]`` in a config, ``--fsa`` on the
+    command line, or a ``<preset>-fsa`` preset. An instance is the engine's ``HeadPlugin``.
+    """
+
+    def __init__(self, params: FsaParams | None = None, *, backbone: Backbone | None = None) -> None:
+        params = params or FsaParams()
+        backbone = backbone or Backbone(clip_model="ViT-B-16")
+        lam = params.lam if params.lam is not None else default_lambda(backbone.clip_model, backbone.vfm_family)
         self.params = params.model_copy(update={"lam": lam})
 
-    @classmethod
-    def from_config(cls, config: SegmenterConfig) -> FsaPlugin | None:
-        """The plug-in a config asks for, or None when ``fsa.enabled`` is false."""
-        if not config.fsa.enabled:
-            return None
-        vfm_name = config.vfm.name if config.vfm is not None else None
-        return cls(FsaParams(**config.fsa.params), clip_model=config.clip.model, vfm_name=vfm_name)
-
-    def __call__(
-        self,
-        a: Attention,
-        out_proj: nn.Module,
-        to_embed: ToEmbed,
-        text_emb: Tensor,
-        head_tokens: Tensor | None = None,
-    ) -> HeadOutput:
-        return fsa(a, out_proj, to_embed, text_emb, self.params, head_tokens)
-
-    def run_head(self, head: Head, ctx: HeadContext, text_emb: Tensor, to_embed: ToEmbed) -> HeadOutput:
+    def __call__(self, head: Head, ctx: HeadContext, text_emb: Tensor, to_embed: ToEmbed) -> HeadOutput:
         """``head`` on ``ctx`` with FSA (the engine's plug-in signature)."""
         return apply_head(head, ctx, self, text_emb, to_embed)
 
@@ -256,9 +243,3 @@ def apply_head(
     a = out.attention if out.attention is not None else head.attention(ctx)
     z = fsa_values(a, out.tokens, ctx.block.attn.out_proj, to_embed, text_emb, fsa_plugin.params)
     return head.project(ctx, a, z)
-
-
-def build_fsa(config: SegmenterConfig) -> Callable[[Head, HeadContext, Tensor, ToEmbed], HeadOutput] | None:
-    """The engine's plug-in for ``config`` (``DenseEngine(plugin=...)``), None when FSA is off."""
-    plugin = FsaPlugin.from_config(config)
-    return plugin.run_head if plugin is not None else None

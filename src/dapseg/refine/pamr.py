@@ -7,15 +7,13 @@ channels; σ_local is the standard deviation over the 3×3 stencils of all dilat
 
 from __future__ import annotations
 
-from typing import Any
-
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, field_validator
 from torch import Tensor
 
-from dapseg.refine import Refiner, register_refiner
+from dapseg.refine import Refined, RefineInput, Refiner
+from dapseg.registry import REFINERS
 
 # The 8 neighbours of a 3×3 stencil (dy, dx), and the 9 offsets incl. the centre.
 _NEIGHBOURS = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
@@ -59,17 +57,15 @@ class PamrParams(BaseModel):
         return v
 
 
-@register_refiner("pamr")
-def build_pamr(params: dict[str, Any], **_: Any) -> Refiner:
-    p = PamrParams(**params)
-
-    def refine(image: np.ndarray, logits: Tensor, query_to_class: list[int]) -> Tensor:
+@REFINERS.register("pamr", params=PamrParams, description="PAMR: pixel-adaptive smoothing of the logits")
+def build_pamr(p: PamrParams) -> Refiner:
+    def refine(inp: RefineInput) -> Refined:
         # NACLIP refines the cosine logits with the CLIP-normalised image; PAMR's affinities are
         # invariant to a per-channel affine map up to the σ term, so we use the normalised image too.
         from dapseg.inference.preprocess import normalize, to_tensor01
         from dapseg.models.clip import OPENAI_MEAN, OPENAI_STD
 
-        img = normalize(to_tensor01(image)[None], OPENAI_MEAN, OPENAI_STD).to(logits)
-        return pamr(img, logits[None], p.steps, p.dilations)[0]
+        img = normalize(to_tensor01(inp.image)[None], OPENAI_MEAN, OPENAI_STD).to(inp.logits)
+        return Refined(logits=pamr(img, inp.logits[None], p.steps, p.dilations)[0])
 
     return refine

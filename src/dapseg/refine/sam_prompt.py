@@ -19,10 +19,7 @@ Usable after any strategy. Facts from the public reference (YuHengsss/Trident, `
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -35,7 +32,8 @@ from skimage import measure
 from torch import Tensor
 
 from dapseg.models.sam_encoder import SamEncoding, encode_image
-from dapseg.refine import Refiner, register_refiner
+from dapseg.refine import Refined, RefineInput, Refiner
+from dapseg.registry import REFINERS, Need
 
 
 class SamRefineParams(BaseModel):
@@ -187,59 +185,25 @@ class SamPromptRefiner:
         return new_labels, new_probs
 
 
-def probs_as_logits(probs: Tensor, logit_scale: float, query_to_class: list[int]) -> Tensor:
-    """(C, H, W) class probabilities -> (Q, H, W) logits that postprocess maps back to them.
+@REFINERS.register("sam", params=SamRefineParams, needs={Need.SAM_DECODER},
+                   description="SAM prompted by the coarse class regions (Trident)")
+def build_sam_refiner(p: SamRefineParams, *, sam_decoder: Sam | None = None) -> Refiner:
+    """The ``refine.name: sam`` refiner around ``sam_decoder`` (a full ``Sam``, decoder included).
 
-    softmax(logit_scale · L) merged by max over synonyms gives back ``probs`` normalised per pixel:
-    the first query of each class carries log(p_c) / logit_scale, its other synonyms a negligible
-    value. Used so that a label-level refiner fits the logits-in, logits-out refiner contract.
-    """
-    p = probs.float().clamp_min(0)
-    p = p / p.sum(0, keepdim=True).clamp_min(1e-30)
-    tiny = math.log(1e-30) / logit_scale
-    out = torch.full((len(query_to_class), *p.shape[1:]), tiny, dtype=torch.float32, device=p.device)
-    seen: set[int] = set()
-    for q, c in enumerate(query_to_class):
-        if c not in seen:
-            seen.add(c)
-            out[q] = torch.log(p[c].clamp_min(1e-30)) / logit_scale
-    return out
-
-
-@register_refiner("sam")
-def build_sam_refiner(params: dict[str, Any], sam: object | None = None, segmenter: Any = None,
-                      **_: Any) -> Refiner:
-    """The ``refine.name: sam`` refiner of a Segmenter (its ``sam`` model, postprocess settings).
-
-    Returns (logits, labels): labels decided by SAM, logits encoding the refined probabilities.
+    Returns the refined class probabilities and the labels SAM decided.
     """
     from dapseg.inference.preprocess import to_tensor01
-    from dapseg.models.sam_encoder import check_encode_memory, sam_with_decoder
-    from dapseg.postprocess import class_probs, labels_from_probs
+    from dapseg.models.sam_encoder import check_encode_memory
 
-    if sam is None:
+    if sam_decoder is None:
         raise ValueError("refine.name=sam needs a SAM model: add `sam: {name: sam_vitb}` to the config")
-    p = SamRefineParams(**params)
-    check_encode_memory(sam, chunk=p.chunk)  # before the first image, not halfway through a dataset
-    refiner = SamPromptRefiner(sam_with_decoder(sam, weights=_decoder_weights(segmenter)), p)
-    post = segmenter.config.postprocess if segmenter is not None else None
-    scale = post.logit_scale if post is not None else 40.0
-    prob_thd = post.prob_thd if post is not None else 0.0
+    check_encode_memory(sam_decoder, chunk=p.chunk)  # before the first image, not halfway through a dataset
+    refiner = SamPromptRefiner(sam_decoder, p)
 
-    def refine(image: np.ndarray, logits: Tensor, query_to_class: list[int]) -> tuple[Tensor, Tensor]:
-        probs = class_probs(logits.float(), scale, query_to_class)
-        labels = labels_from_probs(probs, prob_thd)
-        new_labels, new_probs = refiner(to_tensor01(np.array(image)).to(probs.device), labels, probs)
-        return probs_as_logits(new_probs, scale, query_to_class), new_labels
+    def refine(inp: RefineInput) -> Refined:
+        probs = inp.probs
+        new_labels, new_probs = refiner(to_tensor01(np.array(inp.image)).to(probs.device), inp.labels, probs)
+        # SAM's scores σ(logit)·p_c are not a distribution: renormalise per pixel (C, H, W).
+        return Refined(probs=new_probs / new_probs.sum(0, keepdim=True).clamp_min(1e-30), labels=new_labels)
 
-    return refine  # type: ignore[return-value]
-
-
-def _decoder_weights(segmenter: Any) -> Path | None:
-    """The SAM release file holding the prompt encoder / mask decoder (None for random weights)."""
-    from dapseg.models.sam_encoder import sam_decoder_file
-
-    if segmenter is None:
-        return None
-    return sam_decoder_file(segmenter.config.sam, random_weights=segmenter.random_weights or segmenter.tiny,
-                            cache_dir=segmenter.cache_dir)
+    return refine

@@ -2,9 +2,9 @@
 
 A request (image, class text, preset, knobs) becomes an ``Outputs`` record: the overlay, the
 label map, a legend table with pixel shares, the heatmap state and the files to download, or an
-error message. Models are built once per preset and kept in a small LRU pool; a request's knobs
-are config overrides applied with ``Segmenter.derive``, which shares the preset's modules, so
-turning a knob never reloads weights.
+error message. Models are built once per preset and kept in the shared ``dapseg.pool.SegmenterPool``;
+a request's knobs are config overrides applied with ``Segmenter.derive``, which shares the preset's
+modules, so turning a knob never reloads weights. The plug-in and refiner menus list the registries.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ import re
 import shutil
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,13 +24,25 @@ import numpy as np
 from PIL import Image
 
 from dapseg.config import SegmenterConfig
+from dapseg.pool import SegmenterPool
+from dapseg.registry import PLUGINS, REFINERS
 from dapseg.viz import display_palette
 
 log = logging.getLogger(__name__)
 
 MAX_INPUT_SIDE = 2048  # larger uploads are shrunk first: a demo request must stay interactive
 STATE_SIDE = 768  # the heatmap state (image + per-class probabilities) is kept at most this big
-REFINERS = ("none", "pamr", "sam")
+NONE = "none"  # the menus' "no plug-in" / "no refiner" entry
+
+
+def plugin_choices() -> list[str]:
+    """The plug-in menu: none plus every registered plug-in."""
+    return [NONE, *PLUGINS.names()]
+
+
+def refiner_choices() -> list[str]:
+    """The refiner menu: none plus every registered refiner."""
+    return [NONE, *REFINERS.names()]
 
 
 # ----------------------------------------------------------------------------- request knobs
@@ -44,106 +55,46 @@ class Knobs:
     crop: int
     stride: int
     prob_thd: float
-    fsa: bool
-    refine: str
+    plugin: str  # a registered plug-in, or "none"
+    refine: str  # a registered refiner, or "none"
 
     @classmethod
     def from_config(cls, config: SegmenterConfig) -> Knobs:
         inf = config.inference
-        return cls(inf.short_side, inf.crop, inf.stride, config.postprocess.prob_thd,
-                   config.fsa.enabled, config.refine.name)
+        plugin = config.plugins[0].name if config.plugins else NONE
+        return cls(inf.short_side, inf.crop, inf.stride, config.postprocess.prob_thd, plugin, config.refine.name)
 
-    def overrides(self) -> dict[str, Any]:
-        return {
+    def overrides(self, base: SegmenterConfig | None = None) -> dict[str, Any]:
+        """The config overrides of these knobs. Against ``base`` (the preset's config), a plug-in or
+        refiner that stays the same keeps its preset parameters; a new one starts from its defaults."""
+        out: dict[str, Any] = {
             "inference.short_side": self.short_side,
             "inference.crop": self.crop,
             "inference.stride": self.stride,
             "postprocess.prob_thd": self.prob_thd,
-            "fsa.enabled": self.fsa,
-            "refine.name": self.refine,
         }
+        base_plugin = base.plugins[0].name if base is not None and base.plugins else NONE
+        if base is None or self.plugin != base_plugin:
+            out["plugins"] = [] if self.plugin == NONE else [{"name": self.plugin}]
+        if base is None or self.refine != base.refine.name:
+            out["refine"] = {"name": self.refine, "params": {}}
+        return out
 
 
 def knobs_from_ui(short_side: float | None, crop: float, stride: float, prob_thd: float,
-                  fsa: bool, refine: str) -> Knobs:
+                  plugin: str, refine: str) -> Knobs:
     """UI values -> Knobs; a short side of 0 (or empty) means "keep the input size"."""
-    if refine not in REFINERS:
-        raise ValueError(f"refiner must be one of {', '.join(REFINERS)}, got {refine!r}")
+    if refine not in refiner_choices():
+        raise ValueError(f"refiner must be one of {', '.join(refiner_choices())}, got {refine!r}")
+    if plugin not in plugin_choices():
+        raise ValueError(f"plug-in must be one of {', '.join(plugin_choices())}, got {plugin!r}")
     side = int(short_side) if short_side else None
     if int(crop) < 1 or int(stride) < 1:
         raise ValueError(f"window and stride must be >= 1 px, got window {crop}, stride {stride}")
     if int(stride) > int(crop):
         raise ValueError(f"stride ({int(stride)} px) larger than the window ({int(crop)} px) "
                          "would leave pixels unseen")
-    return Knobs(side, int(crop), int(stride), float(prob_thd), bool(fsa), str(refine))
-
-
-# ----------------------------------------------------------------------------- model pool
-
-def config_value(config: SegmenterConfig, dotted: str) -> Any:
-    """The value at a dotted key of a config ('inference.stride')."""
-    node: Any = config
-    for part in dotted.split("."):
-        node = node[part] if isinstance(node, dict) else getattr(node, part)
-    return node
-
-
-def _freeze(overrides: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
-    return tuple(sorted((k, repr(v)) for k, v in overrides.items()))
-
-
-@dataclass
-class SegmenterPool:
-    """Built segmenters, reused across requests.
-
-    ``build(name)`` builds the model of a preset (weights loaded once). A request's knobs are
-    config overrides: ``get(name, overrides)`` derives a segmenter that shares the preset's
-    modules (``Segmenter.derive``), so a knob change never reloads weights. Both levels are small
-    LRU caches; evicting a preset drops its derived segmenters with it.
-    """
-
-    build: Callable[[str], Any]
-    capacity: int = 2  # presets with their weights in memory
-    derived_capacity: int = 4  # knob settings per preset (cheap: modules are shared)
-    _models: OrderedDict[str, Any] = field(default_factory=OrderedDict)
-    _derived: OrderedDict[tuple[str, tuple], Any] = field(default_factory=OrderedDict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    builds: int = 0  # models built from scratch (the status line says when that happened)
-
-    def base(self, name: str) -> Any:
-        with self._lock:
-            return self._base(name)
-
-    def _base(self, name: str) -> Any:
-        if name in self._models:
-            self._models.move_to_end(name)
-            return self._models[name]
-        seg = self.build(name)
-        self.builds += 1
-        self._models[name] = seg
-        while len(self._models) > self.capacity:
-            evicted, _ = self._models.popitem(last=False)
-            for key in [k for k in self._derived if k[0] == evicted]:
-                del self._derived[key]
-        return seg
-
-    def get(self, name: str, overrides: dict[str, Any]) -> Any:
-        with self._lock:
-            base = self._base(name)
-            # Settings equal to the preset's need no derived model.
-            overrides = {k: v for k, v in overrides.items() if config_value(base.config, k) != v}
-            if not overrides:
-                return base
-            key = (name, _freeze(overrides))
-            if key in self._derived:
-                self._derived.move_to_end(key)
-                return self._derived[key]
-            seg = base.derive(overrides)
-            self._derived[key] = seg
-            per_preset = [k for k in self._derived if k[0] == name]
-            for old in per_preset[: max(0, len(per_preset) - self.derived_capacity)]:
-                del self._derived[old]
-            return seg
+    return Knobs(side, int(crop), int(stride), float(prob_thd), str(plugin), str(refine))
 
 
 # ----------------------------------------------------------------------------- result views
@@ -304,7 +255,7 @@ class DemoSession:
             note = f" (input {w}×{h} shrunk to {image.shape[1]}×{image.shape[0]})"
 
         t0 = time.perf_counter()
-        seg = self.pool.get(preset, knobs.overrides())
+        seg = self.pool.get(preset, knobs.overrides(self.pool.base(preset).config))
         t1 = time.perf_counter()
         res = seg.predict(image, classes)
         t2 = time.perf_counter()

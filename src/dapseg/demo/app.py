@@ -5,7 +5,7 @@ a preset and its main knobs, and shows the overlay with a legend, the label map,
 confidence heatmap and the pixel share per class, with the label PNG and JSON to download.
 Requests run one at a time through Gradio's queue; an error in one (no image, bad image, empty
 class list, missing weights) is shown in the page and the server keeps serving. The request
-logic lives in ``dapseg.demo_backend``; this module is only the page.
+logic lives in ``dapseg.demo.backend``; this module is only the page.
 """
 
 from __future__ import annotations
@@ -17,17 +17,18 @@ from pathlib import Path
 from typing import Any
 
 from dapseg.config import SegmenterConfig, list_presets
-from dapseg.demo_backend import (
-    REFINERS,
+from dapseg.demo.backend import (
     DemoSession,
     HeatmapState,
     Knobs,
     Outputs,
-    SegmenterPool,
     error_html,
     knobs_from_ui,
+    plugin_choices,
+    refiner_choices,
     render_heatmap,
 )
+from dapseg.pool import SegmenterPool
 
 EXAMPLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 GENERIC_CLASSES = "person, sky, tree, grass, building, road"
@@ -111,8 +112,8 @@ def build_app(session: DemoSession, catalog: Catalog, examples: Sequence[Path] =
                                        elem_id="stride")
                     prob_thd = gr.Slider(0.0, 1.0, value=k0.prob_thd, step=0.01,
                                          label="Background threshold (prob_thd)", elem_id="prob-thd")
-                    fsa = gr.Checkbox(value=k0.fsa, label="FSA plug-in", elem_id="fsa")
-                    refine = gr.Radio(list(REFINERS), value=k0.refine, label="Refiner", elem_id="refine")
+                    plugin = gr.Radio(plugin_choices(), value=k0.plugin, label="Plug-in", elem_id="plugin")
+                    refine = gr.Radio(refiner_choices(), value=k0.refine, label="Refiner", elem_id="refine")
                 run_btn = gr.Button("Segment", variant="primary", elem_id="run")
                 if examples:
                     gr.Examples([[str(p), example_classes(p)] for p in examples],
@@ -140,11 +141,11 @@ def build_app(session: DemoSession, catalog: Catalog, examples: Sequence[Path] =
 
         def on_preset(name: str):
             k = Knobs.from_config(catalog.resolve(name))
-            return k.short_side or 0, k.crop, k.stride, k.prob_thd, k.fsa, k.refine
+            return k.short_side or 0, k.crop, k.stride, k.prob_thd, k.plugin, k.refine
 
-        def on_run(img, text, name, side, crop_v, stride_v, thd, fsa_v, refine_v):
+        def on_run(img, text, name, side, crop_v, stride_v, thd, plugin_v, refine_v):
             try:
-                knobs = knobs_from_ui(side, crop_v, stride_v, thd, fsa_v, refine_v)
+                knobs = knobs_from_ui(side, crop_v, stride_v, thd, plugin_v, refine_v)
             except ValueError as e:
                 out = Outputs(error=str(e))
             else:
@@ -166,10 +167,10 @@ def build_app(session: DemoSession, catalog: Catalog, examples: Sequence[Path] =
                 return None
             return render_heatmap(st, name)
 
-        preset_in.change(on_preset, preset_in, [short_side, crop, stride, prob_thd, fsa, refine])
+        preset_in.change(on_preset, preset_in, [short_side, crop, stride, prob_thd, plugin, refine])
         run_btn.click(
             on_run,
-            [image_in, classes_in, preset_in, short_side, crop, stride, prob_thd, fsa, refine],
+            [image_in, classes_in, preset_in, short_side, crop, stride, prob_thd, plugin, refine],
             [error_box, status, overlay, label_map, legend, heat_class, heatmap, files, state],
             concurrency_limit=1,  # one inference at a time; other users wait in the queue
         )

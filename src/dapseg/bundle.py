@@ -1,0 +1,111 @@
+"""The models of a segmenter, built once and handed to each component according to its declared needs.
+
+``ModelBundle`` holds CLIP, the VFM and SAM (its image encoder, plus the full ``Sam`` with prompt
+encoder and mask decoder, built on first request and then shared: DAP's SAM regions and SAM
+refinement use one decoder). ``provide(needs)`` returns the builder keywords of ``registry.BUILDER_NEEDS``
+that a component declared, so a component never receives the segmenter itself.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from dapseg.config import SegmenterConfig, VfmConfig
+from dapseg.models.clip import DenseClip, build_clip
+from dapseg.registry import Backbone, Need
+from dapseg.weights import WeightsMissingError, how_to_fetch
+
+
+@dataclass
+class ModelBundle:
+    """CLIP, VFM and SAM of one config (None where the config has none)."""
+
+    clip: DenseClip
+    vfm: nn.Module | None = None
+    sam: nn.Module | None = None  # the VFM registry's SAM: its image encoder (``.encoder``)
+    sam_config: VfmConfig | None = None
+    random_weights: bool = False
+    cache_dir: str | os.PathLike[str] | None = None
+    _sam_decoder: Any = field(default=None, repr=False)
+
+    @classmethod
+    def build(
+        cls,
+        config: SegmenterConfig,
+        *,
+        device: torch.device,
+        random_weights: bool = False,
+        tiny: bool = False,
+        cache_dir: str | os.PathLike[str] | None = None,
+        reuse: dict[str, Any] | None = None,
+    ) -> ModelBundle:
+        """Build (or take from ``reuse``: keys clip, vfm, sam, sam_decoder) every model ``config`` names."""
+        reuse = reuse or {}
+
+        def vfm(cfg: VfmConfig | None) -> nn.Module | None:
+            if cfg is None:
+                return None
+            from dapseg.models.vfm import build_vfm
+
+            return build_vfm(cfg, random_weights=random_weights, tiny=tiny, cache_dir=cache_dir,
+                             window_size=config.inference.crop, device=device)
+
+        try:
+            clip = reuse.get("clip") or build_clip(config.clip, random_weights=random_weights, tiny=tiny,
+                                                   cache_dir=cache_dir, device=device)
+            vfm_model = reuse.get("vfm") or vfm(config.vfm)
+            if config.sam is not None and "sam" not in reuse and not tiny:
+                from dapseg.models.sam_encoder import check_memory
+
+                check_memory(config.sam.name, device)  # fail before loading a SAM that cannot fit
+            sam = reuse.get("sam") or vfm(config.sam)
+        except WeightsMissingError as e:
+            raise WeightsMissingError(e.what, how_to_fetch(config.name)) from e
+        return cls(clip, vfm_model, sam, config.sam, random_weights or tiny, cache_dir,
+                   reuse.get("sam_decoder") if sam is reuse.get("sam") else None)
+
+    def sam_decoder(self) -> Any:
+        """The full segment-anything ``Sam`` around the SAM encoder, its decoder read from the release
+        file (random with random weights); built once."""
+        if self._sam_decoder is None:
+            if self.sam is None:
+                raise ValueError("no SAM model configured")
+            from dapseg.models.sam_encoder import sam_decoder_file, sam_with_decoder
+
+            weights = sam_decoder_file(self.sam_config, random_weights=self.random_weights,
+                                       cache_dir=self.cache_dir)
+            self._sam_decoder = sam_with_decoder(self.sam, weights=weights)
+        return self._sam_decoder
+
+    def backbone(self, config: SegmenterConfig) -> Backbone:
+        family = getattr(self.vfm, "family", None) if self.vfm is not None else None
+        vfm_name = config.vfm.name if config.vfm is not None else None
+        return Backbone(clip_model=config.clip.model, vfm_name=vfm_name, vfm_family=family)
+
+    def check(self, needs: Iterable[Need], what: str, config: SegmenterConfig) -> None:
+        """A clear error when ``what`` (e.g. "head 'dap'") needs a model the config does not name."""
+        needs = set(needs)
+        if needs & {Need.VFM_FEATURES, Need.VFM_ATTENTION} and self.vfm is None:
+            raise ValueError(f"preset {config.name!r}: {what} needs a VFM; configure a `vfm:` section "
+                             "(e.g. --set vfm.name=dino_vitb16)")
+        if needs & {Need.SAM_ENCODER, Need.SAM_DECODER} and self.sam is None:
+            raise ValueError(f"preset {config.name!r}: {what} needs a SAM model; add e.g. "
+                             "--set sam.name=sam_vitb (or a `sam:` section in the config)")
+
+    def provide(self, needs: Iterable[Need], config: SegmenterConfig) -> dict[str, Any]:
+        """The builder keywords for ``needs``: only the models declared, built on first request."""
+        out: dict[str, Any] = {}
+        for need in set(needs):
+            if need is Need.SAM_ENCODER and self.sam is not None:
+                out[need.value] = self.sam
+            elif need is Need.SAM_DECODER and self.sam is not None:
+                out[need.value] = self.sam_decoder()
+            elif need is Need.BACKBONE:
+                out[need.value] = self.backbone(config)
+        return out

@@ -1,0 +1,194 @@
+"""One kind of registry for every pluggable part: heads, strategies, refiners, plug-ins, VFM families.
+
+A registry maps a name to an ``Entry``: the builder, the pydantic model of its ``params`` (None: the
+component takes no parameters) and what it *needs* from the rest of the pipeline (``Need``). The
+configuration asks a registry for the params model (``Registry.validate``) and never imports a
+component; the segmenter asks it for the declared needs and builds each component with exactly the
+models it declared (see docs/design.md, "Registries and needs").
+
+Registering from outside the package is the same call the built-ins use::
+
+    from dapseg.registry import HEADS
+
+    @HEADS.register("mine", params=MyParams, needs={Need.VFM_FEATURES})
+    class MyHead(Head): ...
+
+The built-in components register when their module is imported; a registry imports its built-in
+modules (by name, on first lookup) so that ``config.py`` can validate names without importing them.
+
+This module imports nothing from the package: it is the lowest layer with ``config.py``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel
+
+T = TypeVar("T")
+
+
+class Need(str, Enum):
+    """What a component may need from the pipeline, declared rather than probed."""
+
+    VFM_FEATURES = "vfm_features"  # HeadContext.vfm_feats: the VFM's patch features of each window
+    VFM_ATTENTION = "vfm_attention"  # HeadContext.vfm_attn: the VFM's last-layer attention
+    WINDOW_PIXELS = "window_pixels"  # HeadContext.images: the window pixels in [0, 1]
+    SAM_ENCODER = "sam_encoder"  # the configured SAM's image encoder (builder keyword ``sam_encoder``)
+    SAM_DECODER = "sam_decoder"  # a full segment-anything ``Sam`` with its decoder (``sam_decoder``)
+    BACKBONE = "backbone"  # the names of the CLIP model and the VFM (``backbone``: a ``Backbone``)
+    CLASS_TEXT = "class_text"  # the query text embeddings at run time (e.g. FSA)
+
+
+# Needs handed to a builder as keyword arguments (the others configure the engine at run time).
+BUILDER_NEEDS = (Need.SAM_ENCODER, Need.SAM_DECODER, Need.BACKBONE)
+
+NeedsSpec = Iterable[Need | str] | Callable[[Any], Iterable[Need | str]]
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """What a component may know about the models around it (``Need.BACKBONE``)."""
+
+    clip_model: str  # open_clip model name, e.g. "ViT-B-16"
+    vfm_name: str | None = None  # VFM registry name, e.g. "mae_vitb16"
+    vfm_family: str | None = None  # VFM family, e.g. "mae"
+
+
+@dataclass(frozen=True)
+class Entry(Generic[T]):
+    """One registered component."""
+
+    kind: str
+    name: str
+    builder: Callable[..., T]
+    params: type[BaseModel] | None = None
+    needs: NeedsSpec = field(default_factory=frozenset)
+    description: str = ""
+
+    def parse_params(self, params: Mapping[str, Any] | BaseModel | None) -> BaseModel | None:
+        """The validated params object; a component without a params model accepts none."""
+        if isinstance(params, BaseModel):
+            return params
+        if self.params is None:
+            if params:
+                raise ValueError(f"{self.kind} {self.name!r} takes no params, got {sorted(params)}")
+            return None
+        return self.params(**(params or {}))
+
+    def needs_for(self, params: Mapping[str, Any] | BaseModel | None = None) -> frozenset[Need]:
+        """The needs of this component with ``params`` (some needs depend on a parameter)."""
+        needs = self.needs(self.parse_params(params)) if callable(self.needs) else self.needs
+        return frozenset(Need(n) for n in needs)
+
+    def build(self, params: Mapping[str, Any] | BaseModel | None = None, **provided: Any) -> T:
+        """Call the builder with the params object (when it has a params model) and, as keywords, the
+        provided models of the needs it declared (``BUILDER_NEEDS``); other provided items are dropped."""
+        p = self.parse_params(params)
+        declared = {n.value for n in self.needs_for(p) if n in BUILDER_NEEDS}
+        kwargs = {k: v for k, v in provided.items() if k in declared}
+        return self.builder(p, **kwargs) if self.params is not None else self.builder(**kwargs)
+
+
+class Registry(Generic[T]):
+    """Name -> ``Entry`` for one kind of component (``kind`` names it in messages)."""
+
+    def __init__(self, kind: str, builtins: Iterable[str] = (), none_name: str | None = None) -> None:
+        self.kind = kind
+        self._builtins = tuple(builtins)  # modules that register the built-in components
+        self._loaded = not self._builtins
+        self._entries: dict[str, Entry[T]] = {}
+        self.none_name = none_name  # a name meaning "no component" (e.g. refine: none)
+
+    def register(
+        self,
+        name: str,
+        *,
+        params: type[BaseModel] | None = None,
+        needs: NeedsSpec = frozenset(),
+        description: str = "",
+        replace: bool = False,
+    ) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        """Decorator registering ``builder`` (a class or a function) under ``name``."""
+
+        def deco(builder: Callable[..., T]) -> Callable[..., T]:
+            self.add(Entry(self.kind, name, builder, params, needs, description), replace=replace)
+            return builder
+
+        return deco
+
+    def add(self, entry: Entry[T], *, replace: bool = False) -> None:
+        if not entry.name or entry.name == self.none_name:
+            raise ValueError(f"{self.kind} name {entry.name!r} is reserved")
+        old = self._entries.get(entry.name)
+        if old is not None and not replace and old.builder is not entry.builder:
+            raise ValueError(f"{self.kind} {entry.name!r} is already registered (by {_origin(old.builder)})")
+        self._entries[entry.name] = entry
+
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (tests that register toy components clean up with this)."""
+        self._entries.pop(name, None)
+
+    def _load_builtins(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            for module in self._builtins:
+                importlib.import_module(module)
+
+    def names(self) -> list[str]:
+        """Registered names, sorted."""
+        self._load_builtins()
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        self._load_builtins()
+        return name in self._entries
+
+    def get(self, name: str) -> Entry[T]:
+        """The entry of ``name``; ValueError listing the known names otherwise."""
+        self._load_builtins()
+        try:
+            return self._entries[name]
+        except KeyError:
+            known = ([self.none_name] if self.none_name else []) + sorted(self._entries)
+            raise ValueError(f"unknown {self.kind} {name!r}; known: {', '.join(known)}") from None
+
+    def validate(self, name: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
+        """``params`` of ``name`` checked against its model, as a plain dict with defaults filled in."""
+        if self.none_name is not None and name == self.none_name:
+            if params:
+                raise ValueError(f"{self.kind} {name!r} takes no params, got {sorted(params)}")
+            return {}
+        p = self.get(name).parse_params(params)
+        return p.model_dump() if p is not None else {}
+
+    def build(self, name: str, params: Mapping[str, Any] | BaseModel | None = None, **provided: Any) -> T:
+        return self.get(name).build(params, **provided)
+
+
+def _origin(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', obj)}"
+
+
+HEADS: Registry[Any] = Registry(
+    "head",
+    builtins=[f"dapseg.heads.{m}" for m in ("vanilla", "maskclip", "sclip", "naclip", "proxy", "dap")],
+)
+STRATEGIES: Registry[Any] = Registry(
+    "inference mode", builtins=["dapseg.inference.strategies", "dapseg.inference.splice"]
+)
+REFINERS: Registry[Any] = Registry(
+    "refiner", builtins=["dapseg.refine.pamr", "dapseg.refine.sam_prompt"], none_name="none"
+)
+PLUGINS: Registry[Any] = Registry("plug-in", builtins=["dapseg.plugins.fsa"])
+VFM_FAMILIES: Registry[Any] = Registry("VFM family", builtins=["dapseg.models.vfm"])
+
+
+def all_registries() -> dict[str, Registry[Any]]:
+    """Every registry by its section name (what the CLI and the contract tests iterate over)."""
+    return {"head": HEADS, "strategy": STRATEGIES, "refiner": REFINERS, "plugin": PLUGINS,
+            "vfm_family": VFM_FAMILIES}

@@ -1,0 +1,99 @@
+"""``SegmentationResult``: one image's segmentation, what ``Segmenter.predict`` returns."""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from dapseg.files import atomic_write, atomic_write_text
+from dapseg.postprocess import class_probs
+from dapseg.text import ClassSet
+from dapseg.viz import heatmap, label_image, overlay
+
+PathLike = str | os.PathLike[str]
+
+
+class SegmentationResult:
+    """One image's segmentation. Full-resolution tensors are computed on first access.
+
+    ``labels`` (H, W) int64 is computed eagerly, in row bands, so images of any size fit in memory;
+    ``logits`` (Q, H, W) and ``probs`` (C, H, W) are upsampled on demand (large for big images).
+    A refiner may give refined full-resolution logits or probabilities instead.
+    """
+
+    def __init__(
+        self,
+        image: np.ndarray,
+        classes: ClassSet,
+        coarse_logits: torch.Tensor,
+        labels: torch.Tensor,
+        logit_scale: float,
+        full_logits: torch.Tensor | None = None,
+        full_probs: torch.Tensor | None = None,
+    ) -> None:
+        self.image = image  # (H, W, 3) uint8
+        self.class_set = classes
+        self.coarse_logits = coarse_logits  # (Q, h, w) at the processing resolution
+        self.labels = labels
+        self.logit_scale = logit_scale
+        if full_logits is not None:
+            self.__dict__["logits"] = full_logits  # (Q, H, W), e.g. refined by PAMR
+        if full_probs is not None:
+            self.__dict__["probs"] = full_probs  # (C, H, W), e.g. refined by SAM prompts
+
+    @property
+    def classes(self) -> list[str]:
+        return self.class_set.names
+
+    @cached_property
+    def logits(self) -> torch.Tensor:
+        """(Q, H, W) cosine logits per query, before the logit scale."""
+        size = self.image.shape[:2]
+        return F.interpolate(self.coarse_logits[None], size=size, mode="bilinear", align_corners=False)[0]
+
+    @cached_property
+    def probs(self) -> torch.Tensor:
+        """(C, H, W) class probabilities after softmax and synonym merge."""
+        return class_probs(self.logits, self.logit_scale, self.class_set.query_to_class)
+
+    def pixel_shares(self) -> dict[str, float]:
+        counts = torch.bincount(self.labels.flatten(), minlength=len(self.classes)).double()
+        shares = counts / counts.sum()
+        return {name: float(s) for name, s in zip(self.classes, shares, strict=True)}
+
+    def label_image(self) -> Image.Image:
+        return label_image(self.labels.numpy(), len(self.classes))
+
+    def overlay(self, alpha: float = 0.5) -> Image.Image:
+        return overlay(self.image, self.labels.numpy(), self.classes, alpha=alpha)
+
+    def heatmap(self, class_index: int) -> Image.Image:
+        if not 0 <= class_index < len(self.classes):
+            raise IndexError(f"class index {class_index} out of range for {len(self.classes)} classes")
+        return heatmap(self.image, self.probs[class_index].numpy())
+
+    def summary(self) -> dict[str, Any]:
+        h, w = self.image.shape[:2]
+        return {"size": [h, w], "classes": self.classes, "pixel_share": self.pixel_shares()}
+
+    def save(self, out_dir: PathLike, stem: str, extra: dict[str, Any] | None = None) -> dict[str, Path]:
+        """Write <stem>_labels.png, <stem>_overlay.png and <stem>.json atomically into ``out_dir``."""
+        out = Path(out_dir)
+        paths = {
+            "labels": out / f"{stem}_labels.png",
+            "overlay": out / f"{stem}_overlay.png",
+            "json": out / f"{stem}.json",
+        }
+        atomic_write(paths["labels"], lambda p: self.label_image().save(p, format="PNG"))
+        atomic_write(paths["overlay"], lambda p: self.overlay().save(p, format="PNG"))
+        summary = {**self.summary(), **(extra or {})}
+        atomic_write_text(paths["json"], json.dumps(summary, indent=2))
+        return paths
