@@ -124,7 +124,7 @@ def unchunked_fits(size: tuple[int, int], device: str | None) -> tuple[bool, str
     """Whether all attention rows at once (heads · N · G floats, three live copies) fit in memory."""
     import torch
 
-    from dapseg.models.sam_encoder import available_bytes
+    from dapseg.models.sam.memory import available_bytes
 
     g = 64 * 64
     need = 3 * 12 * g * g * 4 * 2  # encoder attention (G rows) and affinity rows (≤ G), fp32

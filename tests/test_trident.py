@@ -24,8 +24,9 @@ from dapseg.inference.global_affinity import (
 )
 from dapseg.inference.splice import splice_features, splice_size
 from dapseg.inference.strategies import get_strategy
-from dapseg.models import sam_encoder
-from dapseg.models.sam_encoder import encode_image, preprocess, tiny_sam
+from dapseg.models.sam import memory as sam_memory
+from dapseg.models.sam.build import sam_variant, tiny_sam
+from dapseg.models.sam.encoder import encode_image, preprocess
 from dapseg.refine.sam_prompt import SamPromptRefiner, extract_prompts
 
 # ----------------------------------------------------------------------------- naive formulas
@@ -189,20 +190,20 @@ def test_chunked_encoder_matches_library_non_square():
 
 
 def test_vit_h_memory_check_fails_up_front(monkeypatch):
-    monkeypatch.setattr(sam_encoder, "available_bytes", lambda device: 2 * 2**30)
+    monkeypatch.setattr(sam_memory, "available_bytes", lambda device: 2 * 2**30)
     with pytest.raises(MemoryError, match=r"sam_vith.*GiB"):
-        sam_encoder.check_memory("sam_vith", "cpu")
-    sam_encoder.check_memory("sam_vitb", "cpu")  # ~0.9 GiB fits in 2 GiB
-    assert sam_encoder.estimate_sam_bytes("sam_vith") > 2.5 * 2**30 > sam_encoder.estimate_sam_bytes("sam_vitb")
+        sam_memory.check_memory("sam_vith", "cpu")
+    sam_memory.check_memory("sam_vitb", "cpu")  # ~0.9 GiB fits in 2 GiB
+    assert sam_memory.estimate_sam_bytes("sam_vith") > 2.5 * 2**30 > sam_memory.estimate_sam_bytes("sam_vitb")
     # With SAM loaded, the refiner checks before its first image.
-    monkeypatch.setattr(sam_encoder, "available_bytes", lambda device: 1024)
+    monkeypatch.setattr(sam_memory, "available_bytes", lambda device: 1024)
     from dapseg.refine import build_refiner
 
     with pytest.raises(MemoryError, match="GiB"):
         build_refiner("sam", {}, sam_decoder=tiny_sam())
     with pytest.raises(ValueError, match="sam_vitb"):
-        sam_encoder.sam_variant("sam_vitx")
-    assert sam_encoder.sam_variant("sam_vit_h") == sam_encoder.sam_variant("sam_vith") == "vit_h"
+        sam_variant("sam_vitx")
+    assert sam_variant("sam_vit_h") == sam_variant("sam_vith") == "vit_h"
 
 
 # ----------------------------------------------------------------------------- splice

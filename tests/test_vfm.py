@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from dapseg import weights as W
 from dapseg.config import VfmConfig
 from dapseg.models.vfm import IMAGENET_MEAN, IMAGENET_STD, build_vfm, list_vfms
-from dapseg.models.vfm_dinov3 import eva_attn_logits
-from dapseg.models.vfm_sam import sam_attn_logits
-from dapseg.models.vfm_vit import vit_attn_logits
+from dapseg.models.vfm.dinov3 import eva_attn_logits
+from dapseg.models.vfm.sam import sam_attn_logits
+from dapseg.models.vfm.vit import vit_attn_logits
 
 EXPECTED = {
     "dino_vits8",

@@ -61,7 +61,7 @@ class ModelBundle:
                                                    cache_dir=cache_dir, device=device)
             vfm_model = reuse.get("vfm") or vfm(config.vfm)
             if config.sam is not None and "sam" not in reuse and not tiny:
-                from dapseg.models.sam_encoder import check_memory
+                from dapseg.models.sam.memory import check_memory
 
                 check_memory(config.sam.name, device)  # fail before loading a SAM that cannot fit
             sam = reuse.get("sam") or vfm(config.sam)
@@ -76,7 +76,7 @@ class ModelBundle:
         if self._sam_decoder is None:
             if self.sam is None:
                 raise ValueError("no SAM model configured")
-            from dapseg.models.sam_encoder import sam_decoder_file, sam_with_decoder
+            from dapseg.models.sam.build import sam_decoder_file, sam_with_decoder
 
             weights = sam_decoder_file(self.sam_config, random_weights=self.random_weights,
                                        cache_dir=self.cache_dir)

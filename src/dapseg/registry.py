@@ -185,7 +185,9 @@ REFINERS: Registry[Any] = Registry(
     "refiner", builtins=["dapseg.refine.pamr", "dapseg.refine.sam_prompt"], none_name="none"
 )
 PLUGINS: Registry[Any] = Registry("plug-in", builtins=["dapseg.plugins.fsa"])
-VFM_FAMILIES: Registry[Any] = Registry("VFM family", builtins=["dapseg.models.vfm"])
+VFM_FAMILIES: Registry[Any] = Registry(
+    "VFM family", builtins=[f"dapseg.models.vfm.{m}" for m in ("dino", "dinov2", "dinov3", "mae", "sam")]
+)
 
 
 def all_registries() -> dict[str, Registry[Any]]:

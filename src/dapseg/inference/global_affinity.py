@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from dapseg.models.sam_encoder import SamLastAttention
+from dapseg.models.sam.encoder import SamLastAttention
 
 AffinityKind = Literal["cos", "attn", "aff"]
 

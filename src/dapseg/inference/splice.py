@@ -20,7 +20,9 @@ from dapseg.config import InferenceConfig
 from dapseg.inference.engine import DenseEngine
 from dapseg.inference.global_affinity import AffinityParams, GlobalAffinity, aggregate_map, valid_grid
 from dapseg.inference.windows import centred_padding, crop_windows, pad_windows, window_grid
-from dapseg.models.sam_encoder import check_encode_memory, encode_image, image_encoder_of
+from dapseg.models.sam.build import image_encoder_of
+from dapseg.models.sam.encoder import encode_image
+from dapseg.models.sam.memory import check_encode_memory
 from dapseg.registry import STRATEGIES, Need
 
 

@@ -31,7 +31,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from skimage import measure
 from torch import Tensor
 
-from dapseg.models.sam_encoder import SamEncoding, encode_image
+from dapseg.models.sam.encoder import SamEncoding, encode_image
 from dapseg.refine import Refined, RefineInput, Refiner
 from dapseg.registry import REFINERS, Need
 
@@ -193,7 +193,7 @@ def build_sam_refiner(p: SamRefineParams, *, sam_decoder: Sam | None = None) -> 
     Returns the refined class probabilities and the labels SAM decided.
     """
     from dapseg.inference.preprocess import to_tensor01
-    from dapseg.models.sam_encoder import check_encode_memory
+    from dapseg.models.sam.memory import check_encode_memory
 
     if sam_decoder is None:
         raise ValueError("refine.name=sam needs a SAM model: add `sam: {name: sam_vitb}` to the config")

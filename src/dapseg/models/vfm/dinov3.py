@@ -7,12 +7,28 @@ tokens dropped. Positions are RoPE over the patch grid (timm's port matches the 
 
 from __future__ import annotations
 
+import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import apply_rot_embed_cat
+from torch import nn
 
-from dapseg.models.vfm import VfmOutput, VfmSpec, VisionFoundationModel
-from dapseg.models.vfm_vit import patch_softmax
+from dapseg.models.vfm.base import VfmFamily, VfmOutput, VfmSpec, VisionFoundationModel, specs_from
+from dapseg.models.vfm.vit import patch_softmax, strip_prefixes
+from dapseg.registry import VFM_FAMILIES
+
+_TINY = {"embed_dim": 64, "depth": 2, "num_heads": 2}
+SPECS = specs_from("dinov3", [
+    {"name": "dinov3_vits16", "arch": "vit_small_patch16_dinov3",
+     "official_file": "dinov3_vits16_pretrain_lvd1689m-*.pth", "hub": "vit_small_patch16_dinov3.lvd1689m",
+     "description": "DINOv3 ViT-S/16"},
+    {"name": "dinov3_vitb16", "arch": "vit_base_patch16_dinov3",
+     "official_file": "dinov3_vitb16_pretrain_lvd1689m-*.pth", "hub": "vit_base_patch16_dinov3.lvd1689m",
+     "description": "DINOv3 ViT-B/16"},
+    {"name": "dinov3_vitl16", "arch": "vit_large_patch16_dinov3",
+     "official_file": "dinov3_vitl16_pretrain_lvd1689m-*.pth", "hub": "vit_large_patch16_dinov3.lvd1689m",
+     "description": "DINOv3 ViT-L/16"},
+], patch_size=16, tiny=_TINY)
 
 
 def eva_attn_logits(
@@ -73,3 +89,20 @@ class Dinov3Vfm(VisionFoundationModel):
         t = eva.norm(eva.blocks[-1](t, rope=rope))
         feats = t[:, eva.num_prefix_tokens :].transpose(1, 2).reshape(x.shape[0], -1, h, w)
         return VfmOutput(feats, attn)
+
+
+def make_eva(spec: VfmSpec, tiny: bool) -> nn.Module:
+    """timm's ``Eva`` of ``spec.arch`` (random init)."""
+    return timm.create_model(spec.arch, pretrained=False, num_classes=0, **(dict(spec.tiny) if tiny else {}))
+
+
+def eva_checkpoint_filter(sd: dict[str, torch.Tensor], module: nn.Module) -> dict[str, torch.Tensor]:
+    """Official DINOv3 (or timm hub) keys -> timm Eva keys: timm's Eva ``checkpoint_filter_fn``."""
+    from timm.models.eva import checkpoint_filter_fn
+
+    return checkpoint_filter_fn(strip_prefixes(sd), module)
+
+
+FAMILY = VfmFamily("dinov3", SPECS, make_eva, eva_checkpoint_filter,
+                   lambda spec, module, tiny, window_size: Dinov3Vfm(spec, module, tiny=tiny))
+VFM_FAMILIES.register("dinov3", description="DINOv3 ViT (RoPE, beyond the reference)")(lambda: FAMILY)

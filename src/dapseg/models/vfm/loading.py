@@ -22,17 +22,38 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import timm
 import torch
 from torch import nn
 
 from dapseg import weights as W
-from dapseg.models.vfm import VfmSpec, VisionFoundationModel, list_vfms, vfm_spec
-from dapseg.models.vfm_dinov3 import Dinov3Vfm
-from dapseg.models.vfm_sam import SamVfm, make_sam_encoder, randomize_position_terms
-from dapseg.models.vfm_vit import TimmVitVfm, resize_pos_embed_mae
+from dapseg.config import VfmConfig
+from dapseg.models.vfm.base import VfmFamily, VfmSpec, VisionFoundationModel
+from dapseg.registry import VFM_FAMILIES
 
 _HUB_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def family_of(spec: VfmSpec) -> VfmFamily:
+    """The registered family that contributes ``spec``."""
+    return VFM_FAMILIES.build(spec.family)
+
+
+def _all_specs() -> dict[str, VfmSpec]:
+    return {s.name: s for fam in VFM_FAMILIES.names() for s in VFM_FAMILIES.build(fam).specs}
+
+
+def list_vfms() -> list[str]:
+    """Names accepted by ``build_vfm`` (``VfmConfig.name``): the specs of every registered family."""
+    return list(_all_specs())
+
+
+def vfm_spec(name: str) -> VfmSpec:
+    """The spec of VFM ``name``; ValueError listing the valid names otherwise."""
+    specs = _all_specs()
+    try:
+        return specs[name]
+    except KeyError:
+        raise ValueError(f"unknown VFM {name!r}; valid names: {', '.join(specs)}") from None
 
 
 def how_to_get(spec: VfmSpec) -> str:
@@ -44,7 +65,7 @@ def how_to_get(spec: VfmSpec) -> str:
 
 
 def _what(spec: VfmSpec) -> str:
-    src = spec.hub if spec.family == "sam" else f"Hugging Face hub timm/{spec.hub}"
+    src = spec.hub if family_of(spec).weights_from_url else f"Hugging Face hub timm/{spec.hub}"
     return f"{spec.description} ({spec.name}) pretrained weights from {src}"
 
 
@@ -55,7 +76,7 @@ def _url_cache_path(spec: VfmSpec, cache_dir: str | os.PathLike | None) -> Path:
 def cached_weights(name: str, cache_dir: str | os.PathLike | None = None) -> Path | None:
     """The cached pretrained file of VFM ``name``, or None; never touches the network."""
     spec = vfm_spec(name)
-    if spec.family == "sam":
+    if family_of(spec).weights_from_url:
         path = _url_cache_path(spec, cache_dir)
         return path if path.is_file() else None
     return W.cached_hf_file(f"timm/{spec.hub}", list(_HUB_FILES), cache_dir)
@@ -71,11 +92,12 @@ def fetch_weights(name: str, cache_dir: str | os.PathLike | None = None) -> Path
     hit = cached_weights(name, cache_dir)
     if hit is not None:
         return hit
-    host = spec.hub.split("/")[2] if spec.family == "sam" else "huggingface.co"
+    from_url = family_of(spec).weights_from_url
+    host = spec.hub.split("/")[2] if from_url else "huggingface.co"
     if W.is_offline(host):
         raise W.WeightsMissingError(_what(spec), how_to_get(spec), "no network and nothing in the cache")
     try:
-        if spec.family == "sam":
+        if from_url:
             return _download_url(spec.hub, _url_cache_path(spec, cache_dir))
         from huggingface_hub import hf_hub_download
 
@@ -98,33 +120,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return W.load_state_dict_file(path)
 
 
-def _strip(sd: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in sd.items():
-        for p in prefixes:
-            if k.startswith(p):
-                k = k[len(p) :]
-        out[k] = v
-    return out
-
-
 def convert_state_dict(
     spec: VfmSpec, module: nn.Module, sd: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """Official (or timm hub) keys -> the keys of ``module`` (timm ViT / Eva, or SAM's encoder)."""
-    if spec.family == "sam":
-        if any(k.startswith("image_encoder.") for k in sd):
-            return {k[len("image_encoder.") :]: v for k, v in sd.items() if k.startswith("image_encoder.")}
-        return dict(sd)
-    sd = _strip(sd, ("module.", "backbone."))
-    if spec.family == "dinov3":
-        from timm.models.eva import checkpoint_filter_fn as eva_filter
-
-        return eva_filter(sd, module)
-    from timm.models.vision_transformer import checkpoint_filter_fn as vit_filter
-
-    sd = {k: v for k, v in sd.items() if not k.startswith("head.")}  # DINO / MAE heads are unused
-    return vit_filter(sd, module)
+    """Official (or timm hub) keys -> the keys of ``module``: the family's checkpoint filter."""
+    return family_of(spec).filter_checkpoint(sd, module)
 
 
 def load_into(spec: VfmSpec, module: nn.Module, path: str | os.PathLike) -> None:
@@ -137,38 +137,6 @@ def load_into(spec: VfmSpec, module: nn.Module, path: str | os.PathLike) -> None
             f"{' ...' if len(missing) > 12 else ''}, unexpected keys {unexpected[:12]}"
             f"{' ...' if len(unexpected) > 12 else ''}"
         )
-
-
-def _make_module(spec: VfmSpec, tiny: bool) -> nn.Module:
-    """The bare architecture (random init, no network) at its checkpoint's native size."""
-    if spec.family == "sam":
-        return make_sam_encoder(spec.arch, tiny=tiny)
-    kwargs = dict(spec.tiny) if tiny else {}
-    if spec.family == "dinov3":
-        return timm.create_model(spec.arch, pretrained=False, num_classes=0, **kwargs)
-    # timm's own init takes ~10 s for a ViT-B on 2 cores; with 'skip' the layers keep PyTorch's
-    # default random init (LayerScale its constant), but pos_embed / cls / reg tokens are left as
-    # uninitialised memory, so we draw them here (timm: std 0.02 for positions).
-    vit = timm.create_model(spec.arch, pretrained=False, num_classes=0, weight_init="skip", **kwargs)
-    with torch.no_grad():
-        for tok in (vit.pos_embed, vit.cls_token, vit.reg_token):
-            if tok is not None:
-                tok.normal_(0.0, 0.02)
-    return vit
-
-
-def _wrap(spec: VfmSpec, module: nn.Module, tiny: bool, window_size: int) -> VisionFoundationModel:
-    if spec.family == "sam":
-        return SamVfm(spec, module, tiny=tiny)
-    if spec.family == "dinov3":
-        return Dinov3Vfm(spec, module, tiny=tiny)
-    if spec.built_at_window_size:
-        # MAE: built at the window size: resize the (checkpoint's) position grid once, MAE-style
-        grid = window_size // spec.patch_size
-        module.pos_embed = nn.Parameter(
-            resize_pos_embed_mae(module.pos_embed.data, module.num_prefix_tokens, grid)
-        )
-    return TimmVitVfm(spec, module, tiny=tiny, window_size=window_size)
 
 
 def build_with_weights(
@@ -188,19 +156,56 @@ def build_with_weights(
             raise FileNotFoundError(f"VFM weights file not found: {path} (for {spec.name})")
     elif not random_weights:
         path = fetch_weights(spec.name, cache_dir)
-    module = _make_module(spec, tiny)
+    family = family_of(spec)
+    module = family.make_module(spec, tiny)
     if path is not None:
         load_into(spec, module, path)
-    elif spec.family == "sam":
-        randomize_position_terms(module)
-    return _wrap(spec, module, tiny, window_size)
+    elif family.init_random is not None:
+        family.init_random(module)
+    return family.wrap(spec, module, tiny, window_size)
+
+
+def build_vfm(
+    cfg: VfmConfig,
+    *,
+    random_weights: bool = False,
+    tiny: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+    window_size: int = 336,
+    device: str | torch.device | None = None,
+) -> VisionFoundationModel:
+    """Build the VFM ``cfg.name`` in eval mode with frozen parameters: resolve its spec and weights,
+    build its family's architecture, filter the checkpoint onto it, load strictly, wrap.
+
+    Weights: ``cfg.weights`` (an official release file) if given; else ``random_weights`` (random
+    init, never the network); else the pretrained weights from the cache, downloaded when online
+    (``dapseg.weights.WeightsMissingError`` when offline and not cached). ``tiny`` builds a small
+    variant of the same family for tests: random weights unless ``cfg.weights`` names a file of
+    that tiny shape (no tiny checkpoints are published).
+    ``window_size`` matters only for MAE, which ProxyCLIP builds at the sliding-window size.
+    """
+    spec = vfm_spec(cfg.name)
+    if window_size < spec.patch_size:
+        raise ValueError(f"window_size {window_size} is smaller than the patch size {spec.patch_size}")
+    model = build_with_weights(
+        spec,
+        weights=cfg.weights,
+        random_weights=random_weights or (tiny and cfg.weights is None),
+        tiny=tiny,
+        cache_dir=cache_dir,
+        window_size=window_size,
+    )
+    model.eval().requires_grad_(False)
+    return model.to(device) if device is not None else model
 
 
 __all__ = [
+    "build_vfm",
     "build_with_weights",
     "cached_weights",
     "fetch_weights",
     "how_to_get",
     "list_vfms",
     "read_state_dict",
+    "vfm_spec",
 ]

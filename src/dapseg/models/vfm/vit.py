@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import math
 
+import timm
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from dapseg.models.vfm import VfmOutput, VfmSpec, VisionFoundationModel
+from dapseg.models.vfm.base import VfmOutput, VfmSpec, VisionFoundationModel
+
+TINY_VIT = {"embed_dim": 32, "depth": 2, "num_heads": 2}  # the tiny test variant of every timm ViT
 
 
 def interpolate_patch_pos(
@@ -131,3 +135,44 @@ class TimmVitVfm(VisionFoundationModel):
         patches = t[:, vit.num_prefix_tokens :]  # (B, h·w, C), CLS / registers dropped
         feats = patches.transpose(1, 2).reshape(x.shape[0], -1, h, w)
         return VfmOutput(feats, attn)
+
+
+def make_timm_vit(spec: VfmSpec, tiny: bool) -> nn.Module:
+    """timm's ``VisionTransformer`` of ``spec.arch`` at its checkpoint's native size, random init.
+
+    timm's own init takes ~10 s for a ViT-B on 2 cores; with 'skip' the layers keep PyTorch's
+    default random init (LayerScale its constant), but pos_embed / cls / reg tokens are left as
+    uninitialised memory, so we draw them here (timm: std 0.02 for positions).
+    """
+    kwargs = dict(spec.tiny) if tiny else {}
+    vit = timm.create_model(spec.arch, pretrained=False, num_classes=0, weight_init="skip", **kwargs)
+    with torch.no_grad():
+        for tok in (vit.pos_embed, vit.cls_token, vit.reg_token):
+            if tok is not None:
+                tok.normal_(0.0, 0.02)
+    return vit
+
+
+def strip_prefixes(sd: dict[str, torch.Tensor], prefixes: tuple[str, ...] = ("module.", "backbone.")
+                   ) -> dict[str, torch.Tensor]:
+    """Official checkpoints' wrapper prefixes removed from every key."""
+    out = {}
+    for k, v in sd.items():
+        for p in prefixes:
+            if k.startswith(p):
+                k = k[len(p) :]
+        out[k] = v
+    return out
+
+
+def vit_checkpoint_filter(sd: dict[str, torch.Tensor], module: nn.Module) -> dict[str, torch.Tensor]:
+    """Official DINO / DINOv2 / MAE (or timm hub) keys -> timm ViT keys: prefixes stripped, the unused
+    projection ``head.*`` dropped, then timm's own ``checkpoint_filter_fn`` (DINOv2 registers etc.)."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    sd = {k: v for k, v in strip_prefixes(sd).items() if not k.startswith("head.")}
+    return checkpoint_filter_fn(sd, module)
+
+
+def wrap_vit(spec: VfmSpec, module: nn.Module, tiny: bool, window_size: int) -> VisionFoundationModel:
+    return TimmVitVfm(spec, module, tiny=tiny, window_size=window_size)

@@ -13,58 +13,28 @@ block applies (segment-anything's ``add_decomposed_rel_pos`` adds, for query (i_
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 from segment_anything.modeling.image_encoder import ImageEncoderViT, add_decomposed_rel_pos
 from torch import nn
 
-from dapseg.models.vfm import VfmOutput, VfmSpec, VisionFoundationModel
+from dapseg.models.sam.build import (
+    SAM_IMAGE_SIZE,
+    SAM_URL,
+    SAM_VARIANTS,
+    make_image_encoder,
+    randomize_position_terms,
+)
+from dapseg.models.vfm.base import VfmFamily, VfmOutput, VfmSpec, VisionFoundationModel, specs_from
+from dapseg.registry import VFM_FAMILIES
 
-SAM_IMAGE_SIZE = 1024
-
-# segment-anything's build_sam hyper-parameters: (embed_dim, depth, heads, global-attention blocks)
-SAM_ARCHS: dict[str, tuple[int, int, int, tuple[int, ...]]] = {
-    "vit_b": (768, 12, 12, (2, 5, 8, 11)),
-    "vit_l": (1024, 24, 16, (5, 11, 17, 23)),
-    "vit_h": (1280, 32, 16, (7, 15, 23, 31)),
-}
-
-
-def make_sam_encoder(arch: str, *, tiny: bool) -> ImageEncoderViT:
-    """An ``ImageEncoderViT`` as segment-anything builds it (tiny: 2 blocks, width 32, the last global)."""
-    if tiny:
-        dim, depth, heads, global_idx, out_chans = 32, 2, 2, (1,), 32
-    else:
-        dim, depth, heads, global_idx = SAM_ARCHS[arch]
-        out_chans = 256
-    return ImageEncoderViT(
-        img_size=SAM_IMAGE_SIZE,
-        patch_size=16,
-        embed_dim=dim,
-        depth=depth,
-        num_heads=heads,
-        mlp_ratio=4,
-        out_chans=out_chans,
-        qkv_bias=True,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6),
-        use_rel_pos=True,
-        window_size=14,
-        global_attn_indexes=global_idx,
-    )
-
-
-def randomize_position_terms(enc: ImageEncoderViT, std: float = 0.02) -> None:
-    """segment-anything zero-initialises pos_embed and rel_pos; random weights get small noise
-    instead, so that random models depend on position as trained ones do."""
-    with torch.no_grad():
-        if enc.pos_embed is not None:
-            enc.pos_embed.normal_(0.0, std)
-        for blk in enc.blocks:
-            if blk.attn.use_rel_pos:
-                blk.attn.rel_pos_h.normal_(0.0, std)
-                blk.attn.rel_pos_w.normal_(0.0, std)
-
+# The VFM entries of the released SAMs, from the one variant table (models/sam/build.py).
+SPECS = specs_from("sam", [
+    {"name": f"sam_{variant.replace('_', '')}", "arch": variant, "official_file": v.release_file,
+     "hub": SAM_URL + v.release_file,
+     "description": f"SAM {variant.upper().replace('_', '-').replace('VIT', 'ViT')} image encoder "
+                    "(input resized to 1024x1024)"}
+    for variant, v in SAM_VARIANTS.items()
+], patch_size=16)
 
 def sam_attn_logits(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Pre-softmax attention of a global SAM block on x (B, H, W, C): ((B, heads, N, N), v (B, heads, N, d)).
@@ -109,3 +79,19 @@ class SamVfm(VisionFoundationModel):
         t = enc.blocks[-1](t)
         feats = enc.neck(t.permute(0, 3, 1, 2))  # (B, out_chans, 64, 64), as image_encoder(x)
         return VfmOutput(feats, attn)
+
+
+def _sam_filter(sd: dict[str, torch.Tensor], module: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole SAM's release file -> the image encoder's keys (``image_encoder.`` entries, prefix
+    stripped); a file of encoder keys alone is taken as is."""
+    if any(k.startswith("image_encoder.") for k in sd):
+        return {k[len("image_encoder.") :]: v for k, v in sd.items() if k.startswith("image_encoder.")}
+    return dict(sd)
+
+
+FAMILY = VfmFamily(
+    "sam", SPECS, lambda spec, tiny: make_image_encoder(spec.arch, tiny=tiny), _sam_filter,
+    lambda spec, module, tiny, window_size: SamVfm(spec, module, tiny=tiny),
+    init_random=randomize_position_terms, weights_from_url=True,
+)
+VFM_FAMILIES.register("sam", description="SAM image encoder (segment-anything)")(lambda: FAMILY)

@@ -1,0 +1,138 @@
+"""Vision foundation models (VFMs) that give ProxyCLIP-style proxy features.
+
+``build_vfm(cfg, ...)`` returns a ``VisionFoundationModel``: an ``nn.Module`` whose ``forward`` takes
+images (B, 3, H, W) with values in [0, 1], applies ImageNet mean/std normalisation and the model's
+own resizing, and returns ``VfmOutput(feats (B, C, h', w'), attn (B, heads, N', N') | None)`` with
+N' = h'·w' patch tokens (CLS / register tokens dropped everywhere).
+
+Which features (facts read from the public reference mc-lan/ProxyCLIP, ``proxyclip_segmentor.py``):
+
+* DINO (``get_intermediate_layers(x)[0]``): last block output after the final LayerNorm, CLS
+  dropped; the window is fed at its own size, position embeddings interpolated as official DINO
+  does (bicubic, ``scale_factor = (h' + 0.1) / M``).
+* DINOv2 (``get_intermediate_layers(x, reshape=True)[0]``, ``norm=True`` by default): last block
+  output after the final norm, CLS and registers dropped; official interpolation (without
+  registers: bicubic, ``scale_factor = (h' + 0.1) / M``, no antialias; with registers: bicubic to
+  size (h', w') with antialias).
+* MAE (their ``models_vit`` with ``global_pool=False``): ``norm(x[:, 1:])`` after the last block,
+  built at the window size (position embeddings resized once, bicubic to size, no antialias) and
+  the window bilinearly resized to window_size × window_size.
+* SAM (``image_encoder(x)``): the neck output (B, 256, 64, 64) after bilinear resize to 1024×1024.
+* DINOv3 (beyond the reference): like DINOv2 — last block after the final norm, CLS and the
+  4 storage tokens dropped; RoPE needs no interpolation.
+
+``attn`` is the last block's attention softmax(q·kᵀ·scale [+ SAM's decomposed relative-position
+terms]) restricted to patch tokens: the prefix tokens are removed from both axes *before* the
+softmax, so every row sums to 1 over the N' patches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class VfmOutput(NamedTuple):
+    feats: torch.Tensor  # (B, C, h', w')
+    attn: torch.Tensor | None  # (B, heads, h'·w', h'·w'), rows sum to 1; None unless requested
+
+
+@dataclass(frozen=True)
+class VfmSpec:
+    """One registry entry: which architecture, where its weights come from, how it is fed."""
+
+    name: str
+    family: str  # a registered VFM family (dapseg.registry.VFM_FAMILIES)
+    arch: str  # timm model name (without tag) or segment-anything variant ("vit_b", ...)
+    patch_size: int
+    official_file: str  # the official release file ``--vfm-weights`` expects (for messages)
+    hub: str  # timm hub tag ("timm/<arch>.<tag>") or the official URL (SAM)
+    description: str
+    pos_offset: float = 0.0  # official interpolation: scale_factor (h' + offset) / M when > 0
+    pos_antialias: bool = False
+    tiny: dict[str, Any] = field(default_factory=dict)  # overrides giving the tiny test variant
+
+    @property
+    def built_at_window_size(self) -> bool:
+        """MAE is built at the sliding-window size (the one place MAE is recognised: its family)."""
+        return self.family == "mae"
+
+
+class VisionFoundationModel(nn.Module):
+    """Base class: normalisation, resizing, input checks. Subclasses implement ``_encode``."""
+
+    def __init__(self, spec: VfmSpec, *, embed_dim: int, num_heads: int, tiny: bool) -> None:
+        super().__init__()
+        self.spec = spec
+        self.name = spec.name
+        self.family = spec.family
+        self.patch_size = spec.patch_size
+        self.embed_dim = embed_dim  # C of ``feats``
+        self.num_heads = num_heads  # heads of ``attn``
+        self.tiny = tiny
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def input_size(self, height: int, width: int) -> tuple[int, int]:
+        """The (H, W) the encoder sees for a (height, width) input (after this model's resize)."""
+        return height, width
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """The feature grid (h', w') for an input of (height, width) pixels."""
+        h, w = self.input_size(height, width)
+        return h // self.patch_size, w // self.patch_size
+
+    def _resize(self, x: torch.Tensor) -> torch.Tensor:
+        size = self.input_size(x.shape[-2], x.shape[-1])
+        if tuple(x.shape[-2:]) == size:
+            return x
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, return_attn: bool = False) -> VfmOutput:
+        if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+            raise ValueError(
+                f"{self.name}: images must be a float tensor (B, 3, H, W) in [0, 1], "
+                f"got {tuple(images.shape)} {images.dtype}"
+            )
+        gh, gw = self.grid(images.shape[-2], images.shape[-1])
+        if gh < 1 or gw < 1:
+            raise ValueError(
+                f"{self.name}: image {tuple(images.shape[-2:])} is smaller than one "
+                f"{self.patch_size}x{self.patch_size} patch"
+            )
+        dtype = self.mean.dtype
+        # Normalise then resize, in the reference's order (both are linear, so it commutes anyway).
+        x = (images.to(dtype) - self.mean) / self.std
+        x = self._resize(x)
+        return self._encode(x, return_attn)
+
+    def _encode(self, x: torch.Tensor, return_attn: bool) -> VfmOutput:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class VfmFamily:
+    """What a VFM family contributes (registered in ``dapseg.registry.VFM_FAMILIES``): its specs as
+    data, how to build its bare architecture, how to filter a checkpoint onto it, how to wrap it."""
+
+    name: str
+    specs: tuple[VfmSpec, ...]
+    make_module: Callable[[VfmSpec, bool], nn.Module]  # (spec, tiny) -> random-init architecture
+    filter_checkpoint: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]
+    wrap: Callable[[VfmSpec, nn.Module, bool, int], VisionFoundationModel]  # (spec, module, tiny, window)
+    init_random: Callable[[nn.Module], None] | None = None  # extra init for random weights
+    weights_from_url: bool = False  # True: ``spec.hub`` is a URL; False: a timm hub tag
+
+
+def specs_from(family: str, rows: list[dict[str, Any]], **defaults: Any) -> tuple[VfmSpec, ...]:
+    """VfmSpec entries of ``family`` from keyword rows (the family modules' data tables)."""
+    return tuple(VfmSpec(family=family, **{**defaults, **row}) for row in rows)
