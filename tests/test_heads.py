@@ -1,4 +1,4 @@
-"""Each last-block head against a naive formula written here (DESIGN §6)."""
+"""Each last-block head against a naive formula written here (docs/design.md, "How we know it is right")."""
 
 from __future__ import annotations
 

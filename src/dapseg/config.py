@@ -264,6 +264,8 @@ def _raw_presets() -> dict[str, dict[str, Any]]:
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
+    if "name" in over and over["name"] != out.get("name"):
+        out.pop("params", None)  # another component: the base's parameters are not its parameters
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "params":
             out[key] = _merge(out[key], value)

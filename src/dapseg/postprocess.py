@@ -1,4 +1,4 @@
-"""Logits -> class probabilities -> labels (DESIGN §3 "postprocess").
+"""Logits -> class probabilities -> labels (docs/design.md, "Data flow").
 
 logits × logit_scale → softmax over queries → synonyms of a class merged by max → argmax; where
 the top probability is below ``prob_thd`` the label becomes class 0 (background).

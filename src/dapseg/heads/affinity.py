@@ -1,7 +1,8 @@
 """Proxy affinity: attention over VFM patches from their feature similarity (ProxyCLIP eqs. 4–8).
 
 Shared by the ``proxy`` and ``dap`` heads so that both compute the affinity, the −∞ masking and the
-empty-row rule in exactly one place.
+empty-row rule in exactly one place, and take the VFM grid and CLIP's values on it the same way
+(``vfm_grid``, ``patch_values``).
 
 Shapes: B windows, C' VFM channels, (h', w') VFM grid, N' = h'·w' VFM patches.
 
@@ -25,6 +26,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from dapseg.heads.base import HeadContext, qkv
 
 
 def normalized_patches(feats: Tensor) -> Tensor:
@@ -128,3 +131,26 @@ def values_on_grid(v: Tensor, grid: tuple[int, int], out_grid: tuple[int, int]) 
     img = v.reshape(b * heads, h, w, d).permute(0, 3, 1, 2)  # (B·heads, d, h, w)
     img = F.interpolate(img, size=(oh, ow), mode="bilinear", align_corners=False)
     return img.permute(0, 2, 3, 1).reshape(b, heads, oh * ow, d)
+
+
+def vfm_grid(ctx: HeadContext, head: str) -> tuple[int, int]:
+    """(h', w') of the VFM features; a clear error when the pipeline gave none."""
+    if ctx.vfm_feats is None:
+        raise ValueError(
+            f"head {head!r} needs VFM features (HeadContext.vfm_feats); configure a `vfm:` section"
+        )
+    if ctx.vfm_feats.dim() != 4 or ctx.vfm_feats.shape[0] != ctx.x.shape[0]:
+        raise ValueError(
+            f"head {head!r}: vfm_feats must be (B, C, h, w) with B = {ctx.x.shape[0]} windows, "
+            f"got {tuple(ctx.vfm_feats.shape)}"
+        )
+    return int(ctx.vfm_feats.shape[-2]), int(ctx.vfm_feats.shape[-1])
+
+
+def patch_values(ctx: HeadContext, out_grid: tuple[int, int]) -> Tensor:
+    """The last block's value tokens of the CLIP patches (CLS dropped) on ``out_grid``.
+
+    Returns (B, heads, h'·w', d).
+    """
+    _, _, v = qkv(ctx.block, ctx.x)  # (B, heads, 1 + N, d)
+    return values_on_grid(v[:, :, 1:], ctx.grid, out_grid)

@@ -25,9 +25,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from dapseg.heads.affinity import normalized_patches, proxy_attention
+from dapseg.heads.affinity import normalized_patches, patch_values, proxy_attention, vfm_grid
 from dapseg.heads.base import Attention, Head, HeadContext, merge_heads, register_head
-from dapseg.heads.proxy import patch_values, vfm_grid
 from dapseg.heads.regions import (
     RegionProvider,
     SamRegions,

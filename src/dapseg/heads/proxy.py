@@ -18,32 +18,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from dapseg.heads.affinity import proxy_attention, values_on_grid
-from dapseg.heads.base import Attention, Head, HeadContext, qkv, register_head
+from dapseg.heads.affinity import patch_values, proxy_attention, vfm_grid
+from dapseg.heads.base import Attention, Head, HeadContext, register_head
 from dapseg.registry import Need
-
-
-def vfm_grid(ctx: HeadContext, head: str) -> tuple[int, int]:
-    """(h', w') of the VFM features; a clear error when the pipeline gave none."""
-    if ctx.vfm_feats is None:
-        raise ValueError(
-            f"head {head!r} needs VFM features (HeadContext.vfm_feats); configure a `vfm:` section"
-        )
-    if ctx.vfm_feats.dim() != 4 or ctx.vfm_feats.shape[0] != ctx.x.shape[0]:
-        raise ValueError(
-            f"head {head!r}: vfm_feats must be (B, C, h, w) with B = {ctx.x.shape[0]} windows, "
-            f"got {tuple(ctx.vfm_feats.shape)}"
-        )
-    return int(ctx.vfm_feats.shape[-2]), int(ctx.vfm_feats.shape[-1])
-
-
-def patch_values(ctx: HeadContext, out_grid: tuple[int, int]) -> Tensor:
-    """The last block's value tokens of the CLIP patches (CLS dropped) on ``out_grid``.
-
-    Returns (B, heads, h'·w', d).
-    """
-    _, _, v = qkv(ctx.block, ctx.x)  # (B, heads, 1 + N, d)
-    return values_on_grid(v[:, :, 1:], ctx.grid, out_grid)
 
 
 def mean_vfm_attention(ctx: HeadContext, n: int) -> Tensor:
