@@ -19,7 +19,9 @@ def add_model_args(
     g.add_argument("--config", help="a YAML/TOML config file (may say `base: <preset>`); overrides --preset")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, e.g. --set inference.stride=112 --set rho=0.25 (repeatable)")
-    g.add_argument("--fsa", action="store_true", help="add the FSA feedback plug-in to the preset's head")
+    g.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="NAME",
+                   help="add a registered plug-in to the preset's head (`dapseg presets --components` lists them)")
+    g.add_argument("--fsa", action="store_true", help="add the FSA feedback plug-in (same as --plugin fsa)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--random-weights", action="store_true",
                    help="build the same architectures with random weights (offline smoke mode)")
@@ -32,8 +34,8 @@ def add_model_args(
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     overrides = dict(parse_override(text) for text in args.overrides)
-    if args.fsa:
-        overrides["fsa.enabled"] = True
+    for name in [*getattr(args, "plugins", []), *(["fsa"] if args.fsa else [])]:
+        overrides[f"plugins.{name}.enabled"] = True
     return overrides
 
 
