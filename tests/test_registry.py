@@ -150,7 +150,7 @@ def engine():
 
     torch.manual_seed(0)
     clip = build_clip(ClipConfig(), random_weights=True, tiny=True)
-    return DenseEngine(clip, build_head("maskclip"))
+    return DenseEngine(clip, build_head("naclip"))  # a head every strategy supports
 
 
 @pytest.mark.parametrize("name", STRATEGIES.names())
@@ -220,3 +220,18 @@ def test_vfm_family_contributes_specs_of_its_own(family):
     assert fam.name == family and fam.specs
     for spec in fam.specs:
         assert spec.family == family and spec.name in list_vfms() and vfm_spec(spec.name) == spec
+
+
+def test_config_names_the_setting_of_an_unknown_component():
+    from pydantic import ValidationError
+
+    from dapseg.config import SegmenterConfig
+
+    for key, value, where in (("inference.mode", "diagonal", "inference.mode"), ("head.name", "nope", "head.name"),
+                              ("refine.name", "crf", "refine.name")):
+        with pytest.raises(ValidationError) as err:
+            SegmenterConfig().with_overrides({key: value})
+        assert where in str(err.value) and "known:" in str(err.value)
+    # "no refiner" drops the parameters of the one switched off (a sweep over refine.name needs this)
+    off = SegmenterConfig().with_overrides({"refine.name": "none", "refine.params": {"steps": 3}})
+    assert off.refine.params == {}

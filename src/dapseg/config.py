@@ -41,6 +41,13 @@ class ComponentConfig(_Strict):
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("name")
+    @classmethod
+    def _known_name(cls, v: str) -> str:
+        if v != cls._registry.none_name:
+            cls._registry.get(v)  # an unknown name fails here, at ``<section>.name``, listing the known ones
+        return v
+
     @model_validator(mode="after")
     def _check_params(self) -> ComponentConfig:
         self.__dict__["params"] = self._registry.validate(self.name, self.params)
@@ -69,6 +76,12 @@ class InferenceConfig(_Strict):
     pad_multiple: int | None = None  # zero-pad each window to a multiple of this (ProxyCLIP: 56)
     max_batch: int = 16  # windows per forward pass
     params: dict[str, Any] = Field(default_factory=dict)  # strategy-specific (e.g. splice affinity)
+
+    @field_validator("mode")
+    @classmethod
+    def _known_mode(cls, v: str) -> str:
+        STRATEGIES.get(v)  # an unknown mode fails here, at ``inference.mode``, listing the known ones
+        return v
 
     @field_validator("crop", "stride", "max_batch")
     @classmethod

@@ -160,9 +160,7 @@ class Registry(Generic[T]):
     def validate(self, name: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
         """``params`` of ``name`` checked against its model, as a plain dict with defaults filled in."""
         if self.none_name is not None and name == self.none_name:
-            if params:
-                raise ValueError(f"{self.kind} {name!r} takes no params, got {sorted(params)}")
-            return {}
+            return {}  # "no component": its params are dropped, so a sweep can switch a refiner off
         p = self.get(name).parse_params(params)
         return p.model_dump() if p is not None else {}
 
