@@ -439,3 +439,25 @@ def test_bad_images_rejected():
         m(torch.rand(3, 64, 64))
     with pytest.raises(ValueError, match="smaller than one"):
         m(torch.rand(1, 3, 8, 64))
+
+
+def test_sam_release_file_is_read_once_for_encoder_and_decoder(sam_tiny, tmp_path, monkeypatch):
+    from dapseg import weights as W
+    from dapseg.bundle import ModelBundle
+    from dapseg.models.sam.build import sam_with_decoder
+
+    torch.manual_seed(3)
+    full = sam_with_decoder(sam_tiny.encoder)  # the tiny encoder with a random decoder: a "release file"
+    path = tmp_path / "sam_vit_b_01ec64.pth"
+    torch.save({k: v.clone() for k, v in full.state_dict().items()}, path)
+    reads = []
+    real = W.load_state_dict_file
+    monkeypatch.setattr(W, "load_state_dict_file", lambda p: reads.append(p) or real(p))
+    cfg = VfmConfig(name="sam_vitb", weights=path)
+    loaded = build_vfm(cfg, tiny=True, window_size=224, device="cpu")
+    bundle = ModelBundle(clip=None, sam=loaded, sam_config=cfg)
+    sam = bundle.sam_decoder()
+    assert bundle.sam_decoder() is sam and len(reads) == 1  # one read, one decoder
+    want = full.state_dict()
+    for key, value in sam.state_dict().items():
+        assert torch.equal(value, want[key]), key

@@ -134,7 +134,7 @@ class Segmenter:
             for key in ("clip", "vfm", "sam")
             if getattr(config, key) == getattr(self.config, key)
         }
-        if "sam" in models and self.models._sam_decoder is not None:
+        if "sam" in models and "vfm" in models and self.models._sam_decoder is not None:
             models["sam_decoder"] = self.models._sam_decoder  # the decoder around the same encoder
         if "clip" not in models:
             models = {}

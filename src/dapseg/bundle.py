@@ -30,6 +30,7 @@ class ModelBundle:
     vfm: nn.Module | None = None
     sam: nn.Module | None = None  # the VFM registry's SAM: its image encoder (``.encoder``)
     sam_config: VfmConfig | None = None
+    vfm_config: VfmConfig | None = None
     random_weights: bool = False
     cache_dir: str | os.PathLike[str] | None = None
     _sam_decoder: Any = field(default=None, repr=False)
@@ -67,26 +68,40 @@ class ModelBundle:
             sam = reuse.get("sam") or vfm(config.sam)
         except WeightsMissingError as e:
             raise WeightsMissingError(e.what, how_to_fetch(config.name)) from e
-        return cls(clip, vfm_model, sam, config.sam, random_weights or tiny, cache_dir,
+        return cls(clip, vfm_model, sam, config.sam, config.vfm, random_weights or tiny, cache_dir,
                    reuse.get("sam_decoder") if sam is reuse.get("sam") else None)
 
+    def _decoder_source(self) -> tuple[nn.Module | None, VfmConfig | None]:
+        """The SAM a decoder goes around: the ``sam:`` model, else a SAM the config loaded as its VFM."""
+        if self.sam is not None:
+            return self.sam, self.sam_config
+        if self.vfm is not None and getattr(self.vfm, "family", None) == "sam":
+            return self.vfm, self.vfm_config
+        return None, None
+
     def sam_decoder(self) -> Any:
-        """The full segment-anything ``Sam`` around the SAM encoder, its decoder read from the release
-        file (random with random weights); built once."""
+        """The full segment-anything ``Sam`` around the SAM encoder, its decoder from the release file
+        (kept when the encoder was loaded, so the file is read once; random with random weights);
+        built once."""
         if self._sam_decoder is None:
-            if self.sam is None:
+            encoder, cfg = self._decoder_source()
+            if encoder is None:
                 raise ValueError("no SAM model configured")
             from dapseg.models.sam.build import sam_decoder_file, sam_with_decoder
 
-            weights = sam_decoder_file(self.sam_config, random_weights=self.random_weights,
-                                       cache_dir=self.cache_dir)
-            self._sam_decoder = sam_with_decoder(self.sam, weights=weights)
+            kept = getattr(encoder, "checkpoint_extras", None)  # read with the encoder: no second read
+            if kept:
+                self._sam_decoder = sam_with_decoder(encoder, decoder_state=kept)
+            else:
+                weights = sam_decoder_file(cfg, random_weights=self.random_weights, cache_dir=self.cache_dir)
+                self._sam_decoder = sam_with_decoder(encoder, weights=weights)
         return self._sam_decoder
 
     def backbone(self, config: SegmenterConfig) -> Backbone:
         family = getattr(self.vfm, "family", None) if self.vfm is not None else None
         vfm_name = config.vfm.name if config.vfm is not None else None
-        return Backbone(clip_model=config.clip.model, vfm_name=vfm_name, vfm_family=family)
+        return Backbone(clip_model=config.clip.model, vfm_name=vfm_name, vfm_family=family,
+                        clip_patch_size=int(self.clip.patch_size))
 
     def check(self, needs: Iterable[Need], what: str, config: SegmenterConfig) -> None:
         """A clear error when ``what`` (e.g. "head 'dap'") needs a model the config does not name."""
@@ -94,7 +109,9 @@ class ModelBundle:
         if needs & {Need.VFM_FEATURES, Need.VFM_ATTENTION} and self.vfm is None:
             raise ValueError(f"preset {config.name!r}: {what} needs a VFM; configure a `vfm:` section "
                              "(e.g. --set vfm.name=dino_vitb16)")
-        if needs & {Need.SAM_ENCODER, Need.SAM_DECODER} and self.sam is None:
+        if (Need.SAM_ENCODER in needs and self.sam is None) or (
+            Need.SAM_DECODER in needs and self._decoder_source()[0] is None
+        ):
             raise ValueError(f"preset {config.name!r}: {what} needs a SAM model; add e.g. "
                              "--set sam.name=sam_vitb (or a `sam:` section in the config)")
 
@@ -104,7 +121,7 @@ class ModelBundle:
         for need in set(needs):
             if need is Need.SAM_ENCODER and self.sam is not None:
                 out[need.value] = self.sam
-            elif need is Need.SAM_DECODER and self.sam is not None:
+            elif need is Need.SAM_DECODER and self._decoder_source()[0] is not None:
                 out[need.value] = self.sam_decoder()
             elif need is Need.BACKBONE:
                 out[need.value] = self.backbone(config)

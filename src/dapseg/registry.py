@@ -42,6 +42,8 @@ class Need(str, Enum):
     SAM_DECODER = "sam_decoder"  # a full segment-anything ``Sam`` with its decoder (``sam_decoder``)
     BACKBONE = "backbone"  # the names of the CLIP model and the VFM (``backbone``: a ``Backbone``)
     CLASS_TEXT = "class_text"  # the query text embeddings at run time (e.g. FSA)
+    AFFINITY_MEAN = "affinity_mean"  # HeadContext.affinity_mean: mean(S) over every window of the image
+    ORIGINAL_IMAGE = "original_image"  # the image as loaded, keyword ``original`` of a strategy call
 
 
 # Needs handed to a builder as keyword arguments (the others configure the engine at run time).
@@ -57,6 +59,7 @@ class Backbone:
     clip_model: str  # open_clip model name, e.g. "ViT-B-16"
     vfm_name: str | None = None  # VFM registry name, e.g. "mae_vitb16"
     vfm_family: str | None = None  # VFM family, e.g. "mae"
+    clip_patch_size: int = 16  # pixels per CLIP patch
 
 
 @dataclass(frozen=True)

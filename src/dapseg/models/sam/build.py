@@ -124,12 +124,22 @@ def sam_decoder_file(cfg: Any, *, random_weights: bool, cache_dir: Any = None) -
     return fetch_weights(cfg.name, cache_dir)
 
 
-def sam_with_decoder(sam: object, *, weights: Path | None = None) -> Sam:
+DECODER_PREFIXES = ("prompt_encoder.", "mask_decoder.")
+
+
+def decoder_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The prompt encoder / mask decoder entries of a SAM release file's state dict."""
+    return {k: v for k, v in state.items() if k.startswith(DECODER_PREFIXES)}
+
+
+def sam_with_decoder(sam: object, *, weights: Path | None = None,
+                     decoder_state: dict[str, torch.Tensor] | None = None) -> Sam:
     """A full ``Sam`` (prompt encoder + mask decoder) around the image encoder of ``sam``.
 
     The decoder matches the encoder's neck width and grid (256 and 64 × 64 for the released models).
-    With ``weights`` (the official release file) its prompt_encoder.* and mask_decoder.* tensors are
-    loaded; without, the decoder keeps random weights (smoke runs, tests).
+    Its prompt_encoder.* and mask_decoder.* tensors come from ``decoder_state`` (kept when the
+    encoder was loaded, so the release file is read once) or from ``weights`` (the official release
+    file); without either, the decoder keeps random weights (smoke runs, tests).
     """
     if isinstance(sam, Sam):
         return sam
@@ -147,17 +157,17 @@ def sam_with_decoder(sam: object, *, weights: Path | None = None) -> Sam:
         transformer_dim=dim, iou_head_depth=3, iou_head_hidden_dim=dim,
     )
     model = Sam(image_encoder=enc, prompt_encoder=prompt, mask_decoder=decoder)
-    if weights is not None:
+    if decoder_state is None and weights is not None:
         from dapseg.weights import load_state_dict_file
 
-        state = load_state_dict_file(weights)
-        part = {k: v for k, v in state.items() if k.startswith(("prompt_encoder.", "mask_decoder."))}
-        if not part:
-            raise ValueError(f"{weights} has no prompt_encoder / mask_decoder tensors: not a SAM release file")
-        missing = [k for k in model.state_dict() if k.startswith(("prompt_encoder.", "mask_decoder."))
-                   and k not in part]
+        decoder_state = decoder_tensors(load_state_dict_file(weights))
+    if decoder_state is not None:
+        source = weights or "the SAM weights file"
+        if not decoder_state:
+            raise ValueError(f"{source} has no prompt_encoder / mask_decoder tensors: not a SAM release file")
+        missing = [k for k in model.state_dict() if k.startswith(DECODER_PREFIXES) and k not in decoder_state]
         if missing:
-            raise ValueError(f"{weights} lacks SAM decoder tensors, e.g. {missing[0]}")
-        model.load_state_dict(part, strict=False)
+            raise ValueError(f"{source} lacks SAM decoder tensors, e.g. {missing[0]}")
+        model.load_state_dict(decoder_state, strict=False)
     device = next(enc.parameters()).device
     return model.eval().to(device)

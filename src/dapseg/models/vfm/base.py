@@ -78,6 +78,7 @@ class VisionFoundationModel(nn.Module):
         self.embed_dim = embed_dim  # C of ``feats``
         self.num_heads = num_heads  # heads of ``attn``
         self.tiny = tiny
+        self.checkpoint_extras: dict[str, torch.Tensor] = {}  # see VfmFamily.checkpoint_extras
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -131,6 +132,9 @@ class VfmFamily:
     wrap: Callable[[VfmSpec, nn.Module, bool, int], VisionFoundationModel]  # (spec, module, tiny, window)
     init_random: Callable[[nn.Module], None] | None = None  # extra init for random weights
     weights_from_url: bool = False  # True: ``spec.hub`` is a URL; False: a timm hub tag
+    # Tensors of the weights file kept beside the module (``VisionFoundationModel.checkpoint_extras``),
+    # e.g. SAM's prompt encoder and mask decoder, so that the file is read once.
+    checkpoint_extras: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
 
 
 def specs_from(family: str, rows: list[dict[str, Any]], **defaults: Any) -> tuple[VfmSpec, ...]:

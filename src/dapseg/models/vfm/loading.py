@@ -127,9 +127,12 @@ def convert_state_dict(
     return family_of(spec).filter_checkpoint(sd, module)
 
 
-def load_into(spec: VfmSpec, module: nn.Module, path: str | os.PathLike) -> None:
-    """Load the checkpoint ``path`` into ``module`` strictly; ValueError names the file and keys."""
-    sd = convert_state_dict(spec, module, read_state_dict(path))
+def load_into(spec: VfmSpec, module: nn.Module, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load the checkpoint ``path`` into ``module`` strictly; ValueError names the file and keys.
+
+    Returns the tensors the family keeps beside the module (``VfmFamily.checkpoint_extras``)."""
+    raw = read_state_dict(path)
+    sd = convert_state_dict(spec, module, raw)
     missing, unexpected = module.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise ValueError(
@@ -137,6 +140,8 @@ def load_into(spec: VfmSpec, module: nn.Module, path: str | os.PathLike) -> None
             f"{' ...' if len(missing) > 12 else ''}, unexpected keys {unexpected[:12]}"
             f"{' ...' if len(unexpected) > 12 else ''}"
         )
+    extras = family_of(spec).checkpoint_extras
+    return extras(raw) if extras is not None else {}
 
 
 def build_with_weights(
@@ -158,11 +163,14 @@ def build_with_weights(
         path = fetch_weights(spec.name, cache_dir)
     family = family_of(spec)
     module = family.make_module(spec, tiny)
+    extras: dict[str, torch.Tensor] = {}
     if path is not None:
-        load_into(spec, module, path)
+        extras = load_into(spec, module, path)
     elif family.init_random is not None:
         family.init_random(module)
-    return family.wrap(spec, module, tiny, window_size)
+    model = family.wrap(spec, module, tiny, window_size)
+    model.checkpoint_extras = extras
+    return model
 
 
 def build_vfm(

@@ -21,6 +21,7 @@ from dapseg.models.sam.build import (
     SAM_IMAGE_SIZE,
     SAM_URL,
     SAM_VARIANTS,
+    decoder_tensors,
     make_image_encoder,
     randomize_position_terms,
 )
@@ -92,6 +93,6 @@ def _sam_filter(sd: dict[str, torch.Tensor], module: nn.Module) -> dict[str, tor
 FAMILY = VfmFamily(
     "sam", SPECS, lambda spec, tiny: make_image_encoder(spec.arch, tiny=tiny), _sam_filter,
     lambda spec, module, tiny, window_size: SamVfm(spec, module, tiny=tiny),
-    init_random=randomize_position_terms, weights_from_url=True,
+    init_random=randomize_position_terms, weights_from_url=True, checkpoint_extras=decoder_tensors,
 )
 VFM_FAMILIES.register("sam", description="SAM image encoder (segment-anything)")(lambda: FAMILY)
