@@ -460,7 +460,10 @@ def test_splice_with_sam_affinity_equals_manual_composition(tiny_clip):
     text = random_text(tiny_clip)
     image = torch.rand(3, 64, 96, generator=torch.Generator().manual_seed(2))
     p = AffinityParams(kind="aff")
-    got = get_strategy("splice")(engine, image, text, splice_cfg(params={"kind": "aff", "chunk": 5}))
+    # sam_input=processed: SAM encodes the working image tensor (the original-image path is tested
+    # in test_trident_fidelity.py).
+    cfg = splice_cfg(params={"kind": "aff", "chunk": 5, "sam_input": "processed"})
+    got = get_strategy("splice")(engine, image, text, cfg)
     spliced = naive_splice_tokens(engine, image, 48, 32, text)
     enc = encode_image(sam, image)
     vh, vw = enc.input_size[0] // 16, enc.input_size[1] // 16

@@ -19,7 +19,7 @@ from dapseg.heads.base import build_head
 from dapseg.images import load_image
 from dapseg.inference.engine import DenseEngine, HeadPlugin
 from dapseg.inference.preprocess import resize_image, short_side_size, to_tensor01
-from dapseg.inference.strategies import get_strategy
+from dapseg.inference.strategies import get_strategy, strategy_needs_original
 from dapseg.models.clip import build_clip
 from dapseg.postprocess import class_probs, labels_banded, labels_from_probs
 from dapseg.refine import Refiner, build_refiner
@@ -259,7 +259,9 @@ class Segmenter:
         h, w = image.shape[:2]
         size = short_side_size(h, w, cfg.short_side) if cfg.short_side else (h, w)
         processed = to_tensor01(resize_image(image, size))
-        return self.strategy(self.engine, processed, self.text_embeddings(classes), cfg).float().cpu()
+        # splice hands the original (not the resized working image) to SAM, as the Trident reference
+        extra = {"original": image} if strategy_needs_original(cfg.mode) else {}
+        return self.strategy(self.engine, processed, self.text_embeddings(classes), cfg, **extra).float().cpu()
 
     def predict(
         self, image: PathLike | Image.Image | np.ndarray, classes: ClassSet | Sequence[str] | str

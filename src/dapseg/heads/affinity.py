@@ -7,7 +7,9 @@ Shapes: B windows, C' VFM channels, (h', w') VFM grid, N' = h'·w' VFM patches.
 
     x̂ = ℓ2-normalise(VFM features)          (B, N', C')
     S = x̂ x̂ᵀ                                 (B, N', N')  cosine similarity
-    A = γ (S − β · mean(S))                  mean over all N'² entries of *each window*
+    A = γ (S − β · mean(S))                  mean over all N'² entries of each window, or, with
+                                             mean_scope="image", over every window of the image
+                                             (Trident: the reference runs all windows as one batch)
     keep_ij = A_ij ≥ 0  [∧ mutual kNN]       masked entries get −∞ before the softmax
     Attn = row-softmax(A over kept entries)
 
@@ -41,10 +43,42 @@ def patch_similarity(feats: Tensor) -> Tensor:
     return torch.bmm(x, x.transpose(1, 2))
 
 
-def adaptive_normalize(s: Tensor, beta: float, gamma: float) -> Tensor:
-    """A = γ (S − β·mean(S)) with the mean taken per window: (B, N', N') -> (B, N', N')."""
-    mean = s.mean(dim=(-2, -1), keepdim=True)  # (B, 1, 1): batching never mixes windows
+def adaptive_normalize(s: Tensor, beta: float, gamma: float, mean: Tensor | None = None) -> Tensor:
+    """A = γ (S − β·mean(S)): (B, N', N') -> (B, N', N').
+
+    mean: None takes the mean per window (batching never mixes windows); a scalar tensor is a mean
+    computed elsewhere, e.g. over every window of the image (``image_similarity_mean``).
+    """
+    if mean is None:
+        mean = s.mean(dim=(-2, -1), keepdim=True)  # (B, 1, 1)
+    else:
+        mean = mean.to(device=s.device, dtype=s.dtype).reshape(-1, 1, 1)  # (1, 1, 1)
     return (s - mean * beta) * gamma
+
+
+def similarity_sum(feats: Tensor) -> tuple[Tensor, int]:
+    """(Σ S over all entries of all windows, number of entries) for VFM features (B, C', h', w').
+
+    Summed in float64 so that a mean over many batches of windows does not depend on how the
+    windows were batched (beyond float64 rounding).
+    """
+    s = patch_similarity(feats)  # (B, N', N')
+    return s.double().sum(), s.numel()
+
+
+def image_similarity_mean(feats_batches: list[Tensor]) -> Tensor:
+    """mean(S) over every entry of every window: a list of (B_k, C', h', w') batches -> scalar.
+
+    Equals ``patch_similarity(torch.cat(feats_batches)).mean()`` (the reference's mean over one
+    batch holding all windows of the image) whatever the batching.
+    """
+    if not feats_batches:
+        raise ValueError("image_similarity_mean needs the VFM features of at least one window")
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    for feats in feats_batches:
+        s, n = similarity_sum(feats)
+        total, count = total + s.cpu(), count + n
+    return (total / count).float()
 
 
 def mutual_knn(s: Tensor, k: int) -> Tensor:
@@ -93,6 +127,7 @@ def proxy_attention(
     normalize: bool = True,
     mask: bool = True,
     knn: int = 0,
+    mean: Tensor | None = None,
 ) -> Tensor:
     """Row-stochastic proxy attention over the VFM patches: (B, C', h', w') -> (B, N', N').
 
@@ -101,9 +136,10 @@ def proxy_attention(
     mask: False keeps every entry (plain softmax, ProxyCLIP ablation "w/o masking"); ``knn`` is
         then ignored as well.
     knn: > 0 additionally keeps only mutual k-nearest neighbours under S (DAP step 2).
+    mean: mean(S) given from outside (a scalar, e.g. over all windows of the image); None: per window.
     """
     s = patch_similarity(feats)
-    a = adaptive_normalize(s, beta, gamma) if normalize else s
+    a = adaptive_normalize(s, beta, gamma, mean) if normalize else s
     if not mask:
         return a.softmax(dim=-1)
     keep = a >= 0

@@ -29,6 +29,9 @@ class HeadContext:
     vfm_feats: Tensor | None = None  # (B, C', h', w') VFM patch features of the same windows
     vfm_attn: Tensor | None = None  # (B, heads', N', N') VFM last-layer attention over its patch tokens
     images: Tensor | None = None  # (B, 3, H, W) window pixels in [0, 1], unnormalised (e.g. for SLIC)
+    # mean(S) of the VFM patch similarity over every window of the image, a scalar: given by the
+    # strategy to heads with mean_scope="image" (Trident); None for per-window means.
+    affinity_mean: Tensor | None = None
 
 
 @dataclass

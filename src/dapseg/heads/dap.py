@@ -1,6 +1,7 @@
 """DAP: Dense Aggregation via Proxies, the headline head (DESIGN.md §3 "dap").
 
-1. affinity as the proxy head: A = γ(S − β·mean(S)) on the VFM grid, mean per window;
+1. affinity as the proxy head: A = γ(S − β·mean(S)) on the VFM grid, mean per window (or over
+   all windows of the image with mean_scope="image", as Trident);
 2. neighbourhoods: keep A_ij ≥ 0 and, if knn > 0, mutual k-nearest neighbours under S; a row
    left empty keeps its largest entries (as the proxy head);
 3. W = row softmax of A over the kept entries;
@@ -27,7 +28,7 @@ from torch import Tensor
 
 from dapseg.heads.affinity import normalized_patches, proxy_attention
 from dapseg.heads.base import Attention, Head, HeadContext, merge_heads, register_head
-from dapseg.heads.proxy import patch_values, vfm_grid
+from dapseg.heads.proxy import MEAN_SCOPE_HELP, MeanScope, affinity_mean, patch_values, vfm_grid
 from dapseg.heads.regions import (
     RegionProvider,
     SamRegions,
@@ -61,6 +62,7 @@ class DapHead(Head):
         sam_pred_iou_thresh: float = Field(0.88, ge=0, le=1, description="SAM regions: mask quality cut")
         sam_stability_thresh: float = Field(0.95, ge=0, le=1, description="SAM regions: stability cut")
         steps: int = Field(1, ge=1, description="propagation steps z = W(W(…W v))")
+        mean_scope: MeanScope = Field("window", description=MEAN_SCOPE_HELP)
 
     def __init__(self, params: Params | None = None, region_provider: RegionProvider | None = None) -> None:
         super().__init__()
@@ -71,6 +73,11 @@ class DapHead(Head):
     def needs_images(self) -> bool:
         """Whether the pipeline must pass the window pixels (HeadContext.images)."""
         return self.params.regions in ("slic", "sam") and self.params.rho > 0
+
+    @property
+    def needs_image_mean(self) -> bool:
+        """Whether the strategy must supply mean(S) over all windows (HeadContext.affinity_mean)."""
+        return self.params.mean_scope == "image"
 
     @property
     def needs_sam(self) -> bool:
@@ -114,7 +121,8 @@ class DapHead(Head):
     def attention(self, ctx: HeadContext) -> Attention:
         p = self.params
         grid = vfm_grid(ctx, self.name)
-        w = proxy_attention(ctx.vfm_feats, beta=p.beta, gamma=p.gamma, knn=p.knn)  # (B, N', N')
+        mean = affinity_mean(ctx, self.name, p.mean_scope)
+        w = proxy_attention(ctx.vfm_feats, beta=p.beta, gamma=p.gamma, knn=p.knn, mean=mean)  # (B, N', N')
         if p.regions != "none" and p.rho > 0:
             pw = region_mean(w, self.region_labels(ctx, grid).to(w.device))  # P·W
             w = w.mul_(1 - p.rho).add_(pw, alpha=p.rho)  # (1−ρ)·W + ρ·P·W, still row-stochastic

@@ -45,6 +45,26 @@ def patch_values(ctx: HeadContext, out_grid: tuple[int, int]) -> Tensor:
     return values_on_grid(v[:, :, 1:], ctx.grid, out_grid)
 
 
+MeanScope = Literal["window", "image"]
+MEAN_SCOPE_HELP = (
+    "where mean(S) of A = γ(S − β·mean(S)) is taken: per window (ProxyCLIP, one window at a time) "
+    "or over all windows of the image (Trident, which runs them as one batch)"
+)
+
+
+def affinity_mean(ctx: HeadContext, head: str, scope: MeanScope) -> Tensor | None:
+    """The image-wide mean(S) the strategy computed (scope "image"), or None (scope "window")."""
+    if scope == "window":
+        return None
+    if ctx.affinity_mean is None:
+        raise ValueError(
+            f"head {head!r} with mean_scope='image' needs the mean similarity over all windows of the "
+            "image (HeadContext.affinity_mean), which the inference strategy computes; "
+            "use mean_scope='window' when calling the head directly"
+        )
+    return ctx.affinity_mean
+
+
 def mean_vfm_attention(ctx: HeadContext, n: int) -> Tensor:
     """The VFM's last-layer attention over its patches, averaged over heads: (B, N', N').
 
@@ -78,6 +98,7 @@ class ProxyHead(Head):
         affinity: Literal["features", "vfm_attention"] = Field(
             "features", description="vfm_attention: the VFM's own last-layer attention (ablation)"
         )
+        mean_scope: MeanScope = Field("window", description=MEAN_SCOPE_HELP)
 
     def __init__(self, params: Params | None = None) -> None:
         super().__init__()
@@ -88,14 +109,21 @@ class ProxyHead(Head):
         """Whether the pipeline must ask the VFM for its last-layer attention."""
         return self.params.affinity == "vfm_attention"
 
+    @property
+    def needs_image_mean(self) -> bool:
+        """Whether the strategy must supply mean(S) over all windows (HeadContext.affinity_mean)."""
+        p = self.params
+        return p.mean_scope == "image" and p.affinity == "features" and p.normalize
+
     def attention(self, ctx: HeadContext) -> Attention:
         p = self.params
         grid = vfm_grid(ctx, self.name)
         if p.affinity == "vfm_attention":
             attn = mean_vfm_attention(ctx, grid[0] * grid[1])
         else:
+            mean = affinity_mean(ctx, self.name, p.mean_scope) if self.needs_image_mean else None
             attn = proxy_attention(
-                ctx.vfm_feats, beta=p.beta, gamma=p.gamma, normalize=p.normalize, mask=p.mask
+                ctx.vfm_feats, beta=p.beta, gamma=p.gamma, normalize=p.normalize, mask=p.mask, mean=mean
             )
         # One attention for all CLIP heads: (B, 1, N', N') broadcasts against v (B, heads, N', d).
         return Attention(attn=attn.unsqueeze(1), v=patch_values(ctx, grid), grid=grid, has_cls=False)

@@ -34,7 +34,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from skimage import measure
 from torch import Tensor
 
-from dapseg.models.sam_encoder import SamEncoding, encode_image
+from dapseg.models.sam_encoder import SamEncoding, encode_image, reference_sam_image
 from dapseg.refine import Refiner, register_refiner
 
 
@@ -125,24 +125,33 @@ class SamPromptRefiner:
 
     name = "sam"
 
-    def __init__(self, sam: Sam, params: SamRefineParams | dict | None = None):
+    def __init__(self, sam: Sam, params: SamRefineParams | dict | None = None, multiple: int = 16):
         self.params = params if isinstance(params, SamRefineParams) else SamRefineParams(**(params or {}))
         if not (self.params.points or self.params.boxes or self.params.masks):
             raise ValueError("SAM refinement needs at least one of points, boxes, masks")
         self.sam = sam
         self.predictor = SamPredictor(sam)
+        self.multiple = multiple  # a uint8 image's sides are rounded up to this (the CLIP patch) for SAM
 
     @torch.no_grad()
     def __call__(
-        self, image: Tensor, labels: Tensor, probs: Tensor, encoding: SamEncoding | None = None
+        self, image: Tensor | np.ndarray, labels: Tensor, probs: Tensor, encoding: SamEncoding | None = None
     ) -> tuple[Tensor, Tensor]:
-        """image (3, H, W) in [0, 1]; labels (H, W); probs (C, H, W) -> refined (labels, probs)."""
+        """labels (H, W); probs (C, H, W) -> refined (labels, probs).
+
+        image: (H, W, 3) uint8 RGB, the original as loaded — SAM then sees it as in the Trident
+        reference (sides rounded up to multiples of ``multiple`` with cv2, segment-anything's own
+        resize and normalisation) and its masks are resized back to (H, W) bilinearly; or (3, H, W)
+        in [0, 1], encoded as is (torch resize). ``encoding``: a SAM encoding of that image to reuse.
+        """
         p = self.params
         H, W = labels.shape
-        if image.shape[-2:] != (H, W):
-            raise ValueError(f"image {tuple(image.shape[-2:])} and labels {(H, W)} differ in size")
-        if encoding is None or encoding.original_size != (H, W):
-            encoding = encode_image(self.sam, image, chunk=p.chunk)
+        size = image.shape[:2] if isinstance(image, np.ndarray) else image.shape[-2:]
+        if tuple(size) != (H, W):
+            raise ValueError(f"image {tuple(size)} and labels {(H, W)} differ in size")
+        if encoding is None:
+            sam_input = reference_sam_image(image, self.multiple) if isinstance(image, np.ndarray) else image
+            encoding = encode_image(self.sam, sam_input, chunk=p.chunk)
         set_encoding(self.predictor, encoding)
         dev = self.predictor.device
 
@@ -173,7 +182,9 @@ class SamPromptRefiner:
                 failed |= cp.regions[~ok].any(0).to(failed.device)
             if not bool(ok.any()):
                 continue
-            lg = logits[ok.to(logits.device), 0].float().to(probs.device)  # (R', H, W)
+            lg = logits[ok.to(logits.device), 0].float().to(probs.device)  # (R', H_sam, W_sam)
+            if lg.shape[-2:] != (H, W):  # SAM saw the image rounded up to the patch multiple
+                lg = F.interpolate(lg[None], (H, W), mode="bilinear", align_corners=False)[0]
             score = (torch.sigmoid(lg) * probs[cp.cls]).amax(0)
             union = (lg > self.sam.mask_threshold).any(0)
             refined[cp.cls] = score * union
@@ -213,7 +224,6 @@ def build_sam_refiner(params: dict[str, Any], sam: object | None = None, segment
 
     Returns (logits, labels): labels decided by SAM, logits encoding the refined probabilities.
     """
-    from dapseg.inference.preprocess import to_tensor01
     from dapseg.models.sam_encoder import check_encode_memory, sam_with_decoder
     from dapseg.postprocess import class_probs, labels_from_probs
 
@@ -221,7 +231,8 @@ def build_sam_refiner(params: dict[str, Any], sam: object | None = None, segment
         raise ValueError("refine.name=sam needs a SAM model: add `sam: {name: sam_vitb}` to the config")
     p = SamRefineParams(**params)
     check_encode_memory(sam, chunk=p.chunk)  # before the first image, not halfway through a dataset
-    refiner = SamPromptRefiner(sam_with_decoder(sam, weights=_decoder_weights(segmenter)), p)
+    multiple = segmenter.clip.patch_size if segmenter is not None else 16
+    refiner = SamPromptRefiner(sam_with_decoder(sam, weights=_decoder_weights(segmenter)), p, multiple)
     post = segmenter.config.postprocess if segmenter is not None else None
     scale = post.logit_scale if post is not None else 40.0
     prob_thd = post.prob_thd if post is not None else 0.0
@@ -229,7 +240,7 @@ def build_sam_refiner(params: dict[str, Any], sam: object | None = None, segment
     def refine(image: np.ndarray, logits: Tensor, query_to_class: list[int]) -> tuple[Tensor, Tensor]:
         probs = class_probs(logits.float(), scale, query_to_class)
         labels = labels_from_probs(probs, prob_thd)
-        new_labels, new_probs = refiner(to_tensor01(np.array(image)).to(probs.device), labels, probs)
+        new_labels, new_probs = refiner(np.ascontiguousarray(image, dtype=np.uint8), labels, probs)
         return probs_as_logits(new_probs, scale, query_to_class), new_labels
 
     return refine  # type: ignore[return-value]
