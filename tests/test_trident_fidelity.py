@@ -164,7 +164,7 @@ def test_trident_preset_identical_with_max_batch_1_and_6():
     from skimage import data
 
     image = data.coffee()[::3, ::3]  # (134, 200)
-    # short side 224, crop 96, stride 64: the spliced image is 224 × 336 -> 3 × 5 windows
+    # short side 224 (224 × 334), aligned to 240 × 336 for splicing; crop 96, stride 64: 4 × 5 windows
     common = {"inference.short_side": 224, "inference.crop": 96, "inference.stride": 64}
     one = tiny_segmenter("trident", **common, **{"inference.max_batch": 1}).predict(image, "cup, table, wall")
     six = tiny_segmenter("trident", **common, **{"inference.max_batch": 6}).predict(image, "cup, table, wall")
