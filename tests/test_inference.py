@@ -168,3 +168,9 @@ def test_pamr_constant_image_has_no_nan() -> None:
     mask = torch.randn(1, 2, 6, 6)
     out = pamr(image, mask, steps=2, dilations=(1,))
     assert torch.isfinite(out).all()
+
+
+def test_labels_ties_pick_the_lowest_class_index():
+    """Tie rule of argmax: equal probabilities go to the lowest class index."""
+    probs = torch.tensor([[0.2, 0.4, 0.25], [0.4, 0.3, 0.25], [0.4, 0.3, 0.25], [0.0, 0.0, 0.25]])
+    assert labels_from_probs(probs[:, None, :], 0.0)[0].tolist() == [1, 0, 0]
