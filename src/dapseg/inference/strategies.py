@@ -68,10 +68,28 @@ def pad_windows(windows01: Tensor, pad: tuple[int, int, int, int], fill: tuple[f
     return torch.where(mask, colour, out)
 
 
+def min_window_side(engine: DenseEngine) -> int:
+    """The smallest window side the engine's models accept: one patch of CLIP and of the VFM."""
+    sizes = [engine.clip.patch_size]
+    if engine.vfm is not None and hasattr(engine.vfm, "patch_size"):
+        sizes.append(int(engine.vfm.patch_size))
+    return max(sizes)
+
+
+def window_padding(h: int, w: int, pad_multiple: int | None, min_side: int) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom): ``centred_padding`` to ``pad_multiple``, then, where a side is still
+    shorter than ``min_side``, centred padding up to ``min_side`` (a window narrower than one patch,
+    e.g. of a 10000×10 image, would give an empty token grid)."""
+    left, right, top, bottom = centred_padding(h, w, pad_multiple)
+    extra_w, extra_h = max(0, min_side - (w + left + right)), max(0, min_side - (h + top + bottom))
+    return left + extra_w // 2, right + extra_w - extra_w // 2, top + extra_h // 2, bottom + extra_h - extra_h // 2
+
+
 def padded_window_logits(engine: DenseEngine, windows01: Tensor, text: Tensor, pad_multiple: int | None) -> Tensor:
-    """Window logits (B, Q, h, w), computed on windows padded to ``pad_multiple`` and cropped back."""
+    """Window logits (B, Q, h, w), computed on windows padded to ``pad_multiple`` (and to at least one
+    patch per side) and cropped back."""
     h, w = windows01.shape[-2:]
-    pad = centred_padding(h, w, pad_multiple)
+    pad = window_padding(h, w, pad_multiple, min_window_side(engine))
     logits = engine.window_logits(pad_windows(windows01, pad, engine.clip.mean), text)
     left, _, top, _ = pad
     return logits[..., top : top + h, left : left + w]
