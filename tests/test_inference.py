@@ -54,6 +54,7 @@ class PositionEngine:
 
     class _Clip:
         mean = (0.25, 0.5, 0.75)
+        patch_size = 16  # windows narrower than this would be padded
 
     clip = _Clip()
 
