@@ -71,8 +71,9 @@ def pad_windows(windows01: Tensor, pad: tuple[int, int, int, int], fill: tuple[f
 def min_window_side(engine: DenseEngine) -> int:
     """The smallest window side the engine's models accept: one patch of CLIP and of the VFM."""
     sizes = [engine.clip.patch_size]
-    if engine.vfm is not None and hasattr(engine.vfm, "patch_size"):
-        sizes.append(int(engine.vfm.patch_size))
+    vfm = getattr(engine, "vfm", None)
+    if vfm is not None and hasattr(vfm, "patch_size"):
+        sizes.append(int(vfm.patch_size))
     return max(sizes)
 
 
