@@ -97,10 +97,22 @@ class SegmentationResult:
             "overlay": out / f"{stem}_overlay.png",
             "json": out / f"{stem}.json",
         }
-        _atomic_write(paths["labels"], lambda p: self.label_image().save(p, format="PNG"))
-        _atomic_write(paths["overlay"], lambda p: self.overlay().save(p, format="PNG"))
         summary = {**self.summary(), **(extra or {})}
-        _atomic_write(paths["json"], lambda p: p.write_text(json.dumps(summary, indent=2), encoding="utf-8"))
+        writers = {
+            "labels": lambda p: self.label_image().save(p, format="PNG"),
+            "overlay": lambda p: self.overlay().save(p, format="PNG"),
+            "json": lambda p: p.write_text(json.dumps(summary, indent=2), encoding="utf-8"),
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        written: list[Path] = []
+        try:
+            for key, write in writers.items():
+                _atomic_write(paths[key], write)
+                written.append(paths[key])
+        except BaseException:  # all three files or none: no partial result of a failed image
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise
         return paths
 
 
@@ -109,9 +121,11 @@ def _atomic_write(path: Path, write: Any) -> None:
     try:
         write(tmp)
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise OSError(f"cannot write {path}: {e.strerror or e}") from e
+        if isinstance(e, OSError):
+            raise OSError(f"cannot write {path}: {e.strerror or e}") from e
+        raise
 
 
 class Segmenter:

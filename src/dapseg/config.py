@@ -86,6 +86,11 @@ class InferenceConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_params(self) -> InferenceConfig:
+        if self.stride > self.crop:  # every mode: a config must not turn invalid by switching mode
+            raise ValueError(
+                f"inference.stride ({self.stride}) is larger than inference.crop ({self.crop}): pixels between "
+                "windows would be covered by no window; use a stride <= crop"
+            )
         if self.mode != "slide" or self.params:  # slide/whole take none: skip importing the engine
             from dapseg.inference.strategies import validate_strategy_params
 
@@ -254,6 +259,14 @@ def load_preset(name: str, overrides: dict[str, Any] | None = None) -> Segmenter
     return config.with_overrides(overrides)
 
 
+def _toml_loads(text: str) -> dict[str, Any]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the same parser as the `tomli` package
+        import tomli as tomllib
+    return tomllib.loads(text)
+
+
 def load_config_file(path: str | Path, overrides: dict[str, Any] | None = None) -> SegmenterConfig:
     """A config from a YAML/TOML file written by a user; ``base:`` may name a preset."""
     path = Path(path)
@@ -261,12 +274,15 @@ def load_config_file(path: str | Path, overrides: dict[str, Any] | None = None) 
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise FileNotFoundError(f"cannot read config file {path}: {e.strerror}") from e
-    if path.suffix == ".toml":
-        import tomllib
-
-        data = tomllib.loads(text)
-    else:
-        data = yaml.safe_load(text) or {}
+    try:
+        # yaml.safe_load: a tag such as !!python/object/apply is refused, never executed.
+        data = _toml_loads(text) if path.suffix == ".toml" else yaml.safe_load(text) or {}
+    except (yaml.YAMLError, ValueError) as e:  # tomllib's TOMLDecodeError is a ValueError
+        detail = " ".join(str(e).split())
+        raise ValueError(f"config file {path} is not valid {path.suffix.lstrip('.').upper() or 'YAML'} "
+                         f"(only plain data is allowed): {detail}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of settings, got {type(data).__name__}")
     base = data.pop("base", None)
     if base is not None:
         raw = _all_raw()

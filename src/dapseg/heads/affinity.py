@@ -15,8 +15,8 @@ Shapes: B windows, C' VFM channels, (h', w') VFM grid, N' = h'·w' VFM patches.
 
 A row with no kept entry (it happens when β·mean(S) > 1, e.g. nearly parallel features) would be
 all −∞, which the reference turns into NaN; such a row keeps the entries equal to its maximum
-instead (usually just the diagonal; ties up to float32 rounding), so it stays finite and every
-finite row is unchanged.
+instead (usually just the diagonal; ties up to float32 rounding, see ``TIE_RTOL``), so it stays
+finite and every finite row is unchanged.
 
 Everything is computed in float32 whatever the input dtype: under fp16/bf16 autocast the sign of
 A near 0 (which decides the mask) would otherwise depend on the precision.
@@ -81,37 +81,46 @@ def image_similarity_mean(feats_batches: list[Tensor]) -> Tensor:
     return (total / count).float()
 
 
+# Tie tolerance of every selection here: entries within TIE_RTOL·(1 + |v|) of a row's k-th largest
+# value (mutual k-NN) or of its maximum (empty rows) count as equal to it. Float32 matrix products
+# of identical feature vectors differ in the last bits, and depending on the summation order (thread
+# count, device, batch) one of them comes out on top; ties must not single out arbitrary patches.
+TIE_RTOL = 1e-5
+MAXIMA_RTOL = TIE_RTOL  # the name the empty-row rule had first
+
+
+def tied_with(values: Tensor, ref: Tensor) -> Tensor:
+    """values >= ref up to the tie tolerance: values >= ref − TIE_RTOL·(1 + |ref|) (broadcasting)."""
+    return values >= ref - TIE_RTOL * (1 + ref.abs())
+
+
 def mutual_knn(s: Tensor, k: int) -> Tensor:
     """keep_ij = j ∈ kNN(i) ∧ i ∈ kNN(j) under S: (B, N', N') -> bool (B, N', N').
 
-    kNN(i) = the entries of row i at least as large as its k-th largest, so ties at the k-th value
-    are all in (deterministic, no arbitrary tie-break). ``k`` larger than N' is clamped to N'
+    Tie rule: kNN(i) = the entries of row i at least as large as its k-th largest value v, up to
+    TIE_RTOL·(1 + |v|); every entry tied with the k-th is in (deterministic, no arbitrary
+    tie-break, so a row may have more than k neighbours). ``k`` larger than N' is clamped to N'
     (every patch is then a neighbour of every other).
     """
     if k < 1:
         raise ValueError(f"knn must be >= 1 here, got {k}")
     k = min(k, s.shape[-1])
     kth = s.topk(k, dim=-1).values[..., -1:]  # (B, N', 1) the k-th largest of each row
-    near = s >= kth
+    near = tied_with(s, kth)
     return near & near.transpose(-2, -1)
-
-
-# Entries this close to a row's maximum count as maxima: float32 matrix products of identical
-# feature vectors can differ in the last bits, which must not single out arbitrary patches.
-MAXIMA_RTOL = 1e-5
 
 
 def keep_row_maxima_where_empty(a: Tensor, keep: Tensor) -> Tensor:
     """Rows of ``keep`` with no True entry keep the entries equal to that row's maximum of ``a``.
 
-    "Equal" up to float32 rounding: within MAXIMA_RTOL·(1 + |max|) of the maximum.
+    Tie rule: "equal" up to float32 rounding, within TIE_RTOL·(1 + |max|) of the maximum.
     a: (B, N', N') float, keep: (B, N', N') bool. Returns a new mask; every row has >= 1 entry.
     """
     empty = ~keep.any(dim=-1, keepdim=True)  # (B, N', 1)
     if not empty.any():
         return keep
     top = a.amax(dim=-1, keepdim=True)
-    return keep | (empty & (a >= top - MAXIMA_RTOL * (1 + top.abs())))
+    return keep | (empty & tied_with(a, top))
 
 
 def masked_softmax(a: Tensor, keep: Tensor) -> Tensor:

@@ -85,6 +85,24 @@ def pad_windows(windows01: Tensor, pad: tuple[int, int, int, int], fill: tuple[f
     return torch.where(mask, colour, out)
 
 
+def min_window_side(engine: DenseEngine) -> int:
+    """The smallest window side the engine's models accept: one patch of CLIP and of the VFM."""
+    sizes = [engine.clip.patch_size]
+    vfm = getattr(engine, "vfm", None)
+    if vfm is not None and hasattr(vfm, "patch_size"):
+        sizes.append(int(vfm.patch_size))
+    return max(sizes)
+
+
+def window_padding(h: int, w: int, pad_multiple: int | None, min_side: int) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom): ``centred_padding`` to ``pad_multiple``, then, where a side is still
+    shorter than ``min_side``, centred padding up to ``min_side`` (a window narrower than one patch,
+    e.g. of a 10000×10 image, would give an empty token grid)."""
+    left, right, top, bottom = centred_padding(h, w, pad_multiple)
+    extra_w, extra_h = max(0, min_side - (w + left + right)), max(0, min_side - (h + top + bottom))
+    return left + extra_w // 2, right + extra_w - extra_w // 2, top + extra_h // 2, bottom + extra_h - extra_h // 2
+
+
 def image_affinity_mean(
     engine: DenseEngine, image01: Tensor, windows: list[Window], cfg: InferenceConfig
 ) -> tuple[Tensor | None, list[VfmOutput | None]]:
@@ -103,7 +121,7 @@ def image_affinity_mean(
     outs = []
     for start in starts:
         crops = crop_windows(image01, windows[start : start + cfg.max_batch])
-        pad = centred_padding(*crops.shape[-2:], cfg.pad_multiple)
+        pad = window_padding(*crops.shape[-2:], cfg.pad_multiple, min_window_side(engine))
         outs.append(engine.vfm_output(pad_windows(crops, pad, engine.clip.mean)))
     return image_similarity_mean([o.feats for o in outs]), outs
 
@@ -117,11 +135,12 @@ def padded_window_logits(
     vfm_out: VfmOutput | None = None,
     affinity_mean: Tensor | None = None,
 ) -> Tensor:
-    """Window logits (B, Q, h, w), computed on windows padded to ``pad_multiple`` and cropped back.
+    """Window logits (B, Q, h, w), computed on windows padded to ``pad_multiple`` (and to at least one
+    patch per side) and cropped back.
 
     ``vfm_out`` / ``affinity_mean``: see ``image_affinity_mean``."""
     h, w = windows01.shape[-2:]
-    pad = centred_padding(h, w, pad_multiple)
+    pad = window_padding(h, w, pad_multiple, min_window_side(engine))
     # only passed when set, so engines that know nothing of them (test doubles) still fit
     extra = {"vfm_out": vfm_out, "affinity_mean": affinity_mean} if affinity_mean is not None else {}
     logits = engine.window_logits(pad_windows(windows01, pad, engine.clip.mean), text, **extra)
