@@ -1,0 +1,108 @@
+"""Stitched last-block attention (``inference.mode: stitch``, after OV-Stitcher).
+
+``slide`` runs the whole CLIP per window, so a patch's last-block attention never sees past its
+window. ``stitch`` runs blocks 1..L-1 (and the VFM, for proxy / dap heads) per window, exactly as
+slide does, then:
+
+1. maps every window's tokens to image positions on one token grid of the whole image (the
+   windows' offsets are multiples of the patch size once the image is aligned, see ``align``);
+2. where windows overlap, *averages* the tokens of one position (and the windows' CLS tokens), so
+   the image has one token per position: the last block then attends over the image once, with no
+   duplicated keys that would weigh overlap regions twice, and with a single window the result is
+   exactly ``whole``;
+3. runs the head's last-block attention over all stitched tokens (``stitch_attention``): NACLIP's
+   k-k + neighbourhood attention, or the proxy / DAP affinity of the stitched VFM features, rows in
+   chunks of ``chunk`` so memory grows as heads · chunk · N;
+4. LN_post, proj and the text cosine once, bilinear to the image size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from dapseg.config import InferenceConfig
+from dapseg.inference.engine import DenseEngine
+from dapseg.inference.preprocess import normalize
+from dapseg.inference.splice import splice_features, splice_size
+from dapseg.inference.stitch_attention import StitchedTokens, stitched_head_spec
+from dapseg.inference.strategies import crop_windows, pad_windows, register_strategy
+from dapseg.inference.windows import centred_padding, window_grid
+
+
+class StitchParams(BaseModel):
+    """``inference.params`` of ``mode: stitch``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    chunk: int = Field(default=1024, ge=1)  # attention rows per chunk (memory ∝ heads · chunk · N)
+    align: bool = True  # resize to multiples of the CLIP patch (>= crop): windows land exactly on the grid
+
+
+def _crop_cells(maps: Tensor, padded: int, pad_before: int, size: int) -> tuple[Tensor, float]:
+    """Drop the padding cells of (B, C, gh, gw) maps along rows: the cell size in pixels, cropped maps."""
+    cell = padded / maps.shape[-2]
+    return maps[:, :, round(pad_before / cell) : round((pad_before + size) / cell)], cell
+
+
+def window_tokens(
+    engine: DenseEngine, image01: Tensor, cfg: InferenceConfig, with_vfm: bool
+) -> StitchedTokens:
+    """Blocks 1..L-1 (and, ``with_vfm``, the VFM) per window, stitched onto the image's token grids."""
+    _, h, w = image01.shape
+    windows = window_grid(h, w, cfg.crop, cfg.stride)
+    wh, ww = windows[0].size
+    left, right, top, bottom = centred_padding(wh, ww, cfg.pad_multiple)
+    ph, pw = wh + top + bottom, ww + left + right
+    clip_maps: list[Tensor] = []
+    cls_tokens: list[Tensor] = []
+    vfm_maps: list[Tensor] | None = [] if with_vfm else None
+    clip_cell = vfm_cell = 0.0
+    for start in range(0, len(windows), cfg.max_batch):
+        batch = windows[start : start + cfg.max_batch]
+        crops = pad_windows(crop_windows(image01, batch), (left, right, top, bottom), engine.clip.mean)
+        with engine.autocast():
+            x, (gh, gw) = engine.clip.tokens_before_last_block(normalize(crops, engine.clip.mean, engine.clip.std))
+            feats = engine.vfm(crops).feats if with_vfm else None  # (B, C', h', w')
+        cls_tokens.extend(x[:, 0].float().unbind(0))
+        maps = x[:, 1:].float().transpose(1, 2).reshape(len(batch), -1, gh, gw)  # (B, D, gh, gw)
+        maps, clip_cell = _crop_cells(maps, ph, top, wh)
+        maps = _crop_cells(maps.transpose(-1, -2), pw, left, ww)[0].transpose(-1, -2)
+        clip_maps.extend(maps.unbind(0))
+        if feats is not None and vfm_maps is not None:
+            f, vfm_cell = _crop_cells(feats.float(), ph, top, wh)
+            f = _crop_cells(f.transpose(-1, -2), pw, left, ww)[0].transpose(-1, -2)
+            vfm_maps.extend(f.unbind(0))
+    boxes = [(win.y1, win.x1, win.y2, win.x2) for win in windows]
+    x_map = splice_features(clip_maps, boxes, (h, w), clip_cell)  # (D, gh, gw) overlaps averaged
+    cls = torch.stack(cls_tokens).mean(0)  # (D,)
+    x_img = torch.cat([cls[None], x_map.flatten(1).T], dim=0)  # (1 + N, D)
+    stitched = StitchedTokens(x=x_img, grid=(x_map.shape[-2], x_map.shape[-1]), image=image01, window_area=wh * ww)
+    if vfm_maps is not None:
+        stitched.vfm_feats = splice_features(vfm_maps, boxes, (h, w), vfm_cell)  # (C', gh', gw')
+    return stitched
+
+
+@register_strategy("stitch", params=StitchParams)
+def stitch(engine: DenseEngine, image01: Tensor, text: Tensor, cfg: InferenceConfig) -> Tensor:
+    """Stitched last-block attention: (3, H, W) in [0, 1] -> cosine logits (Q, H, W)."""
+    p = StitchParams(**cfg.params)
+    if engine.plugin is not None:
+        raise ValueError("inference.mode=stitch does not support the FSA plug-in; set fsa.enabled=false "
+                         "or use inference.mode=slide")
+    spec = stitched_head_spec(engine.head)
+    if spec.needs_vfm and engine.vfm is None:
+        raise ValueError(f"head {engine.head.name!r} needs a VFM: configure a `vfm:` section")
+    _, H, W = image01.shape
+    image01 = image01.to(engine.device)
+    h, w = splice_size(H, W, engine.clip.patch_size, cfg.crop) if p.align else (H, W)
+    img = image01 if (h, w) == (H, W) else F.interpolate(
+        image01[None], (h, w), mode="bilinear", align_corners=False)[0]
+    with torch.no_grad():
+        stitched = window_tokens(engine, img, cfg, spec.needs_vfm)
+        with engine.autocast():
+            tokens, grid = spec.fn(engine.head, engine.clip.last_block, stitched, p.chunk)  # (n, D)
+        logits = engine.patch_logits(tokens[None], grid, text)  # (1, Q, gh, gw)
+    return F.interpolate(logits, (H, W), mode="bilinear", align_corners=False)[0]
