@@ -106,7 +106,7 @@ class PostprocessConfig(_Strict):
 
 
 class RefineConfig(_Strict):
-    name: Literal["none", "pamr", "sam"] = "none"
+    name: Literal["none", "pamr", "sam", "sam_vote"] = "none"
     params: dict[str, Any] = Field(default_factory=dict)
 
 
