@@ -213,3 +213,24 @@ def test_stitch_presets_segment_a_photo() -> None:
         out = seg.predict(data.coffee(), ["cup", "table", "saucer"])
         assert out.labels.shape == data.coffee().shape[:2]
         assert torch.isfinite(out.probs).all()
+
+
+def test_sweep_over_stitch_and_sam_vote(tmp_path, capsys) -> None:
+    """`dapseg sweep` takes both as grid axes; every combination runs end to end on synthetic data."""
+    import pandas as pd
+
+    from dapseg.cli import main
+    from eval_synth import make_dataset
+
+    make_dataset(tmp_path / "data", "voc21", n=1, seed=2)
+    work = tmp_path / "w"
+    args = ["sweep", "--preset", "naclip", "--dataset", "voc21", "--data-root", str(tmp_path / "data"),
+            "--work-dir", str(work), "--grid", "inference.mode=slide,stitch refine.name=none,sam_vote",
+            "--random-weights", "--tiny", "--workers", "0", "--no-progress", "--set", "inference.short_side=32",
+            "--set", "inference.crop=32", "--set", "inference.stride=16", "--set", "templates=simple_imagenet",
+            "--set", "sam.name=sam_vitb", "--set", "refine.params.points_per_side=2"]
+    assert main(args) == 0
+    table = pd.read_csv(work / "sweep.csv")
+    assert set(map(tuple, table[["inference.mode", "refine.name"]].values)) == {
+        ("slide", "none"), ("slide", "sam_vote"), ("stitch", "none"), ("stitch", "sam_vote")}
+    assert table["mIoU"].between(0, 100).all()
