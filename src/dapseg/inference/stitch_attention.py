@@ -134,7 +134,9 @@ class ProxyRows:
                                   for s in range(0, self.n, chunk)])  # (N',)
 
     def similarity(self, start: int, end: int) -> Tensor:
-        return self.x[start:end] @ self.x.T  # (n_rows, N')
+        # float32 even under autocast: the sign of A near 0 decides the mask
+        with torch.autocast(self.x.device.type, enabled=False):
+            return self.x[start:end] @ self.x.T  # (n_rows, N')
 
     def rows(self, start: int, end: int) -> Tensor:
         """Attention rows start..end: (n_rows, N'), each summing to 1."""
