@@ -18,6 +18,8 @@ slide does, then:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
@@ -26,7 +28,7 @@ from torch import Tensor
 from dapseg.config import InferenceConfig
 from dapseg.inference.engine import DenseEngine
 from dapseg.inference.preprocess import normalize
-from dapseg.inference.splice import splice_features, splice_size
+from dapseg.inference.splice import splice_size
 from dapseg.inference.stitch_attention import StitchedTokens, stitched_head_spec
 from dapseg.inference.strategies import crop_windows, pad_windows, register_strategy
 from dapseg.inference.windows import centred_padding, window_grid
@@ -41,48 +43,82 @@ class StitchParams(BaseModel):
     align: bool = True  # resize to multiples of the CLIP patch (>= crop): windows land exactly on the grid
 
 
+class GridAverage:
+    """Running average of window maps on the image's grid of ``cell``-pixel cells.
+
+    Windows are added one batch at a time, so memory is one image grid, not every window's map.
+    Window (y1, x1, y2, x2) covers cells round(y1 / cell) .. round(y2 / cell) (and the same for x);
+    a map whose size differs from that span (odd sizes without ``align``) is bilinearly resized to it.
+    """
+
+    def __init__(self, image_size: tuple[int, int], cell: float, channels: int, device: torch.device) -> None:
+        h, w = image_size
+        self.cell = cell
+        self.grid = (math.ceil(h / cell), math.ceil(w / cell))
+        self.total = torch.zeros(channels, *self.grid, device=device)  # (C, gh, gw) float32
+        self.count = torch.zeros(1, *self.grid, device=device)
+
+    def add(self, m: Tensor, box: tuple[int, int, int, int]) -> None:
+        """m (C, h, w) covering pixels box = (y1, x1, y2, x2)."""
+        y1, x1, y2, x2 = box
+        gh, gw = self.grid
+        r1, c1 = round(y1 / self.cell), round(x1 / self.cell)
+        r2, c2 = min(gh, max(r1 + 1, round(y2 / self.cell))), min(gw, max(c1 + 1, round(x2 / self.cell)))
+        m = m.float()
+        if m.shape[-2:] != (r2 - r1, c2 - c1):
+            m = F.interpolate(m[None], size=(r2 - r1, c2 - c1), mode="bilinear", align_corners=False)[0]
+        self.total[:, r1:r2, c1:c2] += m
+        self.count[:, r1:r2, c1:c2] += 1
+
+    def mean(self) -> Tensor:
+        """(C, gh, gw); cells no window covers (none for a window grid) stay zero."""
+        return self.total / self.count.clamp(min=1)
+
+
 def _crop_cells(maps: Tensor, padded: int, pad_before: int, size: int) -> tuple[Tensor, float]:
     """Drop the padding cells of (B, C, gh, gw) maps along rows: the cell size in pixels, cropped maps."""
     cell = padded / maps.shape[-2]
     return maps[:, :, round(pad_before / cell) : round((pad_before + size) / cell)], cell
 
 
-def window_tokens(
-    engine: DenseEngine, image01: Tensor, cfg: InferenceConfig, with_vfm: bool
-) -> StitchedTokens:
-    """Blocks 1..L-1 (and, ``with_vfm``, the VFM) per window, stitched onto the image's token grids."""
+def window_tokens(engine: DenseEngine, image01: Tensor, cfg: InferenceConfig, with_vfm: bool) -> StitchedTokens:
+    """Blocks 1..L-1 (and, ``with_vfm``, the VFM) per window, averaged onto the image's token grids."""
     _, h, w = image01.shape
     windows = window_grid(h, w, cfg.crop, cfg.stride)
     wh, ww = windows[0].size
     left, right, top, bottom = centred_padding(wh, ww, cfg.pad_multiple)
     ph, pw = wh + top + bottom, ww + left + right
-    clip_maps: list[Tensor] = []
-    cls_tokens: list[Tensor] = []
-    vfm_maps: list[Tensor] | None = [] if with_vfm else None
-    clip_cell = vfm_cell = 0.0
+    clip_grid: GridAverage | None = None
+    vfm_grid: GridAverage | None = None
+    cls_sum: Tensor | None = None
     for start in range(0, len(windows), cfg.max_batch):
         batch = windows[start : start + cfg.max_batch]
+        boxes = [(win.y1, win.x1, win.y2, win.x2) for win in batch]
         crops = pad_windows(crop_windows(image01, batch), (left, right, top, bottom), engine.clip.mean)
         with engine.autocast():
             x, (gh, gw) = engine.clip.tokens_before_last_block(normalize(crops, engine.clip.mean, engine.clip.std))
             feats = engine.vfm(crops).feats if with_vfm else None  # (B, C', h', w')
-        cls_tokens.extend(x[:, 0].float().unbind(0))
+        cls = x[:, 0].float().sum(0)  # (D,)
+        cls_sum = cls if cls_sum is None else cls_sum + cls
         maps = x[:, 1:].float().transpose(1, 2).reshape(len(batch), -1, gh, gw)  # (B, D, gh, gw)
-        maps, clip_cell = _crop_cells(maps, ph, top, wh)
+        maps, cell = _crop_cells(maps, ph, top, wh)
         maps = _crop_cells(maps.transpose(-1, -2), pw, left, ww)[0].transpose(-1, -2)
-        clip_maps.extend(maps.unbind(0))
-        if feats is not None and vfm_maps is not None:
-            f, vfm_cell = _crop_cells(feats.float(), ph, top, wh)
+        clip_grid = clip_grid or GridAverage((h, w), cell, maps.shape[1], maps.device)
+        for m, box in zip(maps, boxes, strict=True):
+            clip_grid.add(m, box)
+        if feats is not None:
+            f, vcell = _crop_cells(feats.float(), ph, top, wh)
             f = _crop_cells(f.transpose(-1, -2), pw, left, ww)[0].transpose(-1, -2)
-            vfm_maps.extend(f.unbind(0))
-    boxes = [(win.y1, win.x1, win.y2, win.x2) for win in windows]
-    x_map = splice_features(clip_maps, boxes, (h, w), clip_cell)  # (D, gh, gw) overlaps averaged
-    cls = torch.stack(cls_tokens).mean(0)  # (D,)
-    x_img = torch.cat([cls[None], x_map.flatten(1).T], dim=0)  # (1 + N, D)
-    stitched = StitchedTokens(x=x_img, grid=(x_map.shape[-2], x_map.shape[-1]), image=image01, window_area=wh * ww)
-    if vfm_maps is not None:
-        stitched.vfm_feats = splice_features(vfm_maps, boxes, (h, w), vfm_cell)  # (C', gh', gw')
-    return stitched
+            vfm_grid = vfm_grid or GridAverage((h, w), vcell, f.shape[1], f.device)
+            for m, box in zip(f, boxes, strict=True):
+                vfm_grid.add(m, box)
+    assert clip_grid is not None and cls_sum is not None
+    x_map = clip_grid.mean()  # (D, gh, gw) overlaps averaged
+    cls_mean = cls_sum / len(windows)
+    x_img = torch.cat([cls_mean[None], x_map.flatten(1).T], dim=0)  # (1 + N, D)
+    return StitchedTokens(x=x_img, grid=(x_map.shape[-2], x_map.shape[-1]),
+                          vfm_feats=vfm_grid.mean() if vfm_grid is not None else None,  # (C', gh', gw')
+                          image=image01, window_area=wh * ww)
 
 
 @register_strategy("stitch", params=StitchParams)
