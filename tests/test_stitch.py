@@ -182,7 +182,7 @@ def test_stitch_with_a_single_window_equals_whole(preset: str) -> None:
 
 @pytest.mark.parametrize("preset", ["naclip", "proxyclip"])
 def test_stitch_is_independent_of_max_batch(preset: str) -> None:
-    image = data.coffee()[:100, :150]  # aligned to 112 × 160: 3 × 5 windows of 64 px
+    image = data.coffee()[:100, :150]  # aligned to 96 × 144: 2 × 4 windows of 64 px
     batched = tiny(preset, **{"inference.max_batch": 16})
     single = batched.derive({"inference.max_batch": 1})
     assert single.clip is batched.clip
@@ -234,3 +234,11 @@ def test_sweep_over_stitch_and_sam_vote(tmp_path, capsys) -> None:
     assert set(map(tuple, table[["inference.mode", "refine.name"]].values)) == {
         ("slide", "none"), ("slide", "sam_vote"), ("stitch", "none"), ("stitch", "sam_vote")}
     assert table["mIoU"].between(0, 100).all()
+
+
+def test_aligned_size_rounds_each_side_to_the_nearest_patch_multiple() -> None:
+    from dapseg.inference.stitch import aligned_size
+
+    assert aligned_size(336, 504, 16) == (336, 512)
+    assert aligned_size(100, 150, 16) == (96, 144)
+    assert aligned_size(5, 7, 16) == (16, 16)

@@ -28,7 +28,6 @@ from torch import Tensor
 from dapseg.config import InferenceConfig
 from dapseg.inference.engine import DenseEngine
 from dapseg.inference.preprocess import normalize
-from dapseg.inference.splice import splice_size
 from dapseg.inference.stitch_attention import StitchedTokens, stitched_head_spec
 from dapseg.inference.strategies import crop_windows, pad_windows, register_strategy
 from dapseg.inference.windows import centred_padding, window_grid
@@ -40,7 +39,17 @@ class StitchParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     chunk: int = Field(default=1024, ge=1)  # attention rows per chunk (memory ∝ heads · chunk · N)
-    align: bool = True  # resize to multiples of the CLIP patch (>= crop): windows land exactly on the grid
+    align: bool = True  # sides to the nearest multiple of the CLIP patch: windows land exactly on the grid
+
+
+def aligned_size(h: int, w: int, patch: int) -> tuple[int, int]:
+    """Each side rounded to the nearest multiple of ``patch`` (at least one patch).
+
+    With ``crop`` and ``stride`` multiples of the patch too, every window of ``window_grid`` (the
+    last one is shifted back to end at the border) then starts on a token boundary. The aspect ratio
+    changes by at most half a patch per side.
+    """
+    return max(patch, round(h / patch) * patch), max(patch, round(w / patch) * patch)
 
 
 class GridAverage:
@@ -133,7 +142,7 @@ def stitch(engine: DenseEngine, image01: Tensor, text: Tensor, cfg: InferenceCon
         raise ValueError(f"head {engine.head.name!r} needs a VFM: configure a `vfm:` section")
     _, H, W = image01.shape
     image01 = image01.to(engine.device)
-    h, w = splice_size(H, W, engine.clip.patch_size, cfg.crop) if p.align else (H, W)
+    h, w = aligned_size(H, W, engine.clip.patch_size) if p.align else (H, W)
     img = image01 if (h, w) == (H, W) else F.interpolate(
         image01[None], (h, w), mode="bilinear", align_corners=False)[0]
     with torch.no_grad():
