@@ -358,7 +358,8 @@ def test_apply_head_uses_the_heads_own_output_when_not_reduced():
 
 # ----------------------------------------------------------------------------- every preset, end to end
 
-BASE_PRESETS = [p for p in list_presets() if not p.endswith("-fsa")]
+# Stitched presets take no plug-in and have no -fsa twin (tests/test_stitch.py checks both).
+BASE_PRESETS = [p for p in list_presets() if not p.endswith("-fsa") and load_preset(p).inference.mode != "stitch"]
 
 
 def expected_lambda(config: SegmenterConfig) -> float:

@@ -62,7 +62,7 @@ class FsaConfig(_Strict):
 
 
 class InferenceConfig(_Strict):
-    mode: Literal["whole", "slide", "splice"] = "slide"
+    mode: Literal["whole", "slide", "splice", "stitch"] = "slide"
     short_side: int | None = 336  # resize so the short side is this (None: keep the size)
     crop: int = 224  # sliding-window size (px)
     stride: int = 112  # sliding-window stride (px)
@@ -111,7 +111,7 @@ class PostprocessConfig(_Strict):
 
 
 class RefineConfig(_Strict):
-    name: Literal["none", "pamr", "sam"] = "none"
+    name: Literal["none", "pamr", "sam", "sam_vote"] = "none"
     params: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -232,10 +232,12 @@ def _resolve(name: str, raw: dict[str, dict[str, Any]], seen: tuple[str, ...] = 
 
 
 def _derived_presets(raw: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Presets made from others: ``<preset>-fsa`` for every preset that has no FSA yet."""
+    """Presets made from others: ``<preset>-fsa`` for every preset that has no FSA yet (and does not
+    stitch: the stitched last block takes no plug-in)."""
     derived = {}
     for name in raw:
-        if not name.endswith("-fsa") and f"{name}-fsa" not in raw:
+        stitched = _resolve(name, raw).get("inference", {}).get("mode") == "stitch"
+        if not name.endswith("-fsa") and f"{name}-fsa" not in raw and not stitched:
             description = f"{raw[name].get('description', name)} + FSA feedback attention"
             derived[f"{name}-fsa"] = {"base": name, "fsa": {"enabled": True}, "description": description}
     return derived

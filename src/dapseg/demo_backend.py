@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 MAX_INPUT_SIDE = 2048  # larger uploads are shrunk first: a demo request must stay interactive
 STATE_SIDE = 768  # the heatmap state (image + per-class probabilities) is kept at most this big
-REFINERS = ("none", "pamr", "sam")
+REFINERS = ("none", "pamr", "sam", "sam_vote")
 
 
 # ----------------------------------------------------------------------------- request knobs

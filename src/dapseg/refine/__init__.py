@@ -24,7 +24,7 @@ def register_refiner(name: str) -> Callable[[Callable[..., Refiner]], Callable[.
 
 def build_refiner(name: str, params: dict[str, Any], **models: Any) -> Refiner | None:
     """The refiner ``name`` ('none' -> None). ``models`` carries e.g. ``sam`` for SAM prompting."""
-    from dapseg.refine import pamr, sam_prompt  # noqa: F401  (registers pamr, sam)
+    from dapseg.refine import pamr, sam_prompt, sam_vote  # noqa: F401  (registers pamr, sam, sam_vote)
 
     if name == "none":
         return None
