@@ -30,6 +30,13 @@ def test_flops_of_linear_and_bmm_match_hand_count() -> None:
     assert flops == 2 * 6 * 4 * 5 + 2 * 2 * 3 * 5 * 6
 
 
+def test_flops_of_fused_attention_match_hand_count() -> None:
+    q, k, v = torch.randn(2, 3, 10, 8), torch.randn(2, 3, 12, 8), torch.randn(2, 3, 12, 4)
+    flops, out = count_flops(lambda: F.scaled_dot_product_attention(q, k, v))
+    assert out.shape == (2, 3, 10, 4)
+    assert flops == 2 * 2 * 3 * 10 * 12 * 8 + 2 * 2 * 3 * 10 * 12 * 4  # q·kᵀ + attn·v, 2 batches × 3 heads
+
+
 def test_flops_of_tiny_clip_blocks_match_hand_count() -> None:
     clip = build_clip(ClipConfig(), random_weights=True, tiny=True)
     # tiny vision tower: width D = 64, 2 layers (1 run before the last block), 4 heads of 16,
@@ -110,6 +117,8 @@ def test_report_has_a_row_per_preset_with_params_flops_and_stages(tiny_report: d
         assert sum(r["stages_s"].values()) <= r["seconds"]["max"] * 1.001
         assert r["one_at_a_time"] is not None and r["peak_memory_mib"] > 0
         assert r["stage_paths_unresolved"] == []
+        assert r["probe_gflops_per_s"] > 0
+        assert r["fraction_of_probe"] == pytest.approx(r["gflops"] / r["seconds"]["median"] / r["probe_gflops_per_s"])
     assert "vfm" in proxy["stages_s"] and "vfm" not in naclip["stages_s"]
 
 

@@ -4,9 +4,11 @@ The counter sees every aten matmul-like op (mm, bmm, addmm, baddbmm, convolution
 attention, einsum through its bmm) and counts 2·m·n·k per product; element-wise work (softmax,
 normalisation, interpolation) is not counted. That is the quantity a matmul rate can be compared to.
 
-One op it does not know: ``aten._native_multi_head_attention``, the fused path that
-``nn.MultiheadAttention`` (open_clip's CLIP blocks) takes in inference. Without a formula for it the
-CLIP tower's attention would count as zero; ``mha_flop`` supplies it.
+Two ops it does not know, which would otherwise count as zero: ``aten._native_multi_head_attention``,
+the fused path that ``nn.MultiheadAttention`` (open_clip's CLIP blocks) takes in inference, and
+``aten._scaled_dot_product_flash_attention_for_cpu``, CPU's kernel behind
+``F.scaled_dot_product_attention`` (timm's DINO/DINOv2 blocks, SAM's global blocks). ``mha_flop``
+and ``sdpa_cpu_flop`` supply them.
 """
 
 from __future__ import annotations
@@ -31,7 +33,21 @@ def mha_flop(query: torch.Size, key: torch.Size, value: torch.Size, embed_dim: i
     return 2 * macs
 
 
-CUSTOM_FLOPS = {torch.ops.aten._native_multi_head_attention: mha_flop}
+def sdpa_cpu_flop(query: torch.Size, key: torch.Size, value: torch.Size, *args: Any, **kwargs: Any) -> int:
+    """FLOPs of CPU's fused attention on query (B, H, T, d), key (B, H, S, d), value (B, H, S, d_v):
+    q·kᵀ (T·S·d) and attn·v (T·S·d_v) per batch and head, 2 FLOPs per multiply-add."""
+    *batch, t, d = query
+    s, dv = key[-2], value[-1]
+    n = 1
+    for x in batch:
+        n *= x
+    return 2 * n * t * s * (d + dv)
+
+
+CUSTOM_FLOPS = {
+    torch.ops.aten._native_multi_head_attention: mha_flop,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa_cpu_flop,
+}
 
 
 def count_flops(fn: Callable[[], Any]) -> tuple[int, Any]:

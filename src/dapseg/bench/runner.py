@@ -139,9 +139,14 @@ def bench_preset(
     image: np.ndarray,
     classes: Any,
     settings: BenchSettings,
-    probe_gflops: float | None = None,
+    probe_size: int | None = 1024,
 ) -> dict[str, Any]:
-    """One preset's row of the table (see the module docstring for the protocol)."""
+    """One preset's row of the table (see the module docstring for the protocol).
+
+    With ``probe_size``, a short matmul probe runs right before each timed repeat and the preset's
+    fraction is taken against the median of those probes: on a shared machine whose load drifts, a
+    probe taken minutes earlier would compare the preset with a different machine.
+    """
     from dapseg.api import Segmenter
     from dapseg.text import ClassSet
 
@@ -172,7 +177,10 @@ def bench_preset(
     one_times: list[float] = []
     stage_runs: list[dict[str, float]] = []
     reset_ok = reset_peak_memory(device)
+    probes: list[float] = []
     for _ in range(settings.repeats):
+        if probe_size:
+            probes.append(matmul_rate(device, size=probe_size, repeats=1)["gflops_per_s"])
         timer.reset()
         with timer.active(seg):
             times.append(_timed_predict(seg, image, class_set, device))
@@ -182,6 +190,7 @@ def bench_preset(
     peak = peak_memory_mib(device)
 
     median = statistics.median(times)
+    probe_gflops = statistics.median(probes) if probes else None
     stages = {
         name: statistics.median(run.get(name, 0.0) for run in stage_runs)
         for name in dict.fromkeys(k for run in stage_runs for k in run)
@@ -197,6 +206,7 @@ def bench_preset(
         "images_per_s": 1.0 / median,
         "gflops": flops / 1e9 if flops is not None else None,
         "achieved_gflops_per_s": flops / 1e9 / median if flops is not None else None,
+        "probe_gflops_per_s": probe_gflops,
         "fraction_of_probe": (flops / 1e9 / median / probe_gflops) if flops is not None and probe_gflops else None,
         "peak_memory_mib": peak,
         "peak_memory_kind": ("max_memory_allocated" if device.type == "cuda" else "peak RSS")
@@ -249,11 +259,11 @@ def run_bench(
     *,
     probe_size: int = 1024,
 ) -> dict[str, Any]:
-    """The whole report: machine, matmul probe, one row per preset (probe taken first and last)."""
+    """The whole report: machine, a matmul probe up front, one row per preset (each with its own probes)."""
     settings = settings or BenchSettings()
     device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     probe_before = matmul_rate(device, size=probe_size)
-    rows = [bench_preset(p, image, classes, settings, probe_before["gflops_per_s"]) for p in presets]
+    rows = [bench_preset(p, image, classes, settings, probe_size) for p in presets]
     machine = machine_info(device)  # load average after the runs, when it reflects them
     return {
         "machine": machine,
@@ -298,12 +308,13 @@ def format_report(report: dict[str, Any]) -> str:
         f"load {m.get('load_average', '?')}",
         f"image {report['image_size'][0]}x{report['image_size'][1]}; matmul probe "
         f"{probe['gflops_per_s']:.0f} GFLOP/s ({int(probe['size'])}² fp32, min {probe['min']:.0f}, "
-        f"max {probe['max']:.0f}); {report['settings']['repeats']} repeats after "
+        f"max {probe['max']:.0f}; each preset's % is against probes taken between its repeats); "
+        f"{report['settings']['repeats']} repeats after "
         f"{report['settings']['warmup']} warm-up",
         "",
     ]
-    head = (f"{'preset':<16} {'params (clip/vfm/sam)':<24} {'win':>3} {'GFLOP':>8} {'s/img':>16} "
-            f"{'img/s':>6} {'% probe':>7} {'1-by-1 s/img':>12} {'peak MiB':>9}")
+    head = (f"{'preset':<16} {'params (clip/vfm/sam)':<24} {'win':>3} {'GFLOP':>8} {'s/img':>18} "
+            f"{'img/s':>6} {'GFLOP/s':>7} {'probe':>6} {'% probe':>7} {'1-by-1 s/img':>12} {'peak MiB':>9}")
     lines += [head, "-" * len(head)]
     for r in report["presets"]:
         p = r["params"]
@@ -313,8 +324,11 @@ def format_report(report: dict[str, Any]) -> str:
         gf = f"{r['gflops']:.1f}" if r["gflops"] is not None else "-"
         frac = f"{100 * r['fraction_of_probe']:.0f}%" if r["fraction_of_probe"] is not None else "-"
         one = f"{r['one_at_a_time']['seconds']['median']:.3f}" if r["one_at_a_time"] else "-"
-        lines.append(f"{r['preset']:<16} {params:<24} {r['windows']:>3} {gf:>8} {spread:>16} "
-                     f"{r['images_per_s']:>6.2f} {frac:>7} {one:>12} {r['peak_memory_mib']:>9.0f}")
+        rate = f"{r['achieved_gflops_per_s']:.0f}" if r["achieved_gflops_per_s"] is not None else "-"
+        probe_cell = f"{r['probe_gflops_per_s']:.0f}" if r["probe_gflops_per_s"] else "-"
+        lines.append(f"{r['preset']:<16} {params:<24} {r['windows']:>3} {gf:>8} {spread:>18} "
+                     f"{r['images_per_s']:>6.2f} {rate:>7} {probe_cell:>6} {frac:>7} {one:>12} "
+                     f"{r['peak_memory_mib']:>9.0f}")
     seen = {k for r in report["presets"] for k in r["stages_s"]}
     stage_names = [n for n in STAGES if n in seen]
     if stage_names:
