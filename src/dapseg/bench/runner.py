@@ -122,12 +122,17 @@ def n_windows(segmenter: Any, image: np.ndarray) -> int:
 
 
 # ---------------------------------------------------------------------------------------- timing
-def _timed_predict(segmenter: Any, image: np.ndarray, classes: Any, device: torch.device) -> float:
+def _timed_predict(segmenter: Any, image: np.ndarray, classes: Any, device: torch.device) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one prediction.
+
+    CPU time moves much less than wall time when other processes compete for the cores, so it is
+    the better before/after figure on a shared machine.
+    """
     synchronize(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     segmenter.predict(image, classes)
     synchronize(device)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def _spread(values: list[float]) -> dict[str, float]:
@@ -174,6 +179,7 @@ def bench_preset(
 
     timer = StageTimer(device=device)
     times: list[float] = []
+    cpu_times: list[float] = []
     one_times: list[float] = []
     stage_runs: list[dict[str, float]] = []
     reset_ok = reset_peak_memory(device)
@@ -183,10 +189,12 @@ def bench_preset(
             probes.append(matmul_rate(device, size=probe_size, repeats=1)["gflops_per_s"])
         timer.reset()
         with timer.active(seg):
-            times.append(_timed_predict(seg, image, class_set, device))
+            wall, cpu = _timed_predict(seg, image, class_set, device)
+        times.append(wall)
+        cpu_times.append(cpu)
         stage_runs.append(dict(timer.seconds))
         if one is not None:
-            one_times.append(_timed_predict(one, image, class_set, device))
+            one_times.append(_timed_predict(one, image, class_set, device)[0])
     peak = peak_memory_mib(device)
 
     median = statistics.median(times)
@@ -203,6 +211,7 @@ def bench_preset(
         "classes": len(class_set.queries),
         "build_s": build_s,
         "seconds": _spread(times),
+        "cpu_seconds": _spread(cpu_times),
         "images_per_s": 1.0 / median,
         "gflops": flops / 1e9 if flops is not None else None,
         "achieved_gflops_per_s": flops / 1e9 / median if flops is not None else None,
@@ -314,7 +323,8 @@ def format_report(report: dict[str, Any]) -> str:
         "",
     ]
     head = (f"{'preset':<16} {'params (clip/vfm/sam)':<24} {'win':>3} {'GFLOP':>8} {'s/img':>18} "
-            f"{'img/s':>6} {'GFLOP/s':>7} {'probe':>6} {'% probe':>7} {'1-by-1 s/img':>12} {'peak MiB':>9}")
+            f"{'CPU s':>6} {'img/s':>6} {'GFLOP/s':>7} {'probe':>6} {'% probe':>7} {'1-by-1 s/img':>12} "
+            f"{'peak MiB':>9}")
     lines += [head, "-" * len(head)]
     for r in report["presets"]:
         p = r["params"]
@@ -327,7 +337,8 @@ def format_report(report: dict[str, Any]) -> str:
         rate = f"{r['achieved_gflops_per_s']:.0f}" if r["achieved_gflops_per_s"] is not None else "-"
         probe_cell = f"{r['probe_gflops_per_s']:.0f}" if r["probe_gflops_per_s"] else "-"
         lines.append(f"{r['preset']:<16} {params:<24} {r['windows']:>3} {gf:>8} {spread:>18} "
-                     f"{r['images_per_s']:>6.2f} {rate:>7} {probe_cell:>6} {frac:>7} {one:>12} "
+                     f"{r['cpu_seconds']['median']:>6.1f} {r['images_per_s']:>6.2f} {rate:>7} {probe_cell:>6} "
+                     f"{frac:>7} {one:>12} "
                      f"{r['peak_memory_mib']:>9.0f}")
     seen = {k for r in report["presets"] for k in r["stages_s"]}
     stage_names = [n for n in STAGES if n in seen]
