@@ -131,6 +131,11 @@ class DapHead(Head):
     def aggregate(self, a: Attention) -> Tensor:
         """z = W·(W·(…(W·v))) with W applied ``steps`` times: (B, N', D)."""
         attn = a.attn.to(a.v.dtype)
+        if attn.shape[1] == 1:  # W shared by all heads: (B, N', N') · (B, N', D), no per-head copy of W
+            attn, z = attn[:, 0], merge_heads(a.v)
+            for _ in range(self.params.steps):
+                z = torch.matmul(attn, z)
+            return z
         z = a.v
         for _ in range(self.params.steps):
             z = torch.matmul(attn, z)

@@ -19,6 +19,7 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from segment_anything.modeling import (
     ImageEncoderViT,
     MaskDecoder,
@@ -213,8 +214,8 @@ class SamLastAttention:
             rw = get_rel_pos(gw, gw, self.rel_pos_w.float())[rows % gw]  # (n, gw, d)
             rel_h = torch.einsum("hnc,nkc->hnk", q, rh)  # (heads, n, gh)
             rel_w = torch.einsum("hnc,nkc->hnk", q, rw)  # (heads, n, gw)
-            logits = (logits.view(-1, len(rows), gh, gw) + rel_h[..., None] + rel_w[..., None, :])
-            logits = logits.view(-1, len(rows), gh * gw)
+            grid_logits = logits.view(-1, len(rows), gh, gw)  # in place: no (heads, n, G) temporaries
+            grid_logits.add_(rel_h[..., None]).add_(rel_w[..., None, :])
         return logits.softmax(-1)
 
 
@@ -240,14 +241,14 @@ def _chunked_global_attention(attn: Attention, x: Tensor, chunk: int, keep: bool
     for s in range(0, h * w, chunk):
         e = min(s + chunk, h * w)
         qc = q[:, :, s:e]  # (B, heads, n, d)
-        logits = (qc * attn.scale) @ k.transpose(-2, -1)  # (B, heads, n, G)
+        bias = None
         if rh is not None and rw is not None:
             rows = torch.arange(s, e, device=x.device)
-            rel_h = torch.einsum("bhnc,nkc->bhnk", qc, rh[rows // w])
-            rel_w = torch.einsum("bhnc,nkc->bhnk", qc, rw[rows % w])
-            logits = (logits.view(b, heads, e - s, h, w) + rel_h[..., None] + rel_w[..., None, :])
-            logits = logits.view(b, heads, e - s, h * w)
-        out[:, :, s:e] = logits.softmax(-1) @ v
+            rel_h = torch.einsum("bhnc,nkc->bhnk", qc, rh[rows // w])  # (B, heads, n, h)
+            rel_w = torch.einsum("bhnc,nkc->bhnk", qc, rw[rows % w])  # (B, heads, n, w)
+            bias = (rel_h[..., None] + rel_w[..., None, :]).view(b, heads, e - s, h * w)  # (B, heads, n, G)
+        # softmax(q·kᵀ·scale + bias)·v in one fused kernel: no separate (B, heads, n, G) probabilities
+        out[:, :, s:e] = F.scaled_dot_product_attention(qc, k, v, attn_mask=bias, scale=attn.scale)
     y = out.view(b, heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
     extra = (q, k, v) if keep else ()
     return attn.proj(y), extra

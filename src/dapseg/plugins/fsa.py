@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from dapseg.heads.base import Attention, Head, HeadContext, HeadOutput, merge_heads
+from dapseg.heads.base import Attention, Head, HeadContext, HeadOutput, attend, merge_heads
 
 if TYPE_CHECKING:
     from dapseg.config import SegmenterConfig
@@ -144,8 +144,8 @@ def _apply_w(w: Tensor, x: Tensor, has_cls: bool) -> Tensor:
     patches, so the ensemble keeps the head's attention to CLS and stays row-stochastic.
     """
     if not has_cls:
-        return torch.matmul(w, x)
-    return torch.cat([x[:, :, :1], torch.matmul(w, x[:, :, 1:])], dim=2)
+        return attend(w, x)
+    return torch.cat([x[:, :, :1], attend(w, x[:, :, 1:])], dim=2)
 
 
 def ensemble_values(attn: Tensor, v: Tensor, w: Tensor, has_cls: bool) -> Tensor:
@@ -156,7 +156,7 @@ def ensemble_values(attn: Tensor, v: Tensor, w: Tensor, has_cls: bool) -> Tensor
     attn = attn.to(v.dtype)
     w = w.to(v.dtype).unsqueeze(1)  # (B, 1, n, n)
     wv = _apply_w(w, v, has_cls)
-    return (_apply_w(w, torch.matmul(attn, v), has_cls) + torch.matmul(attn, wv) + wv) / 3.0
+    return (_apply_w(w, attend(attn, v), has_cls) + attend(attn, wv) + wv) / 3.0
 
 
 def fsa_values(
