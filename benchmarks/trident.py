@@ -100,6 +100,7 @@ def direct_segmenter(preset: str, overrides: dict, device: str | None):
     seg = Segmenter(cfg, random_weights=True, device=device)
     sam = sam_model_registry["vit_b"](checkpoint=None).eval().to(seg.device).requires_grad_(False)
     seg.strategy = STRATEGIES.build("splice", params, sam_encoder=sam)  # the preset's affinity, this SAM
+    seg.strategy_needs = STRATEGIES.get("splice").needs_for(params)  # e.g. SAM sees the original image
     torch.manual_seed(0)
     return seg
 

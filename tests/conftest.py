@@ -16,6 +16,31 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 
+def _torch_settings_from_env() -> None:
+    """Optional global torch settings, to check that results do not depend on them:
+    DAPSEG_TEST_THREADS=N (intra-op threads) and DAPSEG_TEST_DETERMINISTIC=1
+    (``torch.use_deterministic_algorithms(True)``). Subprocesses (CLI tests) inherit the variables
+    but not these settings."""
+    threads = os.environ.get("DAPSEG_TEST_THREADS")
+    deterministic = os.environ.get("DAPSEG_TEST_DETERMINISTIC", "") not in ("", "0")
+    if not threads and not deterministic:
+        return
+    import torch
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+
+
+_torch_settings_from_env()
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    keys = ("DAPSEG_TEST_THREADS", "DAPSEG_TEST_DETERMINISTIC", "DAPSEG_REQUIRE_BROWSER")
+    return "dapseg test settings: " + ", ".join(f"{k}={os.environ.get(k, '')!r}" for k in keys)
+
+
 @pytest.fixture(autouse=True)
 def _no_network(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     """Tests never download: hubs offline, an empty weights cache."""

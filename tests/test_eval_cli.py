@@ -97,3 +97,37 @@ def test_eval_unwritable_work_dir_named_first(data, tmp_path, capsys):
     rc = main(["eval", "--preset", "naclip", "--dataset", "voc21", "--data-root", str(data),
                "--work-dir", str(tmp_path / "f" / "w"), *FAST])
     assert rc == 2 and "work dir" in capsys.readouterr().err
+
+
+_WITHOUT_PANDAS = "import sys; sys.modules['pandas'] = None; from dapseg.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+@pytest.mark.parametrize("command", ["eval", "eval-all", "sweep", "segment"])
+def test_without_the_eval_extra(command, data, tmp_path, cli_env):
+    """pandas (the `eval` extra) missing: the evaluation commands say at once what to install;
+    segmenting does not need it."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+    from skimage import data as skdata
+
+    if command == "segment":
+        image = tmp_path / "photo.png"
+        Image.fromarray(skdata.astronaut()[::16, ::16]).save(image)
+        args = ["segment", str(image), "--classes", "person, sky", "--out", str(tmp_path / "out"),
+                "--random-weights", "--tiny", "--preset", "naclip"]
+    else:
+        args = [command, "--preset", "naclip", "--dataset", "voc21", "--data-root", str(data),
+                "--work-dir", str(tmp_path / "w"), *FAST]
+        if command == "sweep":
+            args += ["--grid", "inference.stride=8,16"]
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_PANDAS, *args], capture_output=True, text=True,
+                          env={**cli_env, "DAPSEG_CACHE": str(tmp_path / "cache")}, timeout=300)
+    if command == "segment":
+        assert proc.returncode == 0, proc.stderr
+        assert (tmp_path / "out" / "photo.json").is_file()
+    else:
+        assert proc.returncode == 2, proc.stderr
+        assert "need pandas (the `eval` extra): pip install 'dapseg[eval]'" in proc.stderr
+        assert "Traceback" not in proc.stderr and not (tmp_path / "w").exists()

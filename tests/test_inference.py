@@ -54,6 +54,7 @@ class PositionEngine:
 
     class _Clip:
         mean = (0.25, 0.5, 0.75)
+        patch_size = 16  # windows narrower than this would be padded
 
     clip = _Clip()
 
@@ -168,3 +169,75 @@ def test_pamr_constant_image_has_no_nan() -> None:
     mask = torch.randn(1, 2, 6, 6)
     out = pamr(image, mask, steps=2, dilations=(1,))
     assert torch.isfinite(out).all()
+
+
+def test_labels_ties_pick_the_lowest_class_index():
+    """Tie rule of argmax: equal probabilities go to the lowest class index."""
+    probs = torch.tensor([[0.2, 0.4, 0.25], [0.4, 0.3, 0.25], [0.4, 0.3, 0.25], [0.0, 0.0, 0.25]])
+    assert labels_from_probs(probs[:, None, :], 0.0)[0].tolist() == [1, 0, 0]
+
+
+# ----------------------------------------------------------------------------- config edge cases
+
+
+@pytest.mark.parametrize("mode", ["slide", "whole", "splice"])
+def test_stride_larger_than_crop_is_refused_at_load(mode: str, tmp_path) -> None:
+    from pydantic import ValidationError
+
+    from dapseg.config import load_config_file, load_preset
+
+    with pytest.raises(ValidationError, match=r"inference.stride \(300\) is larger than inference.crop \(224\)"):
+        InferenceConfig(mode=mode, crop=224, stride=300)
+    with pytest.raises(ValidationError, match=r"inference.stride \(113\) is larger than inference.crop \(112\)"):
+        load_preset("naclip", {"inference.crop": 112, "inference.stride": 113})
+    config = tmp_path / "c.yaml"
+    config.write_text("base: naclip\ninference: {crop: 64, stride: 65}\n", encoding="utf-8")
+    with pytest.raises(ValidationError, match=r"inference\.stride \(65\)"):
+        load_config_file(config)
+    assert InferenceConfig(crop=224, stride=224).stride == 224  # equal is fine: windows touch
+
+
+@pytest.mark.parametrize(("key", "value"), [("short_side", 0), ("short_side", -1), ("max_batch", 0), ("crop", 0)])
+def test_non_positive_sizes_are_refused(key: str, value: int) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=key):
+        InferenceConfig(**{key: value})
+
+
+def test_crop_larger_than_the_image_is_one_window_equal_to_whole() -> None:
+    from skimage import data
+
+    from dapseg.api import Segmenter
+
+    image = data.coffee()[::8, ::8]  # (50, 75): smaller than the window
+    classes = ClassSet.from_list(["cup", "table", "saucer"])
+    slide_seg = Segmenter.from_preset("naclip", random_weights=True, tiny=True,
+                                      overrides={"inference.short_side": None, "inference.crop": 448})
+    whole_seg = slide_seg.derive({"inference.mode": "whole"})
+    a = slide_seg.coarse_logits(image, classes)
+    assert torch.isfinite(a).all()
+    torch.testing.assert_close(a, whole_seg.coarse_logits(image, classes), atol=1e-6, rtol=0)
+
+
+def test_windows_narrower_than_a_patch_are_padded_to_one_patch() -> None:
+    from dapseg.inference.strategies import padded_window_logits, window_padding
+
+    assert window_padding(2, 224, None, 16) == (0, 0, 7, 7)
+    assert window_padding(5, 3, None, 14) == (5, 6, 4, 5)
+    assert window_padding(30, 250, 56, 16) == (15, 15, 13, 13)  # pad_multiple already reaches a patch
+    assert window_padding(50, 60, None, 16) == (0, 0, 0, 0)
+
+    from dapseg.api import Segmenter
+
+    seg = Segmenter.from_preset("naclip", random_weights=True, tiny=True)
+    text = torch.nn.functional.normalize(torch.randn(3, seg.clip.embed_dim), dim=-1)
+    g = torch.Generator().manual_seed(0)
+    narrow = torch.rand(2, 3, 4, 40, generator=g)  # 4 px high: less than a 16 px patch
+    got = padded_window_logits(seg.engine, narrow, text, None)
+    assert got.shape == (2, 3, 4, 40) and torch.isfinite(got).all()
+    # naive: pad by hand with the CLIP mean colour (6 rows above, 6 below), then crop the logits
+    mean = torch.tensor(seg.clip.mean).view(1, 3, 1, 1).expand(2, 3, 6, 40)
+    padded = torch.cat([mean, narrow, mean], dim=2)
+    want = seg.engine.window_logits(padded, text)[..., 6:10, :]
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)

@@ -135,7 +135,11 @@ def naive_attention(
     mask: bool = True,
     knn: int = 0,
 ) -> np.ndarray:
-    """Row softmax of A over the kept entries, rows left empty keep their maxima: (N', N')."""
+    """Row softmax of A over the kept entries, rows left empty keep their maxima: (N', N').
+
+    Tie rule (k-NN and empty rows): an entry within 1e-5·(1 + |v|) of the k-th largest value v /
+    the maximum v of its row counts as tied with it and is kept.
+    """
     s = naive_similarity(feats)
     n = s.shape[0]
     mean = sum(s[i, j] for i in range(n) for j in range(n)) / (n * n)
@@ -144,12 +148,13 @@ def naive_attention(
     near = np.zeros((n, n), dtype=bool)
     for i in range(n):
         kth = sorted(s[i], reverse=True)[k - 1] if k else -np.inf
-        near[i] = s[i] >= kth
+        near[i] = s[i] >= kth - 1e-5 * (1 + abs(kth))
     out = np.zeros((n, n))
     for i in range(n):
         kept = [j for j in range(n) if not mask or (a[i, j] >= 0 and (k == 0 or (near[i, j] and near[j, i])))]
         if not kept:
-            kept = [j for j in range(n) if a[i, j] == a[i].max()]
+            top = a[i].max()
+            kept = [j for j in range(n) if a[i, j] >= top - 1e-5 * (1 + abs(top))]
         e = np.array([math.exp(a[i, j] - max(a[i, kept])) for j in kept])
         out[i, kept] = e / e.sum()
     return out
@@ -490,6 +495,19 @@ def test_degenerate_features_finite_and_naive(kind, name, params):
     steps = params.get("steps", 1)
     want = naive_head(ctx, lambda b: np.full((n, n), 1.0 / n), steps=steps)
     assert_matches(got, want)
+
+
+def test_knn_ties_up_to_rounding_are_all_neighbours():
+    """Identical features with float32-rounding noise: every patch ties at the k-th value, so
+    mutual k-NN keeps every pair (no arbitrary tie-break), as the naive formula does."""
+    from dapseg.heads.affinity import mutual_knn
+
+    g = torch.Generator().manual_seed(4)
+    s = 0.9 + 1e-7 * torch.randn(2, 6, 6, generator=g)
+    assert mutual_knn(s, 2).all()
+    s[:, :, 5] = 0.2  # a clearly smaller column is nobody's neighbour (except its own row's ties)
+    near = mutual_knn(s, 2)
+    assert not near[:, :5, 5].any() and near[:, :5, :5].all()
 
 
 def test_rows_that_would_be_empty_keep_their_maxima():

@@ -48,7 +48,8 @@ def test_dap_with_sam_regions_through_the_segmenter():
     seg = Segmenter.from_preset(
         "dap", random_weights=True, tiny=True,
         overrides={"head.params.regions": "sam", "head.params.sam_points_per_side": 2,
-                   "sam": {"name": "sam_vitb"}, "inference.short_side": 64, "inference.crop": 64},
+                   "sam": {"name": "sam_vitb"}, "inference.short_side": 64, "inference.crop": 64,
+                   "inference.stride": 32},
     )
     assert isinstance(seg.head.region_provider, SamRegions)
     out = seg.predict(data.coffee()[::6, ::6], ["cup", "table"])

@@ -66,6 +66,7 @@ class Segmenter:
                                          config.inference.params)
             self.strategy = STRATEGIES.build(config.inference.mode, config.inference.params,
                                              **self.models.provide(strategy_needs, config))
+            self.strategy_needs = strategy_needs
             self.refiner: Refiner | None = None
             if config.refine.name != REFINERS.none_name:
                 refine_needs = self._needs(REFINERS, "refiner", config.refine.name, config.refine.params)
@@ -162,7 +163,9 @@ class Segmenter:
         h, w = image.shape[:2]
         size = short_side_size(h, w, cfg.short_side) if cfg.short_side else (h, w)
         processed = to_tensor01(resize_image(image, size))
-        return self.strategy(self.engine, processed, self.text_embeddings(classes), cfg).float().cpu()
+        # splice hands the original (not the resized working image) to SAM, as the Trident reference
+        extra = {"original": image} if Need.ORIGINAL_IMAGE in self.strategy_needs else {}
+        return self.strategy(self.engine, processed, self.text_embeddings(classes), cfg, **extra).float().cpu()
 
     def predict(
         self, image: PathLike | Image.Image | np.ndarray, classes: ClassSet | Sequence[str] | str

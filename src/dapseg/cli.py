@@ -9,7 +9,7 @@ import sys
 
 from dapseg import __version__
 
-COMMANDS = ["segment", "presets", "download", "demo", "eval", "eval_all", "sweep", "convert"]
+COMMANDS = ["segment", "presets", "download", "demo", "eval", "eval_all", "sweep", "convert", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,5 +36,22 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (ValueError, FileNotFoundError, PermissionError, OSError, RuntimeError, KeyError) as e:
         # Expected failures (bad input, missing weights) end with one clear line, not a traceback.
-        print(f"dapseg: error: {e}", file=sys.stderr)
+        print(f"dapseg: error: {error_message(e)}", file=sys.stderr)
         return 2
+
+
+def error_message(e: BaseException) -> str:
+    """The user-facing text of an expected error: a settings error as "invalid setting KEY: why"
+    (without pydantic's input dump and help links), a KeyError without its quotes."""
+    from pydantic import ValidationError
+
+    if isinstance(e, ValidationError):
+        lines = []
+        for err in e.errors():
+            key = ".".join(str(part) for part in err["loc"]) or "config"
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            lines.append(f"invalid setting {key}: {msg}")
+        return "; ".join(lines)
+    if isinstance(e, KeyError) and len(e.args) == 1:
+        return str(e.args[0])
+    return str(e)

@@ -99,6 +99,11 @@ class InferenceConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_params(self) -> InferenceConfig:
+        if self.stride > self.crop:  # every mode: a config must not turn invalid by switching mode
+            raise ValueError(
+                f"inference.stride ({self.stride}) is larger than inference.crop ({self.crop}): pixels between "
+                "windows would be covered by no window; use a stride <= crop"
+            )
         try:
             self.__dict__["params"] = STRATEGIES.validate(self.mode, self.params)
         except ValueError as e:
@@ -303,10 +308,12 @@ def _resolve(name: str, raw: dict[str, dict[str, Any]], seen: tuple[str, ...] = 
 
 
 def _derived_presets(raw: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Presets made from others: ``<preset>-fsa`` for every preset that has no FSA yet."""
+    """Presets made from others: ``<preset>-fsa`` for every preset that has no FSA yet (and does not
+    stitch: the stitched last block takes no plug-in)."""
     derived = {}
     for name in raw:
-        if not name.endswith("-fsa") and f"{name}-fsa" not in raw:
+        stitched = _resolve(name, raw).get("inference", {}).get("mode") == "stitch"
+        if not name.endswith("-fsa") and f"{name}-fsa" not in raw and not stitched:
             description = f"{raw[name].get('description', name)} + FSA feedback attention"
             plugins = _resolve(name, raw).get("plugins") or []
             if any(p.get("name") == "fsa" for p in plugins):
@@ -334,6 +341,14 @@ def load_preset(name: str, overrides: dict[str, Any] | None = None) -> Segmenter
     return config.with_overrides(overrides)
 
 
+def _toml_loads(text: str) -> dict[str, Any]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the same parser as the `tomli` package
+        import tomli as tomllib
+    return tomllib.loads(text)
+
+
 def load_config_file(path: str | Path, overrides: dict[str, Any] | None = None) -> SegmenterConfig:
     """A config from a YAML/TOML file written by a user; ``base:`` may name a preset."""
     path = Path(path)
@@ -341,12 +356,15 @@ def load_config_file(path: str | Path, overrides: dict[str, Any] | None = None) 
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise FileNotFoundError(f"cannot read config file {path}: {e.strerror}") from e
-    if path.suffix == ".toml":
-        import tomllib
-
-        data = tomllib.loads(text)
-    else:
-        data = yaml.safe_load(text) or {}
+    try:
+        # yaml.safe_load: a tag such as !!python/object/apply is refused, never executed.
+        data = _toml_loads(text) if path.suffix == ".toml" else yaml.safe_load(text) or {}
+    except (yaml.YAMLError, ValueError) as e:  # tomllib's TOMLDecodeError is a ValueError
+        detail = " ".join(str(e).split())
+        raise ValueError(f"config file {path} is not valid {path.suffix.lstrip('.').upper() or 'YAML'} "
+                         f"(only plain data is allowed): {detail}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of settings, got {type(data).__name__}")
     base = data.pop("base", None)
     if base is not None:
         raw = _all_raw()

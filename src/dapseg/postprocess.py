@@ -28,7 +28,11 @@ def class_probs(logits: Tensor, logit_scale: float, query_to_class: list[int]) -
 
 
 def labels_from_probs(probs: Tensor, prob_thd: float) -> Tensor:
-    """(C, ...) -> (...) int64 argmax; below ``prob_thd`` -> 0."""
+    """(C, ...) -> (...) int64 argmax; below ``prob_thd`` -> 0.
+
+    Tie rule: equal top probabilities go to the lowest class index (``torch.max`` returns the first
+    maximal index).
+    """
     top, labels = probs.max(dim=0)
     if prob_thd > 0:
         labels = torch.where(top < prob_thd, torch.zeros_like(labels), labels)

@@ -180,10 +180,13 @@ HEADS: Registry[Any] = Registry(
     builtins=[f"dapseg.heads.{m}" for m in ("vanilla", "maskclip", "sclip", "naclip", "proxy", "dap")],
 )
 STRATEGIES: Registry[Any] = Registry(
-    "inference mode", builtins=["dapseg.inference.strategies", "dapseg.inference.splice"]
+    "inference mode",
+    builtins=["dapseg.inference.strategies", "dapseg.inference.splice", "dapseg.inference.stitch"],
 )
 REFINERS: Registry[Any] = Registry(
-    "refiner", builtins=["dapseg.refine.pamr", "dapseg.refine.sam_prompt"], none_name="none"
+    "refiner",
+    builtins=["dapseg.refine.pamr", "dapseg.refine.sam_prompt", "dapseg.refine.sam_vote"],
+    none_name="none",
 )
 PLUGINS: Registry[Any] = Registry("plug-in", builtins=["dapseg.plugins.fsa"])
 VFM_FAMILIES: Registry[Any] = Registry(

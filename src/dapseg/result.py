@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dapseg.files import atomic_write, atomic_write_text
+from dapseg.files import atomic_write
 from dapseg.postprocess import class_probs
 from dapseg.text import ClassSet
 from dapseg.viz import heatmap, label_image, overlay
@@ -92,8 +92,19 @@ class SegmentationResult:
             "overlay": out / f"{stem}_overlay.png",
             "json": out / f"{stem}.json",
         }
-        atomic_write(paths["labels"], lambda p: self.label_image().save(p, format="PNG"))
-        atomic_write(paths["overlay"], lambda p: self.overlay().save(p, format="PNG"))
         summary = {**self.summary(), **(extra or {})}
-        atomic_write_text(paths["json"], json.dumps(summary, indent=2))
+        writers = {
+            "labels": lambda p: self.label_image().save(p, format="PNG"),
+            "overlay": lambda p: self.overlay().save(p, format="PNG"),
+            "json": lambda p: p.write_text(json.dumps(summary, indent=2), encoding="utf-8"),
+        }
+        written: list[Path] = []
+        try:
+            for key, write in writers.items():
+                atomic_write(paths[key], write)  # makes the folder
+                written.append(paths[key])
+        except BaseException:  # all three files or none: no partial result of a failed image
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise
         return paths

@@ -8,6 +8,8 @@ the one directory to an offline machine is enough.
 from __future__ import annotations
 
 import os
+import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -69,9 +71,19 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
         elif _is_torchscript(path):
             obj = torch.jit.load(str(path), map_location="cpu").state_dict()
         else:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # e.g. "pickle protocol 4": the error below says what matters
+                warnings.simplefilter("ignore")
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refused a Python object: never executed
+        refused = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
+        why = f" ({refused})" if refused else ""
+        raise ValueError(
+            f"refusing weights file {path}: it holds Python objects besides tensors, and loading them could run "
+            f"code from the file; only plain state dicts (or safetensors) are read{why}"
+        ) from e
     except Exception as e:  # the message must name the file whatever the library raised
-        raise ValueError(f"cannot read weights file {path}: {e}") from e
+        detail = " ".join(str(e).split())[:300]
+        raise ValueError(f"cannot read weights file {path} (truncated, corrupt or not a weights file): {detail}") from e
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]

@@ -17,7 +17,7 @@ from dapseg.data.spec import list_datasets, load_dataset_spec
 from dapseg.eval import dist
 from dapseg.eval.checkpoint import ensure_writable
 from dapseg.eval.harness import Job, run_job
-from dapseg.eval.report import write_results
+from dapseg.eval.report import require_eval_extras, write_results
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -33,6 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    require_eval_extras()  # before any work: the result tables need the `eval` extra
     spec = load_dataset_spec(args.dataset)
     (preset,) = preset_names(args)
     opts = run_options(args)

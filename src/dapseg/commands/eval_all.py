@@ -20,7 +20,7 @@ from dapseg.data.spec import EXTRA, STANDARD, load_dataset_spec
 from dapseg.eval import dist
 from dapseg.eval.checkpoint import ensure_writable
 from dapseg.eval.harness import Job, run_job
-from dapseg.eval.report import write_results
+from dapseg.eval.report import require_eval_extras, write_results
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,6 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    require_eval_extras()  # before any work: the result tables need the `eval` extra
     presets = preset_names(args)
     specs = [load_dataset_spec(d) for d in (args.dataset or STANDARD + EXTRA)]
     opts = run_options(args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import glob
 import os
 import sys
@@ -63,10 +64,19 @@ def unique_stems(paths: list[Path]) -> list[str]:
 
 
 def check_writable(out: Path) -> None:
+    """Fail early (before any model is built) where ``out`` cannot be written. Creates nothing: the
+    folder is made when the first result is saved, so a run that fails leaves no empty folder."""
+    existing = out
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".dapseg-write-test"):
-            pass
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{existing} is not a directory")
+        if existing == out:
+            with tempfile.NamedTemporaryFile(dir=out, prefix=".dapseg-write-test"):
+                pass
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, f"cannot create folders in {existing}")
     except OSError as e:
         raise PermissionError(f"output directory {out} is not writable: {e.strerror or e}") from e
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-import pandas as pd
-
 from dapseg.commands.common import add_model_args, overrides_from_args
 from dapseg.commands.evalkit import (
     SegmenterFactory,
@@ -20,7 +18,7 @@ from dapseg.data.spec import load_dataset_spec
 from dapseg.eval import dist
 from dapseg.eval.checkpoint import ensure_writable
 from dapseg.eval.harness import Job, run_job
-from dapseg.eval.report import dumps_json, markdown_table, write_xlsx
+from dapseg.eval.report import dumps_json, markdown_table, require_eval_extras, write_xlsx
 from dapseg.eval.sweep import combinations, combo_slug, parse_grid
 from dapseg.files import atomic_write_text
 
@@ -36,6 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    require_eval_extras()  # before any work: the result tables need the `eval` extra
     spec = load_dataset_spec(args.dataset)
     (preset,) = preset_names(args)
     axes = parse_grid(args.grid)
@@ -58,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
         rows.append({**combo, "mIoU": record["mIoU"], "mAcc": record["mAcc"], "aAcc": record["aAcc"],
                      "n_images": record["n_images"], "_record": record})
     if info.is_main:
+        import pandas as pd
+
         table = pd.DataFrame([{k: v for k, v in r.items() if k != "_record"} for r in rows])
         table = table.sort_values("mIoU", ascending=False, kind="stable", na_position="last")
         out = job_dir(args.work_dir)

@@ -9,12 +9,31 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from dapseg.data.spec import EXTRA, STANDARD
 from dapseg.files import atomic_write, atomic_write_text
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+EVAL_EXTRA = "pip install 'dapseg[eval]'"
+
+
+def require_eval_extras() -> None:
+    """Fail before any work where the `eval` extra (pandas, openpyxl: the result tables) is missing."""
+    for module in ("pandas", "openpyxl"):
+        try:
+            __import__(module)
+        except ImportError as e:
+            raise RuntimeError(f"evaluation reports need {module} (the `eval` extra): {EVAL_EXTRA}") from e
+
+
+def _pandas():  # the pandas module, imported only when a table is made
+    require_eval_extras()
+    import pandas
+
+    return pandas
 
 
 def _dataset_order(names: list[str]) -> list[str]:
@@ -24,6 +43,7 @@ def _dataset_order(names: list[str]) -> list[str]:
 
 def summary_table(records: list[dict[str, Any]], metric: str = "mIoU") -> pd.DataFrame:
     """One row per preset (in first-seen order), one column per dataset, then the average."""
+    pd = _pandas()
     presets = list(dict.fromkeys(r["preset"] for r in records))
     datasets = _dataset_order(list({r["dataset"] for r in records}))
     table = pd.DataFrame(index=pd.Index(presets, name="preset"), columns=datasets, dtype=float)
@@ -35,6 +55,7 @@ def summary_table(records: list[dict[str, Any]], metric: str = "mIoU") -> pd.Dat
 
 def per_class_table(records: list[dict[str, Any]], dataset: str) -> pd.DataFrame:
     """Rows: classes of ``dataset``; columns: IoU (%) per preset."""
+    pd = _pandas()
     cols = {}
     classes: list[str] = []
     for r in records:
@@ -69,6 +90,7 @@ def _sheet_name(name: str, used: set[str]) -> str:
 
 
 def write_xlsx(path: Path, sheets: dict[str, pd.DataFrame]) -> None:
+    pd = _pandas()
     used: set[str] = set()
 
     def write(tmp: Path) -> None:
@@ -82,6 +104,7 @@ def write_xlsx(path: Path, sheets: dict[str, pd.DataFrame]) -> None:
 def write_results(out_dir: str | Path, records: list[dict[str, Any]], *, title: str = "dapseg results",
                   note: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Path]:
     """Write results.{xlsx,csv,md,json} for ``records``; returns the paths."""
+    pd = _pandas()
     out_dir = Path(out_dir)
     paths = {k: out_dir / f"results.{k}" for k in ("xlsx", "csv", "md", "json")}
     summary = summary_table(records)

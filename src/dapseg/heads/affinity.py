@@ -8,20 +8,24 @@ Shapes: B windows, C' VFM channels, (h', w') VFM grid, N' = h'·w' VFM patches.
 
     x̂ = ℓ2-normalise(VFM features)          (B, N', C')
     S = x̂ x̂ᵀ                                 (B, N', N')  cosine similarity
-    A = γ (S − β · mean(S))                  mean over all N'² entries of *each window*
+    A = γ (S − β · mean(S))                  mean over all N'² entries of each window, or, with
+                                             mean_scope="image", over every window of the image
+                                             (Trident: the reference runs all windows as one batch)
     keep_ij = A_ij ≥ 0  [∧ mutual kNN]       masked entries get −∞ before the softmax
     Attn = row-softmax(A over kept entries)
 
 A row with no kept entry (it happens when β·mean(S) > 1, e.g. nearly parallel features) would be
 all −∞, which the reference turns into NaN; such a row keeps the entries equal to its maximum
-instead (usually just the diagonal; ties up to float32 rounding), so it stays finite and every
-finite row is unchanged.
+instead (usually just the diagonal; ties up to float32 rounding, see ``TIE_RTOL``), so it stays
+finite and every finite row is unchanged.
 
 Everything is computed in float32 whatever the input dtype: under fp16/bf16 autocast the sign of
 A near 0 (which decides the mask) would otherwise depend on the precision.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,43 +48,84 @@ def patch_similarity(feats: Tensor) -> Tensor:
     return torch.bmm(x, x.transpose(1, 2))
 
 
-def adaptive_normalize(s: Tensor, beta: float, gamma: float) -> Tensor:
-    """A = γ (S − β·mean(S)) with the mean taken per window: (B, N', N') -> (B, N', N')."""
-    mean = s.mean(dim=(-2, -1), keepdim=True)  # (B, 1, 1): batching never mixes windows
+def adaptive_normalize(s: Tensor, beta: float, gamma: float, mean: Tensor | None = None) -> Tensor:
+    """A = γ (S − β·mean(S)): (B, N', N') -> (B, N', N').
+
+    mean: None takes the mean per window (batching never mixes windows); a scalar tensor is a mean
+    computed elsewhere, e.g. over every window of the image (``image_similarity_mean``).
+    """
+    if mean is None:
+        mean = s.mean(dim=(-2, -1), keepdim=True)  # (B, 1, 1)
+    else:
+        mean = mean.to(device=s.device, dtype=s.dtype).reshape(-1, 1, 1)  # (1, 1, 1)
     return (s - mean * beta) * gamma
+
+
+def similarity_sum(feats: Tensor) -> tuple[Tensor, int]:
+    """(Σ S over all entries of all windows, number of entries) for VFM features (B, C', h', w').
+
+    Summed in float64 so that a mean over many batches of windows does not depend on how the
+    windows were batched (beyond float64 rounding).
+    """
+    s = patch_similarity(feats)  # (B, N', N')
+    return s.double().sum(), s.numel()
+
+
+def image_similarity_mean(feats_batches: list[Tensor]) -> Tensor:
+    """mean(S) over every entry of every window: a list of (B_k, C', h', w') batches -> scalar.
+
+    Equals ``patch_similarity(torch.cat(feats_batches)).mean()`` (the reference's mean over one
+    batch holding all windows of the image) whatever the batching.
+    """
+    if not feats_batches:
+        raise ValueError("image_similarity_mean needs the VFM features of at least one window")
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    for feats in feats_batches:
+        s, n = similarity_sum(feats)
+        total, count = total + s.cpu(), count + n
+    return (total / count).float()
+
+
+# Tie tolerance of every selection here: entries within TIE_RTOL·(1 + |v|) of a row's k-th largest
+# value (mutual k-NN) or of its maximum (empty rows) count as equal to it. Float32 matrix products
+# of identical feature vectors differ in the last bits, and depending on the summation order (thread
+# count, device, batch) one of them comes out on top; ties must not single out arbitrary patches.
+TIE_RTOL = 1e-5
+MAXIMA_RTOL = TIE_RTOL  # the name the empty-row rule had first
+
+
+def tied_with(values: Tensor, ref: Tensor) -> Tensor:
+    """values >= ref up to the tie tolerance: values >= ref − TIE_RTOL·(1 + |ref|) (broadcasting)."""
+    return values >= ref - TIE_RTOL * (1 + ref.abs())
 
 
 def mutual_knn(s: Tensor, k: int) -> Tensor:
     """keep_ij = j ∈ kNN(i) ∧ i ∈ kNN(j) under S: (B, N', N') -> bool (B, N', N').
 
-    kNN(i) = the entries of row i at least as large as its k-th largest, so ties at the k-th value
-    are all in (deterministic, no arbitrary tie-break). ``k`` larger than N' is clamped to N'
+    Tie rule: kNN(i) = the entries of row i at least as large as its k-th largest value v, up to
+    TIE_RTOL·(1 + |v|); every entry tied with the k-th is in (deterministic, no arbitrary
+    tie-break, so a row may have more than k neighbours). ``k`` larger than N' is clamped to N'
     (every patch is then a neighbour of every other).
     """
     if k < 1:
         raise ValueError(f"knn must be >= 1 here, got {k}")
     k = min(k, s.shape[-1])
     kth = s.topk(k, dim=-1).values[..., -1:]  # (B, N', 1) the k-th largest of each row
-    near = s >= kth
+    near = tied_with(s, kth)
     return near & near.transpose(-2, -1)
-
-
-# Entries this close to a row's maximum count as maxima: float32 matrix products of identical
-# feature vectors can differ in the last bits, which must not single out arbitrary patches.
-MAXIMA_RTOL = 1e-5
 
 
 def keep_row_maxima_where_empty(a: Tensor, keep: Tensor) -> Tensor:
     """Rows of ``keep`` with no True entry keep the entries equal to that row's maximum of ``a``.
 
-    "Equal" up to float32 rounding: within MAXIMA_RTOL·(1 + |max|) of the maximum.
+    Tie rule: "equal" up to float32 rounding, within TIE_RTOL·(1 + |max|) of the maximum.
     a: (B, N', N') float, keep: (B, N', N') bool. Returns a new mask; every row has >= 1 entry.
     """
     empty = ~keep.any(dim=-1, keepdim=True)  # (B, N', 1)
     if not empty.any():
         return keep
     top = a.amax(dim=-1, keepdim=True)
-    return keep | (empty & (a >= top - MAXIMA_RTOL * (1 + top.abs())))
+    return keep | (empty & tied_with(a, top))
 
 
 def masked_softmax(a: Tensor, keep: Tensor) -> Tensor:
@@ -96,6 +141,7 @@ def proxy_attention(
     normalize: bool = True,
     mask: bool = True,
     knn: int = 0,
+    mean: Tensor | None = None,
 ) -> Tensor:
     """Row-stochastic proxy attention over the VFM patches: (B, C', h', w') -> (B, N', N').
 
@@ -104,9 +150,10 @@ def proxy_attention(
     mask: False keeps every entry (plain softmax, ProxyCLIP ablation "w/o masking"); ``knn`` is
         then ignored as well.
     knn: > 0 additionally keeps only mutual k-nearest neighbours under S (DAP step 2).
+    mean: mean(S) given from outside (a scalar, e.g. over all windows of the image); None: per window.
     """
     s = patch_similarity(feats)
-    a = adaptive_normalize(s, beta, gamma) if normalize else s
+    a = adaptive_normalize(s, beta, gamma, mean) if normalize else s
     if not mask:
         return a.softmax(dim=-1)
     keep = a >= 0
@@ -154,3 +201,23 @@ def patch_values(ctx: HeadContext, out_grid: tuple[int, int]) -> Tensor:
     """
     _, _, v = qkv(ctx.block, ctx.x)  # (B, heads, 1 + N, d)
     return values_on_grid(v[:, :, 1:], ctx.grid, out_grid)
+
+
+MeanScope = Literal["window", "image"]
+MEAN_SCOPE_HELP = (
+    "where mean(S) of A = γ(S − β·mean(S)) is taken: per window (ProxyCLIP, one window at a time) "
+    "or over all windows of the image (Trident, which runs them as one batch)"
+)
+
+
+def affinity_mean(ctx: HeadContext, head: str, scope: MeanScope) -> Tensor | None:
+    """The image-wide mean(S) the strategy computed (scope "image"), or None (scope "window")."""
+    if scope == "window":
+        return None
+    if ctx.affinity_mean is None:
+        raise ValueError(
+            f"head {head!r} with mean_scope='image' needs the mean similarity over all windows of the "
+            "image (HeadContext.affinity_mean), which the inference strategy computes; "
+            "use mean_scope='window' when calling the head directly"
+        )
+    return ctx.affinity_mean

@@ -32,6 +32,9 @@ class HeadContext:
     vfm_feats: Tensor | None = None  # (B, C', h', w') VFM patch features of the same windows
     vfm_attn: Tensor | None = None  # (B, heads', N', N') VFM last-layer attention over its patch tokens
     images: Tensor | None = None  # (B, 3, H, W) window pixels in [0, 1], unnormalised (e.g. for SLIC)
+    # mean(S) of the VFM patch similarity over every window of the image, a scalar: given by the
+    # strategy to heads with mean_scope="image" (Trident); None for per-window means.
+    affinity_mean: Tensor | None = None
 
 
 @dataclass
@@ -63,6 +66,20 @@ def merge_heads(t: Tensor) -> Tensor:
     return t.transpose(1, 2).reshape(b, m, h * d)
 
 
+def attend(attn: Tensor, v: Tensor) -> Tensor:
+    """attn (B, H|1, n, M) · v (B, heads, M, d) -> (B, heads, n, d).
+
+    An attention shared by all heads (H = 1, e.g. the proxy attention) multiplies all heads' values
+    at once, (B, n, M) · (B, M, heads·d): a broadcast matmul would first copy the (n, M) matrix
+    once per head, which costs more than the product itself for VFM-sized grids.
+    """
+    attn = attn.to(v.dtype)
+    heads = v.shape[1]
+    if attn.shape[1] == 1 and heads > 1:
+        return split_heads(torch.matmul(attn[:, 0], merge_heads(v)), heads)
+    return torch.matmul(attn, v)
+
+
 def qkv(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The last block's q, k, v of LN_1(x), each (B, heads, M, d)."""
     attn: nn.MultiheadAttention = block.attn
@@ -90,6 +107,8 @@ class Head(nn.Module):
 
     def aggregate(self, a: Attention) -> Tensor:
         """Attn · v with heads merged: (B, M, D)."""
+        if a.attn.shape[1] == 1:  # shared by all heads: (B, M, M) · (B, M, D), no per-head copy
+            return torch.matmul(a.attn[:, 0].to(a.v.dtype), merge_heads(a.v))
         return merge_heads(torch.matmul(a.attn.to(a.v.dtype), a.v))
 
     def project(self, ctx: HeadContext, a: Attention, z: Tensor) -> HeadOutput:

@@ -1,6 +1,7 @@
 """DAP: Dense Aggregation via Proxies, the headline head (docs/design.md, "Heads").
 
-1. affinity as the proxy head: A = γ(S − β·mean(S)) on the VFM grid, mean per window;
+1. affinity as the proxy head: A = γ(S − β·mean(S)) on the VFM grid, mean per window (or over
+   all windows of the image with mean_scope="image", as Trident);
 2. neighbourhoods: keep A_ij ≥ 0 and, if knn > 0, mutual k-nearest neighbours under S; a row
    left empty keeps its largest entries (as the proxy head);
 3. W = row softmax of A over the kept entries;
@@ -25,7 +26,15 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from dapseg.heads.affinity import normalized_patches, patch_values, proxy_attention, vfm_grid
+from dapseg.heads.affinity import (
+    MEAN_SCOPE_HELP,
+    MeanScope,
+    affinity_mean,
+    normalized_patches,
+    patch_values,
+    proxy_attention,
+    vfm_grid,
+)
 from dapseg.heads.base import Attention, Head, HeadContext, merge_heads, register_head
 from dapseg.heads.regions import (
     RegionProvider,
@@ -61,6 +70,7 @@ class DapHead(Head):
         sam_pred_iou_thresh: float = Field(0.88, ge=0, le=1, description="SAM regions: mask quality cut")
         sam_stability_thresh: float = Field(0.95, ge=0, le=1, description="SAM regions: stability cut")
         steps: int = Field(1, ge=1, description="propagation steps z = W(W(…W v))")
+        mean_scope: MeanScope = Field("window", description=MEAN_SCOPE_HELP)
 
     def __init__(
         self,
@@ -79,12 +89,15 @@ class DapHead(Head):
 
     @staticmethod
     def declared_needs(params: Params) -> frozenset[Need]:
-        """VFM features; the window pixels for SLIC / SAM regions; SAM with its decoder for SAM regions."""
+        """VFM features; the window pixels for SLIC / SAM regions; SAM with its decoder for SAM regions;
+        the image-wide mean similarity with ``mean_scope='image'``."""
         needs = {Need.VFM_FEATURES}
         if params.rho > 0 and params.regions in ("slic", "sam"):
             needs.add(Need.WINDOW_PIXELS)
         if params.rho > 0 and params.regions == "sam":
             needs.add(Need.SAM_DECODER)
+        if params.mean_scope == "image":
+            needs.add(Need.AFFINITY_MEAN)
         return frozenset(needs)
 
     def bind_sam(self, sam: Any) -> None:
@@ -124,7 +137,8 @@ class DapHead(Head):
     def attention(self, ctx: HeadContext) -> Attention:
         p = self.params
         grid = vfm_grid(ctx, self.name)
-        w = proxy_attention(ctx.vfm_feats, beta=p.beta, gamma=p.gamma, knn=p.knn)  # (B, N', N')
+        mean = affinity_mean(ctx, self.name, p.mean_scope)
+        w = proxy_attention(ctx.vfm_feats, beta=p.beta, gamma=p.gamma, knn=p.knn, mean=mean)  # (B, N', N')
         if p.regions != "none" and p.rho > 0:
             pw = region_mean(w, self.region_labels(ctx, grid).to(w.device))  # P·W
             w = w.mul_(1 - p.rho).add_(pw, alpha=p.rho)  # (1−ρ)·W + ρ·P·W, still row-stochastic
@@ -133,6 +147,11 @@ class DapHead(Head):
     def aggregate(self, a: Attention) -> Tensor:
         """z = W·(W·(…(W·v))) with W applied ``steps`` times: (B, N', D)."""
         attn = a.attn.to(a.v.dtype)
+        if attn.shape[1] == 1:  # W shared by all heads: (B, N', N') · (B, N', D), no per-head copy of W
+            attn, z = attn[:, 0], merge_heads(a.v)
+            for _ in range(self.params.steps):
+                z = torch.matmul(attn, z)
+            return z
         z = a.v
         for _ in range(self.params.steps):
             z = torch.matmul(attn, z)

@@ -18,7 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from dapseg.heads.affinity import patch_values, proxy_attention, vfm_grid
+from dapseg.heads.affinity import MEAN_SCOPE_HELP, MeanScope, affinity_mean, patch_values, proxy_attention, vfm_grid
 from dapseg.heads.base import Attention, Head, HeadContext, register_head
 from dapseg.registry import Need
 
@@ -56,6 +56,7 @@ class ProxyHead(Head):
         affinity: Literal["features", "vfm_attention"] = Field(
             "features", description="vfm_attention: the VFM's own last-layer attention (ablation)"
         )
+        mean_scope: MeanScope = Field("window", description=MEAN_SCOPE_HELP)
 
     def __init__(self, params: Params | None = None) -> None:
         super().__init__()
@@ -63,10 +64,14 @@ class ProxyHead(Head):
 
     @staticmethod
     def declared_needs(params: Params) -> frozenset[Need]:
-        """VFM features always (their grid); the VFM's own attention for ``affinity='vfm_attention'``."""
+        """VFM features always (their grid); the VFM's own attention for ``affinity='vfm_attention'``;
+        the image-wide mean similarity with ``mean_scope='image'`` (normalised feature affinity)."""
+        needs = {Need.VFM_FEATURES}
         if params.affinity == "vfm_attention":
-            return frozenset({Need.VFM_FEATURES, Need.VFM_ATTENTION})
-        return frozenset({Need.VFM_FEATURES})
+            needs.add(Need.VFM_ATTENTION)
+        elif params.mean_scope == "image" and params.normalize:
+            needs.add(Need.AFFINITY_MEAN)
+        return frozenset(needs)
 
     def attention(self, ctx: HeadContext) -> Attention:
         p = self.params
@@ -74,8 +79,9 @@ class ProxyHead(Head):
         if p.affinity == "vfm_attention":
             attn = mean_vfm_attention(ctx, grid[0] * grid[1])
         else:
+            mean = affinity_mean(ctx, self.name, p.mean_scope) if p.normalize else None
             attn = proxy_attention(
-                ctx.vfm_feats, beta=p.beta, gamma=p.gamma, normalize=p.normalize, mask=p.mask
+                ctx.vfm_feats, beta=p.beta, gamma=p.gamma, normalize=p.normalize, mask=p.mask, mean=mean
             )
         # One attention for all CLIP heads: (B, 1, N', N') broadcasts against v (B, heads, N', d).
         return Attention(attn=attn.unsqueeze(1), v=patch_values(ctx, grid), grid=grid, has_cls=False)

@@ -1,1 +1,1 @@
-"""Inference: the dense CLIP engine, windows and the registered strategies (whole, slide, splice)."""
+"""Inference: the dense CLIP engine, windows and the registered strategies (whole, slide, splice, stitch)."""

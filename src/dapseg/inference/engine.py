@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,9 @@ from dapseg.heads.base import Head, HeadContext, HeadOutput
 from dapseg.inference.preprocess import normalize
 from dapseg.models.clip import DenseClip
 from dapseg.registry import Need
+
+if TYPE_CHECKING:
+    from dapseg.models.vfm import VfmOutput
 
 # (head, ctx, text embeddings (Q, E), tokens -> embeddings) -> HeadOutput; e.g. the FSA plug-in.
 HeadPlugin = Callable[[Head, HeadContext, Tensor, Callable[[Tensor], Tensor]], HeadOutput]
@@ -55,21 +59,43 @@ class DenseEngine(nn.Module):
         dtype = autocast_dtype(self.device)
         return torch.autocast("cuda", dtype=dtype) if dtype is not None else nullcontext()
 
+    @property
+    def needs_image_mean(self) -> bool:
+        """Whether the head wants mean(S) over all windows of the image (mean_scope="image")."""
+        return Need.AFFINITY_MEAN in self.needs
+
     @torch.no_grad()
-    def head_output(self, windows01: Tensor, text: Tensor) -> HeadOutput:
+    def vfm_output(self, windows01: Tensor) -> VfmOutput | None:
+        """The VFM on (B, 3, H, W) window pixels in [0, 1], as ``head_output`` runs it (same autocast):
+        feats (B, C', h', w') and attn; None without a VFM."""
+        if self.vfm is None:
+            return None
+        with self.autocast():
+            return self.vfm(
+                windows01.to(self.device), return_attn=Need.VFM_ATTENTION in self.needs
+            )
+
+    @torch.no_grad()
+    def head_output(
+        self, windows01: Tensor, text: Tensor, *, vfm_out: VfmOutput | None = None, affinity_mean: Tensor | None = None
+    ) -> HeadOutput:
         """(B, 3, H, W) window pixels in [0, 1] -> the head's tokens (B, n, D), before LN_post / proj.
 
-        ``text`` (Q, E) is only used by plug-ins that need the classes (FSA).
+        ``text`` (Q, E) is only used by plug-ins that need the classes (FSA). ``vfm_out``: the VFM's
+        output for these windows when already computed (``vfm_output``); ``affinity_mean``: mean(S)
+        over all windows of the image, for heads with mean_scope="image".
         """
         windows01 = windows01.to(self.device)
+        if vfm_out is None:
+            vfm_out = self.vfm_output(windows01)
         with self.autocast():
             x, grid = self.clip.tokens_before_last_block(normalize(windows01, self.clip.mean, self.clip.std))
             vfm_feats = vfm_attn = None
-            if self.vfm is not None:
-                vfm_out = self.vfm(windows01, return_attn=Need.VFM_ATTENTION in self.needs)
+            if vfm_out is not None:
                 vfm_feats, vfm_attn = vfm_out.feats, vfm_out.attn
             ctx = HeadContext(
-                x=x, grid=grid, block=self.clip.last_block, vfm_feats=vfm_feats, vfm_attn=vfm_attn, images=windows01
+                x=x, grid=grid, block=self.clip.last_block, vfm_feats=vfm_feats, vfm_attn=vfm_attn, images=windows01,
+                affinity_mean=affinity_mean,
             )
             to_embed = self.clip.head_tokens_to_embeddings
             return self.plugin(self.head, ctx, text, to_embed) if self.plugin is not None else self.head(ctx)
@@ -95,8 +121,12 @@ class DenseEngine(nn.Module):
         return self.embeddings(out.tokens, out.grid)
 
     @torch.no_grad()
-    def window_logits(self, windows01: Tensor, text: Tensor) -> Tensor:
-        """(B, 3, H, W) -> (B, Q, H, W) cosine logits, bilinearly upsampled to the window size."""
-        out = self.head_output(windows01, text)
+    def window_logits(
+        self, windows01: Tensor, text: Tensor, *, vfm_out: VfmOutput | None = None, affinity_mean: Tensor | None = None
+    ) -> Tensor:
+        """(B, 3, H, W) -> (B, Q, H, W) cosine logits, bilinearly upsampled to the window size.
+
+        ``vfm_out`` and ``affinity_mean`` as in ``head_output``."""
+        out = self.head_output(windows01, text, vfm_out=vfm_out, affinity_mean=affinity_mean)
         logits = self.patch_logits(out.tokens, out.grid, text)
         return F.interpolate(logits, size=windows01.shape[-2:], mode="bilinear", align_corners=False)

@@ -15,8 +15,8 @@ spliced CLIP features with it (public reference YuHengsss/Trident, ``get_sam_sim
 
 W^h_ij is the attention restricted to valid columns (not re-softmaxed: the L1 row normalisation does
 it). Where every entry of a row is masked the reference divides 0 by 0; we keep the row's largest
-unmasked weight(s) instead (ties share equally), so the result equals the reference wherever that is
-finite and is never NaN.
+unmasked weight(s) instead (ties, up to 1e-5·(1 + |max|), share equally), so the result equals the
+reference wherever that is finite and is never NaN.
 
 Nothing here materialises an N × N (let alone G × G per head) matrix: attention rows are recomputed
 from q, k in chunks of rows, so memory grows as heads · chunk · G.
@@ -63,7 +63,10 @@ def _normalise_rows(a: Tensor, fallback: Tensor) -> Tensor:
     mass = a.sum(-1, keepdim=True)
     empty = mass <= 0
     if bool(empty.any()):
-        top = fallback == fallback.amax(-1, keepdim=True)  # ties share equally
+        peak = fallback.amax(-1, keepdim=True)
+        # Tie rule as for the heads' empty rows: within 1e-5·(1 + |max|) of the maximum counts as
+        # the maximum (float rounding must not single out one of equal entries); ties share equally.
+        top = fallback >= peak - 1e-5 * (1 + peak.abs())
         a = torch.where(empty, top.to(a.dtype), a)
         mass = a.sum(-1, keepdim=True)
     return a / mass

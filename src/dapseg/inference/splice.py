@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -19,9 +20,11 @@ from torch import Tensor
 from dapseg.config import InferenceConfig
 from dapseg.inference.engine import DenseEngine
 from dapseg.inference.global_affinity import AffinityParams, GlobalAffinity, aggregate_map, valid_grid
+from dapseg.inference.preprocess import resize_image, short_side_size
+from dapseg.inference.strategies import image_affinity_mean
 from dapseg.inference.windows import centred_padding, crop_windows, pad_windows, window_grid
 from dapseg.models.sam.build import image_encoder_of
-from dapseg.models.sam.encoder import encode_image
+from dapseg.models.sam.encoder import encode_image, reference_sam_image
 from dapseg.models.sam.memory import check_encode_memory
 from dapseg.registry import STRATEGIES, Need
 
@@ -61,6 +64,11 @@ class SpliceParams(AffinityParams):
     kind: Literal["cos", "attn", "aff", "none"] = "aff"  # none: splice only, no global aggregation
     sam_splits: int = Field(default=1, ge=1)  # SAM on this many vertical strips (reference: 2 for Cityscapes)
     align: bool = True  # resize the image to multiples of the patch size (>= crop), as the reference
+    # What SAM sees. original (reference): the image as loaded, sides rounded up to multiples of the
+    # CLIP patch with cv2, then segment-anything's ResizeLongestSide + Sam.preprocess. short_side: the
+    # same after resizing the original to the dataset's short side with cv2. processed: the spliced
+    # working image, resized in torch (no uint8 rounding).
+    sam_input: Literal["original", "short_side", "processed"] = "original"
 
 
 def splice_size(h: int, w: int, patch: int, crop: int) -> tuple[int, int]:
@@ -87,12 +95,13 @@ def window_features(
     windows = window_grid(h, w, cfg.crop, cfg.stride)
     wh, ww = windows[0].size
     left, right, top, bottom = centred_padding(wh, ww, cfg.pad_multiple)
+    mean, vfm_outs = image_affinity_mean(engine, image01, windows, cfg)  # mean_scope="image": all windows
     feats: list[Tensor] = []
     cell = 0.0
-    for start in range(0, len(windows), cfg.max_batch):
+    for k, start in enumerate(range(0, len(windows), cfg.max_batch)):
         batch = windows[start : start + cfg.max_batch]
         crops = pad_windows(crop_windows(image01, batch), (left, right, top, bottom), engine.clip.mean)
-        out = engine.head_output(crops, text)
+        out = engine.head_output(crops, text, vfm_out=vfm_outs[k], affinity_mean=mean)
         gh, gw = out.grid
         cell = (wh + top + bottom) / gh  # pixels per feature cell (the patch of the head's grid)
         maps = out.tokens.float().transpose(1, 2).reshape(len(batch), -1, gh, gw)  # (B, D, gh, gw)
@@ -103,22 +112,42 @@ def window_features(
     return feats, boxes, cell
 
 
-def global_aggregate(sam: object, image01: Tensor, spliced: Tensor, p: SpliceParams) -> Tensor:
+def sam_image(
+    image01: Tensor, original: np.ndarray | None, p: SpliceParams, patch: int, short_side: int | None
+) -> Tensor | np.ndarray:
+    """What SAM encodes (see ``SpliceParams.sam_input``): a uint8 (H, W, 3) array for the
+    segment-anything preprocessing, or the working image (3, h, w) in [0, 1] for ``processed``.
+
+    Without ``original`` (a strategy called directly, not through a Segmenter) the working image,
+    back in uint8, stands in for it.
+    """
+    if p.sam_input == "processed":
+        return image01
+    if original is None:
+        original = image01.mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()
+    if p.sam_input == "short_side" and short_side:
+        original = resize_image(original, short_side_size(*original.shape[:2], short_side))
+    return reference_sam_image(np.ascontiguousarray(original), patch)
+
+
+def global_aggregate(sam: object, image: Tensor | np.ndarray, spliced: Tensor, p: SpliceParams) -> Tensor:
     """Aggregate the spliced map (D, gh, gw) with SAM's affinity over the image: (D, vh, vw).
 
+    image: what SAM sees (``sam_image``): (H, W, 3) uint8 or (3, H, W) in [0, 1].
     ``sam_splits`` > 1 runs SAM on vertical strips, each strip's features moved by its own affinity.
     """
     check_encode_memory(sam, chunk=p.chunk)
     enc_module = image_encoder_of(sam)
     sam_patch = enc_module.patch_embed.proj.stride[0]
-    _, _, w = image01.shape
+    w = image.shape[1] if isinstance(image, np.ndarray) else image.shape[-1]
     gw = spliced.shape[-1]
     k = min(p.sam_splits, w, gw)
     parts = []
     for i in range(k):
         x0, x1 = i * w // k, (i + 1) * w // k
         c0, c1 = i * gw // k, (i + 1) * gw // k
-        enc = encode_image(enc_module, image01[:, :, x0:x1], chunk=p.chunk)
+        strip = np.ascontiguousarray(image[:, x0:x1]) if isinstance(image, np.ndarray) else image[:, :, x0:x1]
+        enc = encode_image(enc_module, strip, chunk=p.chunk)
         aff = GlobalAffinity(enc.last, valid_grid(enc.input_size, sam_patch), p)
         parts.append(aggregate_map(spliced[:, :, c0:c1], aff))
     vh = parts[0].shape[1]
@@ -128,7 +157,9 @@ def global_aggregate(sam: object, image01: Tensor, spliced: Tensor, p: SplicePar
 
 
 def _splice_needs(p: SpliceParams) -> frozenset[Need]:
-    return frozenset() if p.kind == "none" else frozenset({Need.SAM_ENCODER})
+    if p.kind == "none":
+        return frozenset()
+    return frozenset({Need.SAM_ENCODER} if p.sam_input == "processed" else {Need.SAM_ENCODER, Need.ORIGINAL_IMAGE})
 
 
 @STRATEGIES.register("splice", params=SpliceParams, needs=_splice_needs,
@@ -144,8 +175,12 @@ class SpliceStrategy:
                              "`sam: {name: sam_vitb}` to the config, or set inference.params.kind=none")
         self.sam = sam_encoder
 
-    def __call__(self, engine: DenseEngine, image01: Tensor, text: Tensor, cfg: InferenceConfig) -> Tensor:
-        """(3, H, W) in [0, 1] -> cosine logits (Q, H, W)."""
+    def __call__(self, engine: DenseEngine, image01: Tensor, text: Tensor, cfg: InferenceConfig,
+                 original: np.ndarray | None = None) -> Tensor:
+        """(3, H, W) in [0, 1] -> cosine logits (Q, H, W).
+
+        original: the image as loaded, (H0, W0, 3) uint8 RGB, for SAM (``SpliceParams.sam_input``).
+        """
         p = self.params
         _, H, W = image01.shape
         image01 = image01.to(engine.device)
@@ -154,7 +189,11 @@ class SpliceStrategy:
             image01[None], (h, w), mode="bilinear", align_corners=False)[0]
         feats, boxes, cell = window_features(engine, img, text, cfg)
         spliced = splice_features(feats, boxes, (h, w), cell)  # (D, gh, gw)
-        agg = spliced if p.kind == "none" else global_aggregate(self.sam, img, spliced, p)
+        if p.kind == "none":
+            agg = spliced
+        else:
+            sam_in = sam_image(img, original, p, engine.clip.patch_size, cfg.short_side)
+            agg = global_aggregate(self.sam, sam_in, spliced, p)
         d, gh, gw = agg.shape
         logits = engine.patch_logits(agg.reshape(d, -1).T[None], (gh, gw), text)  # (1, Q, gh, gw)
         return F.interpolate(logits, (H, W), mode="bilinear", align_corners=False)[0]

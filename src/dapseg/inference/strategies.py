@@ -13,14 +13,19 @@ giving cosine logits covering the processed image. ``whole`` and ``slide`` live 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from dapseg.config import InferenceConfig
+from dapseg.heads.affinity import image_similarity_mean
 from dapseg.inference.engine import DenseEngine
-from dapseg.inference.windows import centred_padding, crop_windows, pad_windows, window_grid
+from dapseg.inference.windows import Window, crop_windows, pad_windows, window_grid, window_padding
 from dapseg.registry import STRATEGIES
+
+if TYPE_CHECKING:
+    from dapseg.models.vfm import VfmOutput
 
 Strategy = Callable[[DenseEngine, Tensor, Tensor, InferenceConfig], Tensor]
 
@@ -30,33 +35,84 @@ def get_strategy(name: str, params: dict | None = None, **provided: object) -> S
     return STRATEGIES.build(name, params, **provided)
 
 
-def padded_window_logits(engine: DenseEngine, windows01: Tensor, text: Tensor, pad_multiple: int | None) -> Tensor:
-    """Window logits (B, Q, h, w), computed on windows padded to ``pad_multiple`` and cropped back."""
+def min_window_side(engine: DenseEngine) -> int:
+    """The smallest window side the engine's models accept: one patch of CLIP and of the VFM."""
+    sizes = [engine.clip.patch_size]
+    vfm = getattr(engine, "vfm", None)
+    if vfm is not None and hasattr(vfm, "patch_size"):
+        sizes.append(int(vfm.patch_size))
+    return max(sizes)
+
+
+def image_affinity_mean(
+    engine: DenseEngine, image01: Tensor, windows: list[Window], cfg: InferenceConfig
+) -> tuple[Tensor | None, list[VfmOutput | None]]:
+    """For heads with mean_scope="image": mean(S) over the VFM features of *all* windows of the image.
+
+    Returns (mean, the VFM output of each batch of ``cfg.max_batch`` windows, to be reused by the
+    head) — or (None, [None per batch]) when the head takes its mean per window. The windows are
+    padded exactly as ``padded_window_logits`` pads them, so the head sees the same features.
+    A first pass over every batch, so the mean never depends on ``max_batch``.
+    """
+    starts = range(0, len(windows), cfg.max_batch)
+    if not getattr(engine, "needs_image_mean", False):
+        return None, [None for _ in starts]
+    if engine.vfm is None:
+        raise ValueError("mean_scope='image' needs a VFM (configure a `vfm:` section)")
+    outs = []
+    for start in starts:
+        crops = crop_windows(image01, windows[start : start + cfg.max_batch])
+        pad = window_padding(*crops.shape[-2:], cfg.pad_multiple, min_window_side(engine))
+        outs.append(engine.vfm_output(pad_windows(crops, pad, engine.clip.mean)))
+    return image_similarity_mean([o.feats for o in outs]), outs
+
+
+def padded_window_logits(
+    engine: DenseEngine,
+    windows01: Tensor,
+    text: Tensor,
+    pad_multiple: int | None,
+    *,
+    vfm_out: VfmOutput | None = None,
+    affinity_mean: Tensor | None = None,
+) -> Tensor:
+    """Window logits (B, Q, h, w), computed on windows padded to ``pad_multiple`` (and to at least one
+    patch per side) and cropped back.
+
+    ``vfm_out`` / ``affinity_mean``: see ``image_affinity_mean``."""
     h, w = windows01.shape[-2:]
-    pad = centred_padding(h, w, pad_multiple)
-    logits = engine.window_logits(pad_windows(windows01, pad, engine.clip.mean), text)
+    pad = window_padding(h, w, pad_multiple, min_window_side(engine))
+    # only passed when set, so engines that know nothing of them (test doubles) still fit
+    extra = {"vfm_out": vfm_out, "affinity_mean": affinity_mean} if affinity_mean is not None else {}
+    logits = engine.window_logits(pad_windows(windows01, pad, engine.clip.mean), text, **extra)
     left, _, top, _ = pad
     return logits[..., top : top + h, left : left + w]
 
 
 def whole(engine: DenseEngine, image01: Tensor, text: Tensor, cfg: InferenceConfig) -> Tensor:
     """The whole image as one window."""
-    return padded_window_logits(engine, image01[None], text, cfg.pad_multiple)[0]
+    _, h, w = image01.shape
+    mean, vfm_outs = image_affinity_mean(engine, image01, [Window(0, h, 0, w)], cfg)
+    return padded_window_logits(engine, image01[None], text, cfg.pad_multiple, vfm_out=vfm_outs[0],
+                                affinity_mean=mean)[0]
 
 
 def slide(engine: DenseEngine, image01: Tensor, text: Tensor, cfg: InferenceConfig) -> Tensor:
     """Segment-then-splice: window logits averaged where windows overlap.
 
     Windows go through the model ``max_batch`` at a time; a window's result does not depend on
-    which others share its batch (every head normalises per window).
+    which others share its batch (heads normalise per window, or use the image-wide mean computed
+    beforehand over every window).
     """
     _, h, w = image01.shape
     windows = window_grid(h, w, cfg.crop, cfg.stride)
+    mean, vfm_outs = image_affinity_mean(engine, image01, windows, cfg)
     logits = torch.zeros(text.shape[0], h, w)
     count = torch.zeros(1, h, w)
-    for start in range(0, len(windows), cfg.max_batch):
+    for k, start in enumerate(range(0, len(windows), cfg.max_batch)):
         batch = windows[start : start + cfg.max_batch]
-        out = padded_window_logits(engine, crop_windows(image01, batch), text, cfg.pad_multiple).cpu()
+        out = padded_window_logits(engine, crop_windows(image01, batch), text, cfg.pad_multiple,
+                                   vfm_out=vfm_outs[k], affinity_mean=mean).cpu()
         for win, win_logits in zip(batch, out, strict=True):
             logits[:, win.y1 : win.y2, win.x1 : win.x2] += win_logits
             count[:, win.y1 : win.y2, win.x1 : win.x2] += 1

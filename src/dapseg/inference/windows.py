@@ -54,6 +54,15 @@ def centred_padding(h: int, w: int, multiple: int | None) -> tuple[int, int, int
     return lr // 2, lr - lr // 2, tb // 2, tb - tb // 2
 
 
+def window_padding(h: int, w: int, pad_multiple: int | None, min_side: int) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom): ``centred_padding`` to ``pad_multiple``, then, where a side is still
+    shorter than ``min_side``, centred padding up to ``min_side`` (a window narrower than one patch,
+    e.g. of a 10000×10 image, would give an empty token grid)."""
+    left, right, top, bottom = centred_padding(h, w, pad_multiple)
+    extra_w, extra_h = max(0, min_side - (w + left + right)), max(0, min_side - (h + top + bottom))
+    return left + extra_w // 2, right + extra_w - extra_w // 2, top + extra_h // 2, bottom + extra_h - extra_h // 2
+
+
 def crop_windows(image01: Tensor, windows: list[Window]) -> Tensor:
     """(3, H, W) -> (n, 3, h, w) stacked crops (all windows of a grid share one size)."""
     return torch.stack([image01[:, w.y1 : w.y2, w.x1 : w.x2] for w in windows])

@@ -188,10 +188,12 @@ def build_clip(
         quick_gelu = bool((get_pretrained_cfg(cfg.model, cfg.pretrained) or {}).get("quick_gelu", False))
         # Find the weights before building the model: a missing file should fail in a second.
         path = None if random_weights else cfg.weights or resolve_clip_checkpoint(cfg.model, cfg.pretrained, cache_dir)
+        # Read (and so check) the file before building the model too: a corrupt file fails fast.
+        state = load_state_dict_file(path) if path is not None else None
         with _quiet_logging():  # open_clip warns "initialized randomly": we load the weights ourselves
             model = open_clip.create_model(cfg.model, pretrained=None, force_quick_gelu=quick_gelu)
-        if path is not None:
-            _load_clip_weights(model, Path(path))
+        if state is not None:
+            _load_clip_weights(model, Path(path), state)
     model.eval().requires_grad_(False).to(device)
     return DenseClip(model, tokenizer, cfg.model if not tiny else "tiny", cfg.pretrained)
 
@@ -206,9 +208,10 @@ def _quiet_logging() -> Iterator[None]:
         logging.disable(previous)
 
 
-def _load_clip_weights(model: nn.Module, path: Path) -> None:
-    """Load an OpenAI ``.pt`` (TorchScript) or an open_clip ``.bin`` / ``.safetensors`` state dict."""
-    state = load_state_dict_file(path)
+def _load_clip_weights(model: nn.Module, path: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Load an OpenAI ``.pt`` (TorchScript) or an open_clip ``.bin`` / ``.safetensors`` state dict
+    (``state``: the file's tensors, already read with ``load_state_dict_file``)."""
+    state = load_state_dict_file(path) if state is None else state
     for key in ("input_resolution", "context_length", "vocab_size"):  # OpenAI archive metadata
         state.pop(key, None)
     state = open_clip.factory.convert_state_dict(model, state)

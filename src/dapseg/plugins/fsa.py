@@ -8,7 +8,8 @@ predictions back into the attention:
    uniform attention over the head's M tokens (so U is one vector per window), d = softmax(P − U);
 2. patch similarity s_ij = 1 / (1 + max(KL(d_i ‖ d_j), 0));
 3. confidence top-p pruning per row (softmax of the sorted row, cumulative sum <= p kept, the
-   largest entry always kept), s' = s·exp(λ·s) on the kept entries, W = row-softmax(s');
+   largest entry always kept; ties, up to rounding, keep the lower index: see ``top_p_mask``),
+   s' = s·exp(λ·s) on the kept entries, W = row-softmax(s');
 4. ensemble Attn_ens = (W·Attn + Attn·W + W) / 3 and out = out_proj(Attn_ens·v).
 
 Facts from the public reference (chi-chi-zx/FSA): logit scales 20 (head output) and 35 (uniform
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from dapseg.heads.base import Attention, Head, HeadContext, HeadOutput, merge_heads
+from dapseg.heads.base import Attention, Head, HeadContext, HeadOutput, attend, merge_heads
 from dapseg.registry import PLUGINS, Backbone, Need
 
 # Added to the probabilities inside the log, as the reference does: it bounds the penalty for a
@@ -96,16 +97,30 @@ def kl_matrix(d: Tensor, eps: float = LOG_EPS) -> Tensor:
     return (self_term - cross).clamp_min_(0.0)
 
 
+# Top-p ranks entries by their value rounded to a multiple of this. Entries that differ only by
+# rounding (identical patches whose KL terms come out 1e-16 apart, depending on the summation order
+# of the matrix product) are then exact ties and keep the lower index first, so which entries a row
+# keeps does not depend on the sort or matmul implementation, the thread count or the device.
+TOP_P_QUANTUM = 2.0**-40
+
+
+def top_p_rank_key(s: Tensor) -> Tensor:
+    """The value top-p ranks by: s (..., n) rounded to a multiple of ``TOP_P_QUANTUM``, float64."""
+    return torch.round(s.double() / TOP_P_QUANTUM)
+
+
 def top_p_mask(s: Tensor, p: float) -> Tensor:
     """Confidence pruning of each row of s (..., n): True where an entry is kept.
 
-    Entries are ranked by s (ties: lower index first); an entry is kept while the cumulative
-    softmax(s) mass of the ranked row, itself included, is <= p; the largest is always kept;
-    p = 1 keeps every entry.
+    Tie rule: entries are ranked by ``top_p_rank_key(s)`` (s rounded to a multiple of 2^-40), largest
+    first, equal keys in index order (a stable sort), so exact and rounding-level ties keep the lower
+    index. An entry is kept while the cumulative softmax(s) mass of the ranked row, itself included,
+    is <= p; the largest is always kept; p = 1 keeps every entry.
     """
     if p >= 1.0:  # everything; the cumulative sum may round to a hair above 1
         return torch.ones_like(s, dtype=torch.bool)
-    ranked, order = torch.sort(s, dim=-1, descending=True, stable=True)
+    order = torch.sort(top_p_rank_key(s), dim=-1, descending=True, stable=True).indices
+    ranked = torch.gather(s, -1, order)
     keep_ranked = torch.cumsum(torch.softmax(ranked, dim=-1), dim=-1) <= p
     keep_ranked[..., 0] = True
     return torch.zeros_like(keep_ranked).scatter_(-1, order, keep_ranked)
@@ -126,8 +141,8 @@ def _apply_w(w: Tensor, x: Tensor, has_cls: bool) -> Tensor:
     patches, so the ensemble keeps the head's attention to CLS and stays row-stochastic.
     """
     if not has_cls:
-        return torch.matmul(w, x)
-    return torch.cat([x[:, :, :1], torch.matmul(w, x[:, :, 1:])], dim=2)
+        return attend(w, x)
+    return torch.cat([x[:, :, :1], attend(w, x[:, :, 1:])], dim=2)
 
 
 def ensemble_values(attn: Tensor, v: Tensor, w: Tensor, has_cls: bool) -> Tensor:
@@ -138,7 +153,7 @@ def ensemble_values(attn: Tensor, v: Tensor, w: Tensor, has_cls: bool) -> Tensor
     attn = attn.to(v.dtype)
     w = w.to(v.dtype).unsqueeze(1)  # (B, 1, n, n)
     wv = _apply_w(w, v, has_cls)
-    return (_apply_w(w, torch.matmul(attn, v), has_cls) + torch.matmul(attn, wv) + wv) / 3.0
+    return (_apply_w(w, attend(attn, v), has_cls) + attend(attn, wv) + wv) / 3.0
 
 
 def fsa_values(

@@ -31,9 +31,9 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from skimage import measure
 from torch import Tensor
 
-from dapseg.models.sam.encoder import SamEncoding, encode_image
+from dapseg.models.sam.encoder import SamEncoding, encode_image, reference_sam_image
 from dapseg.refine import Refined, RefineInput, Refiner
-from dapseg.registry import REFINERS, Need
+from dapseg.registry import REFINERS, Backbone, Need
 
 
 class SamRefineParams(BaseModel):
@@ -123,24 +123,33 @@ class SamPromptRefiner:
 
     name = "sam"
 
-    def __init__(self, sam: Sam, params: SamRefineParams | dict | None = None):
+    def __init__(self, sam: Sam, params: SamRefineParams | dict | None = None, multiple: int = 16):
         self.params = params if isinstance(params, SamRefineParams) else SamRefineParams(**(params or {}))
         if not (self.params.points or self.params.boxes or self.params.masks):
             raise ValueError("SAM refinement needs at least one of points, boxes, masks")
         self.sam = sam
         self.predictor = SamPredictor(sam)
+        self.multiple = multiple  # a uint8 image's sides are rounded up to this (the CLIP patch) for SAM
 
     @torch.no_grad()
     def __call__(
-        self, image: Tensor, labels: Tensor, probs: Tensor, encoding: SamEncoding | None = None
+        self, image: Tensor | np.ndarray, labels: Tensor, probs: Tensor, encoding: SamEncoding | None = None
     ) -> tuple[Tensor, Tensor]:
-        """image (3, H, W) in [0, 1]; labels (H, W); probs (C, H, W) -> refined (labels, probs)."""
+        """labels (H, W); probs (C, H, W) -> refined (labels, probs).
+
+        image: (H, W, 3) uint8 RGB, the original as loaded — SAM then sees it as in the Trident
+        reference (sides rounded up to multiples of ``multiple`` with cv2, segment-anything's own
+        resize and normalisation) and its masks are resized back to (H, W) bilinearly; or (3, H, W)
+        in [0, 1], encoded as is (torch resize). ``encoding``: a SAM encoding of that image to reuse.
+        """
         p = self.params
         H, W = labels.shape
-        if image.shape[-2:] != (H, W):
-            raise ValueError(f"image {tuple(image.shape[-2:])} and labels {(H, W)} differ in size")
-        if encoding is None or encoding.original_size != (H, W):
-            encoding = encode_image(self.sam, image, chunk=p.chunk)
+        size = image.shape[:2] if isinstance(image, np.ndarray) else image.shape[-2:]
+        if tuple(size) != (H, W):
+            raise ValueError(f"image {tuple(size)} and labels {(H, W)} differ in size")
+        if encoding is None:
+            sam_input = reference_sam_image(image, self.multiple) if isinstance(image, np.ndarray) else image
+            encoding = encode_image(self.sam, sam_input, chunk=p.chunk)
         set_encoding(self.predictor, encoding)
         dev = self.predictor.device
 
@@ -171,7 +180,9 @@ class SamPromptRefiner:
                 failed |= cp.regions[~ok].any(0).to(failed.device)
             if not bool(ok.any()):
                 continue
-            lg = logits[ok.to(logits.device), 0].float().to(probs.device)  # (R', H, W)
+            lg = logits[ok.to(logits.device), 0].float().to(probs.device)  # (R', H_sam, W_sam)
+            if lg.shape[-2:] != (H, W):  # SAM saw the image rounded up to the patch multiple
+                lg = F.interpolate(lg[None], (H, W), mode="bilinear", align_corners=False)[0]
             score = (torch.sigmoid(lg) * probs[cp.cls]).amax(0)
             union = (lg > self.sam.mask_threshold).any(0)
             refined[cp.cls] = score * union
@@ -185,24 +196,26 @@ class SamPromptRefiner:
         return new_labels, new_probs
 
 
-@REFINERS.register("sam", params=SamRefineParams, needs={Need.SAM_DECODER},
+@REFINERS.register("sam", params=SamRefineParams, needs={Need.SAM_DECODER, Need.BACKBONE},
                    description="SAM prompted by the coarse class regions (Trident)")
-def build_sam_refiner(p: SamRefineParams, *, sam_decoder: Sam | None = None) -> Refiner:
-    """The ``refine.name: sam`` refiner around ``sam_decoder`` (a full ``Sam``, decoder included).
+def build_sam_refiner(
+    p: SamRefineParams, *, sam_decoder: Sam | None = None, backbone: Backbone | None = None
+) -> Refiner:
+    """The ``refine.name: sam`` refiner around ``sam_decoder`` (a full ``Sam``, decoder included);
+    ``backbone`` gives the CLIP patch size the image's sides are rounded up to for SAM.
 
     Returns the refined class probabilities and the labels SAM decided.
     """
-    from dapseg.inference.preprocess import to_tensor01
     from dapseg.models.sam.memory import check_encode_memory
 
     if sam_decoder is None:
         raise ValueError("refine.name=sam needs a SAM model: add `sam: {name: sam_vitb}` to the config")
     check_encode_memory(sam_decoder, chunk=p.chunk)  # before the first image, not halfway through a dataset
-    refiner = SamPromptRefiner(sam_decoder, p)
+    multiple = backbone.clip_patch_size if backbone is not None else 16
+    refiner = SamPromptRefiner(sam_decoder, p, multiple)
 
     def refine(inp: RefineInput) -> Refined:
-        probs = inp.probs
-        new_labels, new_probs = refiner(to_tensor01(np.array(inp.image)).to(probs.device), inp.labels, probs)
+        new_labels, new_probs = refiner(np.ascontiguousarray(inp.image, dtype=np.uint8), inp.labels, inp.probs)
         # SAM's scores σ(logit)·p_c are not a distribution: renormalise per pixel (C, H, W).
         return Refined(probs=new_probs / new_probs.sum(0, keepdim=True).clamp_min(1e-30), labels=new_labels)
 

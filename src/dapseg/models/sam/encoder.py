@@ -10,14 +10,19 @@ rows, so no (heads, G, G) matrix is ever formed (G = 4096 at 1024: the library's
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
 
+import cv2
+import numpy as np
 import torch
-from segment_anything.modeling import ImageEncoderViT
+import torch.nn.functional as F
+from segment_anything.modeling import ImageEncoderViT, Sam
 from segment_anything.modeling.image_encoder import Attention, Block, get_rel_pos
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import Tensor, nn
 
-from dapseg.models.sam.attention import add_rel_pos_rows
+from dapseg.models.sam.attention import add_rel_pos_rows_, rel_pos_bias
 from dapseg.models.sam.build import SAM_PIXEL_MEAN, SAM_PIXEL_STD, image_encoder_of
 
 
@@ -45,7 +50,7 @@ class SamLastAttention:
         if self.rel_pos_h is not None and self.rel_pos_w is not None:
             rh = get_rel_pos(gh, gh, self.rel_pos_h.float())  # (gh, gh, d)
             rw = get_rel_pos(gw, gw, self.rel_pos_w.float())  # (gw, gw, d)
-            logits = add_rel_pos_rows(logits, q, rh, rw, rows, (gh, gw))
+            add_rel_pos_rows_(logits, q, rh, rw, rows, (gh, gw))
         return logits.softmax(-1)
 
 
@@ -71,10 +76,11 @@ def _chunked_global_attention(attn: Attention, x: Tensor, chunk: int, keep: bool
     for s in range(0, h * w, chunk):
         e = min(s + chunk, h * w)
         qc = q[:, :, s:e]  # (B, heads, n, d)
-        logits = (qc * attn.scale) @ k.transpose(-2, -1)  # (B, heads, n, G)
+        bias = None
         if rh is not None and rw is not None:
-            logits = add_rel_pos_rows(logits, qc, rh, rw, torch.arange(s, e, device=x.device), (h, w))
-        out[:, :, s:e] = logits.softmax(-1) @ v
+            bias = rel_pos_bias(qc, rh, rw, torch.arange(s, e, device=x.device), (h, w))  # (B, heads, n, G)
+        # softmax(q·kᵀ·scale + bias)·v in one fused kernel: no separate (B, heads, n, G) probabilities
+        out[:, :, s:e] = F.scaled_dot_product_attention(qc, k, v, attn_mask=bias, scale=attn.scale)
     y = out.view(b, heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
     extra = (q, k, v) if keep else ()
     return attn.proj(y), extra
@@ -109,14 +115,57 @@ def preprocess(encoder: ImageEncoderViT, image: Tensor) -> tuple[Tensor, tuple[i
     return x, (h, w)
 
 
-@torch.no_grad()
-def encode_image(sam: object, image: Tensor, chunk: int = 512) -> SamEncoding:
-    """Run SAM's image encoder on one image (3, H, W) in [0, 1]; global attention in row chunks.
+def reference_sam_image(image: np.ndarray, multiple: int) -> np.ndarray:
+    """The image Trident's reference gives SAM: (H, W, 3) uint8 RGB as loaded -> each side rounded up
+    to a multiple of ``multiple`` (the CLIP patch size), resized with cv2's default INTER_LINEAR.
 
-    ``sam``: an ImageEncoderViT, a ``Sam`` or the VFM registry's SAM (see ``image_encoder_of``).
+    An image whose sides are already multiples is returned unchanged (the reference's cv2.resize to
+    the same size is the identity).
+    """
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"SAM input must be an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
+    h, w = image.shape[:2]
+    th, tw = -(-h // multiple) * multiple, -(-w // multiple) * multiple
+    if (th, tw) == (h, w):
+        return image
+    return cv2.resize(image, (tw, th), interpolation=cv2.INTER_LINEAR)
+
+
+def library_preprocess(sam: object, image: np.ndarray) -> tuple[Tensor, tuple[int, int]]:
+    """(H, W, 3) uint8 RGB -> SAM input (1, 3, S, S) and the resized size (h, w), exactly as
+    ``SamPredictor.set_image``: ``ResizeLongestSide(S).apply_image`` (PIL, uint8), then
+    ``Sam.preprocess`` (pixel mean/std, zero padding at the bottom/right)."""
+    enc = image_encoder_of(sam)
+    device = next(enc.parameters()).device
+    resized = ResizeLongestSide(enc.img_size).apply_image(image)  # (h, w, 3) uint8
+    x = torch.as_tensor(resized, device=device).permute(2, 0, 1).contiguous()[None]  # (1, 3, h, w) uint8
+    if isinstance(sam, Sam):
+        model: Any = sam
+    else:  # the bare encoder: Sam.preprocess only needs its pixel statistics and the encoder's size
+        model = SimpleNamespace(
+            pixel_mean=torch.tensor(SAM_PIXEL_MEAN, device=device).view(-1, 1, 1),
+            pixel_std=torch.tensor(SAM_PIXEL_STD, device=device).view(-1, 1, 1),
+            image_encoder=enc,
+        )
+    return Sam.preprocess(model, x), (int(resized.shape[0]), int(resized.shape[1]))
+
+
+@torch.no_grad()
+def encode_image(sam: object, image: Tensor | np.ndarray, chunk: int = 512) -> SamEncoding:
+    """Run SAM's image encoder on one image; global attention in row chunks.
+
+    image: an (H, W, 3) uint8 RGB array goes through segment-anything's own preprocessing
+    (``library_preprocess``, as the Trident reference); a (3, H, W) tensor in [0, 1] through
+    ``preprocess`` (torch resize, no uint8 rounding). ``sam``: an ImageEncoderViT, a ``Sam`` or the
+    VFM registry's SAM (see ``image_encoder_of``).
     """
     enc = image_encoder_of(sam)
-    x, input_size = preprocess(enc, image)
+    if isinstance(image, np.ndarray):
+        x, input_size = library_preprocess(sam, image)
+        original_size = (int(image.shape[0]), int(image.shape[1]))
+    else:
+        x, input_size = preprocess(enc, image)
+        original_size = (int(image.shape[-2]), int(image.shape[-1]))
     dtype = next(enc.parameters()).dtype
     x = enc.patch_embed(x.to(dtype))  # (1, gh, gw, C)
     if enc.pos_embed is not None:
@@ -133,5 +182,4 @@ def encode_image(sam: object, image: Tensor, chunk: int = 512) -> SamEncoding:
         rel_pos_h=last_attn.rel_pos_h.detach().float() if last_attn.use_rel_pos else None,
         rel_pos_w=last_attn.rel_pos_w.detach().float() if last_attn.use_rel_pos else None,
     )
-    return SamEncoding(features=feats, last=last, input_size=input_size,
-                       original_size=(int(image.shape[-2]), int(image.shape[-1])))
+    return SamEncoding(features=feats, last=last, input_size=input_size, original_size=original_size)

@@ -1,0 +1,353 @@
+"""Benchmark presets: parameters, matmul FLOPs, time per image, peak memory and stage breakdown.
+
+Timing protocol: build, ``warmup`` predictions (text embeddings get cached, allocators settle), one
+counted run under the FLOP counter, then ``repeats`` timed predictions. When ``compare_batching`` is
+on, the batched setting (the preset's ``max_batch``) and one window at a time (``max_batch = 1``)
+alternate repeat by repeat on the same models, so a shared machine's load drift hits both alike.
+The stage breakdown comes from the batched repeats (medians per stage).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dapseg.bench.flops import count_flops
+from dapseg.bench.probe import matmul_rate, synchronize
+from dapseg.bench.stages import STAGES, StageTimer
+
+DEFAULT_CLASSES = ("cat", "wall", "floor", "blanket", "sofa", "plant", "window", "door")
+
+
+@dataclass
+class BenchSettings:
+    device: str | None = None
+    random_weights: bool = False
+    tiny: bool = False
+    warmup: int = 1
+    repeats: int = 3
+    compare_batching: bool = True
+    count_flops: bool = True
+    overrides: dict[str, Any] = field(default_factory=dict)  # applied to every preset
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1 or self.warmup < 0:
+            raise ValueError(f"bench needs repeats >= 1 and warmup >= 0, got {self.repeats}, {self.warmup}")
+
+
+# ---------------------------------------------------------------------------------------- memory
+def _proc_status_mib(key: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start a new peak: CUDA's allocator stats, or the kernel's RSS high-water mark (Linux).
+
+    Returns False where the peak cannot be reset (then it covers the whole process so far).
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # "5" resets VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak since ``reset_peak_memory``: max_memory_allocated on CUDA, peak RSS (VmHWM) on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    hwm = _proc_status_mib("VmHWM")
+    if hwm is not None:
+        return hwm
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
+
+
+# ---------------------------------------------------------------------------------------- models
+def count_params(module: torch.nn.Module | None) -> int:
+    if module is None:
+        return 0
+    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+
+
+def model_params(segmenter: Any) -> dict[str, int]:
+    """Parameters per model: CLIP (image + text towers), VFM, SAM (where present), head."""
+    out = {"clip": count_params(segmenter.clip.model)}
+    if segmenter.vfm is not None:
+        out["vfm"] = count_params(segmenter.vfm)
+    if segmenter.sam is not None:
+        out["sam"] = count_params(segmenter.sam)
+    head = count_params(segmenter.head)
+    if head:
+        out["head"] = head
+    return out
+
+
+def n_windows(segmenter: Any, image: np.ndarray) -> int:
+    """Windows the strategy cuts the processed image into (1 for ``whole``)."""
+    from dapseg.inference.preprocess import short_side_size
+    from dapseg.inference.windows import window_grid
+
+    cfg = segmenter.config.inference
+    h, w = image.shape[:2]
+    h, w = short_side_size(h, w, cfg.short_side) if cfg.short_side else (h, w)
+    if cfg.mode == "whole":
+        return 1
+    if cfg.mode == "splice":
+        from dapseg.inference.splice import splice_size
+
+        if cfg.params.get("align", True):
+            h, w = splice_size(h, w, segmenter.clip.patch_size, cfg.crop)
+    return len(window_grid(h, w, cfg.crop, cfg.stride))
+
+
+# ---------------------------------------------------------------------------------------- timing
+def _timed_predict(segmenter: Any, image: np.ndarray, classes: Any, device: torch.device) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one prediction.
+
+    CPU time moves much less than wall time when other processes compete for the cores, so it is
+    the better before/after figure on a shared machine.
+    """
+    synchronize(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    segmenter.predict(image, classes)
+    synchronize(device)
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def bench_preset(
+    preset: str,
+    image: np.ndarray,
+    classes: Any,
+    settings: BenchSettings,
+    probe_size: int | None = 1024,
+) -> dict[str, Any]:
+    """One preset's row of the table (see the module docstring for the protocol).
+
+    With ``probe_size``, a short matmul probe runs right before each timed repeat and the preset's
+    fraction is taken against the median of those probes: on a shared machine whose load drifts, a
+    probe taken minutes earlier would compare the preset with a different machine.
+    """
+    from dapseg.api import Segmenter
+    from dapseg.text import ClassSet
+
+    class_set = ClassSet.coerce(classes)
+    t0 = time.perf_counter()
+    seg = Segmenter.from_preset(
+        preset,
+        device=settings.device,
+        random_weights=settings.random_weights,
+        tiny=settings.tiny,
+        cache_dir=settings.cache_dir,
+        overrides=settings.overrides,
+    )
+    build_s = time.perf_counter() - t0
+    device = seg.device
+    windows = n_windows(seg, image)
+    one = None
+    if settings.compare_batching and windows > 1 and seg.config.inference.max_batch > 1:
+        one = seg.derive({"inference.max_batch": 1})
+    for _ in range(settings.warmup):
+        seg.predict(image, class_set)
+        if one is not None:
+            one.predict(image, class_set)
+    flops = count_flops(lambda: seg.predict(image, class_set))[0] if settings.count_flops else None
+
+    timer = StageTimer(device=device)
+    times: list[float] = []
+    cpu_times: list[float] = []
+    one_times: list[float] = []
+    stage_runs: list[dict[str, float]] = []
+    reset_ok = reset_peak_memory(device)
+    probes: list[float] = []
+    for _ in range(settings.repeats):
+        if probe_size:
+            probes.append(matmul_rate(device, size=probe_size, repeats=1)["gflops_per_s"])
+        timer.reset()
+        with timer.active(seg):
+            wall, cpu = _timed_predict(seg, image, class_set, device)
+        times.append(wall)
+        cpu_times.append(cpu)
+        stage_runs.append(dict(timer.seconds))
+        if one is not None:
+            one_times.append(_timed_predict(one, image, class_set, device)[0])
+    peak = peak_memory_mib(device)
+
+    median = statistics.median(times)
+    probe_gflops = statistics.median(probes) if probes else None
+    stages = {
+        name: statistics.median(run.get(name, 0.0) for run in stage_runs)
+        for name in dict.fromkeys(k for run in stage_runs for k in run)
+    }
+    row: dict[str, Any] = {
+        "preset": preset,
+        "params": model_params(seg),
+        "windows": windows,
+        "max_batch": seg.config.inference.max_batch,
+        "classes": len(class_set.queries),
+        "build_s": build_s,
+        "seconds": _spread(times),
+        "cpu_seconds": _spread(cpu_times),
+        "images_per_s": 1.0 / median,
+        "gflops": flops / 1e9 if flops is not None else None,
+        "achieved_gflops_per_s": flops / 1e9 / median if flops is not None else None,
+        "probe_gflops_per_s": probe_gflops,
+        "fraction_of_probe": (flops / 1e9 / median / probe_gflops) if flops is not None and probe_gflops else None,
+        "peak_memory_mib": peak,
+        "peak_memory_kind": ("max_memory_allocated" if device.type == "cuda" else "peak RSS")
+        + ("" if reset_ok else " (whole process, incl. build)"),
+        "stages_s": stages,
+        "stage_paths_unresolved": timer.unresolved,
+        "one_at_a_time": None,
+    }
+    if one_times:
+        m1 = statistics.median(one_times)
+        row["one_at_a_time"] = {
+            "seconds": _spread(one_times),
+            "images_per_s": 1.0 / m1,
+            "fraction_of_probe": (flops / 1e9 / m1 / probe_gflops) if flops is not None and probe_gflops else None,
+        }
+    return row
+
+
+def machine_info(device: str | torch.device | None) -> dict[str, Any]:
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "device": str(dev),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    if dev.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(dev)
+    with contextlib.suppress(OSError):
+        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    return info
+
+
+def run_bench(
+    presets: list[str],
+    image: np.ndarray,
+    classes: Any = DEFAULT_CLASSES,
+    settings: BenchSettings | None = None,
+    *,
+    probe_size: int = 1024,
+) -> dict[str, Any]:
+    """The whole report: machine, a matmul probe up front, one row per preset (each with its own probes)."""
+    settings = settings or BenchSettings()
+    device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    probe_before = matmul_rate(device, size=probe_size)
+    rows = [bench_preset(p, image, classes, settings, probe_size) for p in presets]
+    machine = machine_info(device)  # load average after the runs, when it reflects them
+    return {
+        "machine": machine,
+        "image_size": list(image.shape[:2]),
+        "settings": {
+            "warmup": settings.warmup,
+            "repeats": settings.repeats,
+            "random_weights": settings.random_weights,
+            "tiny": settings.tiny,
+            "overrides": settings.overrides,
+        },
+        "probe": probe_before,
+        "presets": rows,
+    }
+
+
+def write_json_atomic(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write ``report`` as JSON to ``path`` via a temporary file and a rename (never half a file)."""
+    from dapseg.files import atomic_write_text
+
+    return atomic_write_text(path, json.dumps(report, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------- table
+def _m(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The terminal tables: one row per preset, then the per-stage breakdown."""
+    m = report["machine"]
+    probe = report["probe"]
+    where = m.get("gpu") or m["cpu"]
+    lines = [
+        f"machine: {where} ({m['device']}, {m['torch_threads']} torch threads), torch {m['torch']}, "
+        f"load {m.get('load_average', '?')}",
+        f"image {report['image_size'][0]}x{report['image_size'][1]}; matmul probe "
+        f"{probe['gflops_per_s']:.0f} GFLOP/s ({int(probe['size'])}² fp32, min {probe['min']:.0f}, "
+        f"max {probe['max']:.0f}; each preset's % is against probes taken between its repeats); "
+        f"{report['settings']['repeats']} repeats after "
+        f"{report['settings']['warmup']} warm-up",
+        "",
+    ]
+    head = (f"{'preset':<16} {'params (clip/vfm/sam)':<24} {'win':>3} {'GFLOP':>8} {'s/img':>18} "
+            f"{'CPU s':>6} {'img/s':>6} {'GFLOP/s':>7} {'probe':>6} {'% probe':>7} {'1-by-1 s/img':>12} "
+            f"{'peak MiB':>9}")
+    lines += [head, "-" * len(head)]
+    for r in report["presets"]:
+        p = r["params"]
+        params = "/".join(_m(p[k]) for k in ("clip", "vfm", "sam") if k in p)
+        s = r["seconds"]
+        spread = f"{s['median']:.3f} [{s['min']:.2f}-{s['max']:.2f}]"
+        gf = f"{r['gflops']:.1f}" if r["gflops"] is not None else "-"
+        frac = f"{100 * r['fraction_of_probe']:.0f}%" if r["fraction_of_probe"] is not None else "-"
+        one = f"{r['one_at_a_time']['seconds']['median']:.3f}" if r["one_at_a_time"] else "-"
+        rate = f"{r['achieved_gflops_per_s']:.0f}" if r["achieved_gflops_per_s"] is not None else "-"
+        probe_cell = f"{r['probe_gflops_per_s']:.0f}" if r["probe_gflops_per_s"] else "-"
+        lines.append(f"{r['preset']:<16} {params:<24} {r['windows']:>3} {gf:>8} {spread:>18} "
+                     f"{r['cpu_seconds']['median']:>6.1f} {r['images_per_s']:>6.2f} {rate:>7} {probe_cell:>6} "
+                     f"{frac:>7} {one:>12} "
+                     f"{r['peak_memory_mib']:>9.0f}")
+    seen = {k for r in report["presets"] for k in r["stages_s"]}
+    stage_names = [n for n in STAGES if n in seen]
+    if stage_names:
+        lines += ["", "seconds per image by stage (median of the batched repeats; exclusive times):"]
+        head = f"{'preset':<16} " + " ".join(f"{n:>15}" for n in stage_names)
+        lines += [head, "-" * len(head)]
+        for r in report["presets"]:
+            total = sum(r["stages_s"].values()) or 1.0
+            cells = []
+            for n in stage_names:
+                v = r["stages_s"].get(n)
+                cells.append(f"{v:>8.3f} ({100 * v / total:>3.0f}%)" if v is not None else f"{'-':>15}")
+            lines.append(f"{r['preset']:<16} " + " ".join(cells))
+    missing = sorted({p for r in report["presets"] for p in r["stage_paths_unresolved"]})
+    if missing:
+        lines += ["", "stage functions not found (FUNCTION_STAGES needs updating): " + ", ".join(missing)]
+    return "\n".join(lines)

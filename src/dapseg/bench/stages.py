@@ -1,0 +1,146 @@
+"""Per-stage wall-clock time of a prediction, by wrapping the functions that implement each stage.
+
+Every stage is a list of importable names (``module:function`` or ``module:Class.method``) in
+``FUNCTION_STAGES``, the one table to edit when code moves. A name is looked up where its *caller*
+finds it (``dapseg.inference.splice:encode_image``, not where it is defined), since a
+``from x import f`` binds its own reference. Times are *exclusive*: a stage's time excludes the
+stages called inside it (``stitching`` is what ``coarse_logits`` spends outside CLIP, the VFM, the
+head and SAM: resizing, cropping windows, averaging overlaps).
+
+The wrappers are installed only inside ``StageTimer`` and removed on exit, so nothing outside a
+benchmark runs through them. On CUDA each boundary synchronises the device (slower, but true).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+# stage -> the functions whose (exclusive) time is that stage's, in the order of the table printed.
+FUNCTION_STAGES: dict[str, tuple[str, ...]] = {
+    "clip_blocks": ("dapseg.models.clip:DenseClip.tokens_before_last_block",),
+    "vfm": ("dapseg.models.vfm.base:VisionFoundationModel.forward",),
+    "head": (
+        "dapseg.inference.engine:DenseEngine.head_output",
+        "dapseg.inference.engine:DenseEngine.patch_logits",
+    ),
+    "sam": ("dapseg.inference.splice:encode_image",),
+    "global_affinity": ("dapseg.inference.splice:aggregate_map",),
+    "text": ("dapseg.api:Segmenter.text_embeddings",),
+    "stitching": ("dapseg.api:Segmenter.coarse_logits",),
+    "postprocess": ("dapseg.api:Segmenter.predict",),
+}
+# stage -> an attribute of the Segmenter *instance* that is called per image (closures, not importable).
+INSTANCE_STAGES: dict[str, str] = {"refinement": "refiner"}
+STAGES: tuple[str, ...] = (*FUNCTION_STAGES, *INSTANCE_STAGES)
+
+
+def resolve(path: str) -> tuple[Any, str]:
+    """``module:Owner.attr`` -> (the object holding ``attr``, "attr"); ValueError when it is not there."""
+    module_name, _, qualname = path.partition(":")
+    if not qualname:
+        raise ValueError(f"stage path {path!r} must look like 'package.module:function' or ':Class.method'")
+    try:
+        owner: Any = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"stage path {path!r}: cannot import {module_name} ({e})") from e
+    *parents, attr = qualname.split(".")
+    for name in parents:
+        owner = getattr(owner, name, None)
+        if owner is None:
+            raise ValueError(f"stage path {path!r}: {module_name} has no {qualname}")
+    if not callable(getattr(owner, attr, None)):
+        raise ValueError(f"stage path {path!r}: {module_name}.{qualname} is not a callable")
+    return owner, attr
+
+
+@dataclass
+class _Frame:
+    stage: str
+    children: float = 0.0  # seconds spent in nested timed stages
+
+
+@dataclass
+class StageTimer:
+    """Accumulates exclusive seconds per stage while active (``with timer.active(segmenter): ...``)."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seconds: dict[str, float] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+    unresolved: list[str] = field(default_factory=list)  # table entries that no longer resolve
+    _stack: list[_Frame] = field(default_factory=list)
+
+    def reset(self) -> None:
+        self.seconds = {}
+        self.calls = {}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def wrap(self, stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            self._sync()
+            frame = _Frame(stage)
+            self._stack.append(frame)
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._sync()
+                dt = time.perf_counter() - t0
+                self._stack.pop()
+                self.seconds[stage] = self.seconds.get(stage, 0.0) + dt - frame.children
+                self.calls[stage] = self.calls.get(stage, 0) + 1
+                if self._stack:
+                    self._stack[-1].children += dt
+
+        return timed
+
+    @contextmanager
+    def active(self, segmenter: Any | None = None) -> Iterator[StageTimer]:
+        """Install the wrappers (the table's functions and ``segmenter``'s per-image callables)."""
+        undo: list[Callable[[], None]] = []
+        self.unresolved = []
+        try:
+            for stage, paths in FUNCTION_STAGES.items():
+                for path in paths:
+                    try:
+                        owner, attr = resolve(path)
+                    except ValueError:
+                        self.unresolved.append(path)
+                        continue
+                    undo.append(_patch(owner, attr, self.wrap(stage, getattr(owner, attr))))
+            if segmenter is not None:
+                for stage, attr in INSTANCE_STAGES.items():
+                    fn = getattr(segmenter, attr, None)
+                    if callable(fn):
+                        undo.append(_patch(segmenter, attr, self.wrap(stage, fn)))
+            yield self
+        finally:
+            for restore in reversed(undo):
+                restore()
+
+
+def _patch(owner: Any, attr: str, new: Callable[..., Any]) -> Callable[[], None]:
+    """Set ``owner.attr = new``; the returned function puts back exactly what was there before."""
+    own = vars(owner) if hasattr(owner, "__dict__") else {}
+    had_own = attr in own
+    old = own.get(attr)
+    setattr(owner, attr, new)
+
+    def restore() -> None:
+        if had_own:
+            setattr(owner, attr, old)
+        else:
+            delattr(owner, attr)
+
+    return restore

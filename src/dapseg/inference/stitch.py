@@ -1,0 +1,162 @@
+"""Stitched last-block attention (``inference.mode: stitch``, after OV-Stitcher).
+
+``slide`` runs the whole CLIP per window, so a patch's last-block attention never sees past its
+window. ``stitch`` runs blocks 1..L-1 (and the VFM, for proxy / dap heads) per window, exactly as
+slide does, then:
+
+1. maps every window's tokens to image positions on one token grid of the whole image (the
+   windows' offsets are multiples of the patch size once the image is aligned, see ``align``);
+2. where windows overlap, *averages* the tokens of one position (and the windows' CLS tokens), so
+   the image has one token per position: the last block then attends over the image once, with no
+   duplicated keys that would weigh overlap regions twice, and with a single window the result is
+   exactly ``whole``;
+3. runs the head's last-block attention over all stitched tokens (``stitch_attention``): NACLIP's
+   k-k + neighbourhood attention, or the proxy / DAP affinity of the stitched VFM features, rows in
+   chunks of ``chunk`` so memory grows as heads · chunk · N;
+4. LN_post, proj and the text cosine once, bilinear to the image size.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from dapseg.config import InferenceConfig
+from dapseg.inference.engine import DenseEngine
+from dapseg.inference.preprocess import normalize
+from dapseg.inference.stitch_attention import StitchedTokens, stitched_head_spec
+from dapseg.inference.windows import centred_padding, crop_windows, pad_windows, window_grid
+from dapseg.registry import STRATEGIES
+
+
+class StitchParams(BaseModel):
+    """``inference.params`` of ``mode: stitch``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    chunk: int = Field(default=1024, ge=1)  # attention rows per chunk (memory ∝ heads · chunk · N)
+    align: bool = True  # sides to the nearest multiple of the CLIP patch: windows land exactly on the grid
+
+
+def aligned_size(h: int, w: int, patch: int) -> tuple[int, int]:
+    """Each side rounded to the nearest multiple of ``patch`` (at least one patch).
+
+    With ``crop`` and ``stride`` multiples of the patch too, every window of ``window_grid`` (the
+    last one is shifted back to end at the border) then starts on a token boundary. The aspect ratio
+    changes by at most half a patch per side.
+    """
+    return max(patch, round(h / patch) * patch), max(patch, round(w / patch) * patch)
+
+
+class GridAverage:
+    """Running average of window maps on the image's grid of ``cell``-pixel cells.
+
+    Windows are added one batch at a time, so memory is one image grid, not every window's map.
+    Window (y1, x1, y2, x2) covers cells round(y1 / cell) .. round(y2 / cell) (and the same for x);
+    a map whose size differs from that span (odd sizes without ``align``) is bilinearly resized to it.
+    """
+
+    def __init__(self, image_size: tuple[int, int], cell: float, channels: int, device: torch.device) -> None:
+        h, w = image_size
+        self.cell = cell
+        self.grid = (math.ceil(h / cell), math.ceil(w / cell))
+        self.total = torch.zeros(channels, *self.grid, device=device)  # (C, gh, gw) float32
+        self.count = torch.zeros(1, *self.grid, device=device)
+
+    def add(self, m: Tensor, box: tuple[int, int, int, int]) -> None:
+        """m (C, h, w) covering pixels box = (y1, x1, y2, x2)."""
+        y1, x1, y2, x2 = box
+        gh, gw = self.grid
+        r1, c1 = round(y1 / self.cell), round(x1 / self.cell)
+        r2, c2 = min(gh, max(r1 + 1, round(y2 / self.cell))), min(gw, max(c1 + 1, round(x2 / self.cell)))
+        m = m.float()
+        if m.shape[-2:] != (r2 - r1, c2 - c1):
+            m = F.interpolate(m[None], size=(r2 - r1, c2 - c1), mode="bilinear", align_corners=False)[0]
+        self.total[:, r1:r2, c1:c2] += m
+        self.count[:, r1:r2, c1:c2] += 1
+
+    def mean(self) -> Tensor:
+        """(C, gh, gw); cells no window covers (none for a window grid) stay zero."""
+        return self.total / self.count.clamp(min=1)
+
+
+def _crop_cells(maps: Tensor, padded: int, pad_before: int, size: int) -> tuple[Tensor, float]:
+    """Drop the padding cells of (B, C, gh, gw) maps along rows: the cell size in pixels, cropped maps."""
+    cell = padded / maps.shape[-2]
+    return maps[:, :, round(pad_before / cell) : round((pad_before + size) / cell)], cell
+
+
+def window_tokens(engine: DenseEngine, image01: Tensor, cfg: InferenceConfig, with_vfm: bool) -> StitchedTokens:
+    """Blocks 1..L-1 (and, ``with_vfm``, the VFM) per window, averaged onto the image's token grids."""
+    _, h, w = image01.shape
+    windows = window_grid(h, w, cfg.crop, cfg.stride)
+    wh, ww = windows[0].size
+    left, right, top, bottom = centred_padding(wh, ww, cfg.pad_multiple)
+    ph, pw = wh + top + bottom, ww + left + right
+    clip_grid: GridAverage | None = None
+    vfm_grid: GridAverage | None = None
+    cls_sum: Tensor | None = None
+    for start in range(0, len(windows), cfg.max_batch):
+        batch = windows[start : start + cfg.max_batch]
+        boxes = [(win.y1, win.x1, win.y2, win.x2) for win in batch]
+        crops = pad_windows(crop_windows(image01, batch), (left, right, top, bottom), engine.clip.mean)
+        with engine.autocast():
+            x, (gh, gw) = engine.clip.tokens_before_last_block(normalize(crops, engine.clip.mean, engine.clip.std))
+            feats = engine.vfm(crops).feats if with_vfm else None  # (B, C', h', w')
+        cls = x[:, 0].float().sum(0)  # (D,)
+        cls_sum = cls if cls_sum is None else cls_sum + cls
+        maps = x[:, 1:].float().transpose(1, 2).reshape(len(batch), -1, gh, gw)  # (B, D, gh, gw)
+        maps, cell = _crop_cells(maps, ph, top, wh)
+        maps = _crop_cells(maps.transpose(-1, -2), pw, left, ww)[0].transpose(-1, -2)
+        clip_grid = clip_grid or GridAverage((h, w), cell, maps.shape[1], maps.device)
+        for m, box in zip(maps, boxes, strict=True):
+            clip_grid.add(m, box)
+        if feats is not None:
+            f, vcell = _crop_cells(feats.float(), ph, top, wh)
+            f = _crop_cells(f.transpose(-1, -2), pw, left, ww)[0].transpose(-1, -2)
+            vfm_grid = vfm_grid or GridAverage((h, w), vcell, f.shape[1], f.device)
+            for m, box in zip(f, boxes, strict=True):
+                vfm_grid.add(m, box)
+    assert clip_grid is not None and cls_sum is not None
+    x_map = clip_grid.mean()  # (D, gh, gw) overlaps averaged
+    cls_mean = cls_sum / len(windows)
+    x_img = torch.cat([cls_mean[None], x_map.flatten(1).T], dim=0)  # (1 + N, D)
+    return StitchedTokens(x=x_img, grid=(x_map.shape[-2], x_map.shape[-1]),
+                          vfm_feats=vfm_grid.mean() if vfm_grid is not None else None,  # (C', gh', gw')
+                          image=image01, window_area=wh * ww)
+
+
+def stitch(engine: DenseEngine, image01: Tensor, text: Tensor, cfg: InferenceConfig,
+           params: StitchParams | None = None) -> Tensor:
+    """Stitched last-block attention: (3, H, W) in [0, 1] -> cosine logits (Q, H, W).
+
+    params: the validated ``inference.params`` (the registered strategy passes them; called directly,
+    they are read from ``cfg``)."""
+    p = params or StitchParams(**cfg.params)
+    if engine.plugin is not None:
+        raise ValueError("inference.mode=stitch does not support the FSA plug-in; set fsa.enabled=false "
+                         "or use inference.mode=slide")
+    spec = stitched_head_spec(engine.head)
+    if spec.needs_vfm and engine.vfm is None:
+        raise ValueError(f"head {engine.head.name!r} needs a VFM: configure a `vfm:` section")
+    _, H, W = image01.shape
+    image01 = image01.to(engine.device)
+    h, w = aligned_size(H, W, engine.clip.patch_size) if p.align else (H, W)
+    img = image01 if (h, w) == (H, W) else F.interpolate(
+        image01[None], (h, w), mode="bilinear", align_corners=False)[0]
+    with torch.no_grad():
+        stitched = window_tokens(engine, img, cfg, spec.needs_vfm)
+        with engine.autocast():
+            tokens, grid = spec.fn(engine.head, engine.clip.last_block, stitched, p.chunk)  # (n, D)
+        logits = engine.patch_logits(tokens[None], grid, text)  # (1, Q, gh, gw)
+    return F.interpolate(logits, (H, W), mode="bilinear", align_corners=False)[0]
+
+
+STRATEGIES.register("stitch", params=StitchParams,
+                    description="window tokens averaged onto the image grid, one last-block attention over all")(
+    lambda p: partial(stitch, params=p))

@@ -1,0 +1,157 @@
+"""`dapseg bench` on tiny random-weight models: structure of the report, FLOP counting against a
+matmul count written out by hand, the stage table, JSON output. No timing assertions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from dapseg.bench import FUNCTION_STAGES, STAGES, BenchSettings, StageTimer, count_flops, run_bench
+from dapseg.bench.runner import format_report
+from dapseg.bench.stages import resolve
+from dapseg.cli import main
+from dapseg.config import ClipConfig
+from dapseg.models.clip import build_clip
+
+
+def test_flops_of_linear_and_bmm_match_hand_count() -> None:
+    x = torch.randn(2, 3, 4)
+    w = torch.randn(5, 4)
+    b = torch.randn(2, 5, 6)
+    flops, out = count_flops(lambda: torch.bmm(F.linear(x, w), b))
+    assert out.shape == (2, 3, 6)
+    # linear: 2·(2·3)·4·5 multiply-adds counted as 2 FLOPs each; bmm: 2·2·3·5·6
+    assert flops == 2 * 6 * 4 * 5 + 2 * 2 * 3 * 5 * 6
+
+
+def test_flops_of_fused_attention_match_hand_count() -> None:
+    q, k, v = torch.randn(2, 3, 10, 8), torch.randn(2, 3, 12, 8), torch.randn(2, 3, 12, 4)
+    flops, out = count_flops(lambda: F.scaled_dot_product_attention(q, k, v))
+    assert out.shape == (2, 3, 10, 4)
+    assert flops == 2 * 2 * 3 * 10 * 12 * 8 + 2 * 2 * 3 * 10 * 12 * 4  # q·kᵀ + attn·v, 2 batches × 3 heads
+
+
+def test_flops_of_tiny_clip_blocks_match_hand_count() -> None:
+    clip = build_clip(ClipConfig(), random_weights=True, tiny=True)
+    # tiny vision tower: width D = 64, 2 layers (1 run before the last block), 4 heads of 16,
+    # MLP 2·D, patch 16. A 32 × 48 image: 2 × 3 = 6 patches, T = 7 tokens with CLS.
+    d, t, n, mlp, patch_in = 64, 7, 6, 128, 3 * 16 * 16
+    images = torch.randn(1, 3, 32, 48)
+    flops, (x, grid) = count_flops(lambda: clip.tokens_before_last_block(images))
+    assert grid == (2, 3) and x.shape == (1, t, d)
+    conv = 2 * n * patch_in * d
+    qkv = 2 * t * d * 3 * d
+    scores_and_mix = 2 * (2 * t * t * d)  # q·kᵀ and attn·v over all heads: 2·T·T·(heads·16) each
+    out_proj = 2 * t * d * d
+    ffn = 2 * t * d * mlp + 2 * t * mlp * d
+    assert flops == conv + qkv + scores_and_mix + out_proj + ffn
+
+
+def test_every_stage_path_resolves() -> None:
+    """A module move must update FUNCTION_STAGES (the bench would otherwise lose a stage)."""
+    for paths in FUNCTION_STAGES.values():
+        for path in paths:
+            owner, attr = resolve(path)
+            assert callable(getattr(owner, attr))
+
+
+def test_bad_stage_path_is_named() -> None:
+    with pytest.raises(ValueError, match=r"dapseg\.nowhere"):
+        resolve("dapseg.nowhere:f")
+    with pytest.raises(ValueError, match="NoSuchClass"):
+        resolve("dapseg.api:NoSuchClass.predict")
+
+
+def test_stage_timer_is_exclusive_and_restores_the_functions() -> None:
+    import dapseg.api
+    from dapseg.models.clip import DenseClip
+
+    before = (DenseClip.__dict__["tokens_before_last_block"], dapseg.api.Segmenter.__dict__["predict"])
+    timer = StageTimer()
+    # a stage called inside another: the inner call's time goes to the inner stage only
+    outer = timer.wrap("stitching", lambda f: f())
+    inner = timer.wrap("head", lambda: sum(range(10000)))
+    with timer.active():
+        assert DenseClip.__dict__["tokens_before_last_block"] is not before[0]
+        outer(inner)
+    assert (DenseClip.__dict__["tokens_before_last_block"], dapseg.api.Segmenter.__dict__["predict"]) == before
+    assert timer.calls == {"stitching": 1, "head": 1}
+    assert timer.seconds["head"] >= 0 and timer.seconds["stitching"] >= 0
+    assert timer.unresolved == []
+
+
+@pytest.fixture(scope="module")
+def tiny_report() -> dict:
+    image = (np.random.default_rng(0).random((48, 80, 3)) * 255).astype(np.uint8)
+    settings = BenchSettings(
+        device="cpu", random_weights=True, tiny=True, warmup=1, repeats=2,
+        overrides={"inference.short_side": 64, "inference.crop": 64, "inference.stride": 32,
+                   "inference.pad_multiple": 32},
+    )
+    return run_bench(["proxyclip", "naclip"], image, ["cat", "sky", "grass"], settings, probe_size=128)
+
+
+def test_report_has_a_row_per_preset_with_params_flops_and_stages(tiny_report: dict) -> None:
+    rows = {r["preset"]: r for r in tiny_report["presets"]}
+    assert set(rows) == {"proxyclip", "naclip"}
+    assert tiny_report["probe"]["gflops_per_s"] > 0
+    assert tiny_report["machine"]["torch"] == torch.__version__
+    proxy, naclip = rows["proxyclip"], rows["naclip"]
+    assert set(proxy["params"]) == {"clip", "vfm"} and set(naclip["params"]) == {"clip"}
+    assert proxy["params"]["clip"] == naclip["params"]["clip"]  # the same tiny CLIP
+    # 64 × 107 after the short-side resize: windows of 64 at stride 32 -> 1 row × 3 columns
+    assert proxy["windows"] == naclip["windows"] == 3
+    # the proxy preset runs a VFM on top of the same CLIP: strictly more matmul work
+    assert proxy["gflops"] > naclip["gflops"] > 0
+    for r in rows.values():
+        assert set(r["stages_s"]) <= set(STAGES)
+        assert {"clip_blocks", "head", "stitching", "postprocess"} <= set(r["stages_s"])
+        assert len(r["seconds"]) == 3 and r["seconds"]["min"] <= r["seconds"]["median"] <= r["seconds"]["max"]
+        # exclusive stage times add up to at most the wall time of the prediction they partition
+        assert sum(r["stages_s"].values()) <= r["seconds"]["max"] * 1.001
+        assert r["one_at_a_time"] is not None and r["peak_memory_mib"] > 0
+        assert r["stage_paths_unresolved"] == []
+        assert r["probe_gflops_per_s"] > 0 and r["cpu_seconds"]["median"] > 0
+        assert r["fraction_of_probe"] == pytest.approx(r["gflops"] / r["seconds"]["median"] / r["probe_gflops_per_s"])
+    assert "vfm" in proxy["stages_s"] and "vfm" not in naclip["stages_s"]
+
+
+def test_report_formats_as_a_table(tiny_report: dict) -> None:
+    text = format_report(tiny_report)
+    assert "matmul probe" in text
+    for preset in ("proxyclip", "naclip"):
+        assert sum(line.startswith(preset) for line in text.splitlines()) == 2  # main table + stages
+
+
+def test_cli_writes_json_atomically(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    img = tmp_path / "img.png"
+    Image.fromarray((np.random.default_rng(1).random((40, 60, 3)) * 255).astype(np.uint8)).save(img)
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--preset", "naclip", "--random-weights", "--tiny", "--image", str(img),
+               "--classes", "cat, dog", "--repeats", "1", "--warmup", "0", "--probe-size", "64",
+               "--set", "inference.short_side=48", "--json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert [r["preset"] for r in report["presets"]] == ["naclip"]
+    assert report["presets"][0]["classes"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "img.png"]  # no temporary left
+    assert "naclip" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--preset", "naclip", "--tiny"], "--tiny needs --random-weights"),
+        (["--preset", "no-such-preset", "--random-weights", "--tiny"], "no-such-preset"),
+        (["--preset", "naclip", "--random-weights", "--tiny", "--repeats", "0"], "repeats"),
+    ],
+)
+def test_cli_bad_input_is_named(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", *argv]) == 2
+    assert message in capsys.readouterr().err
