@@ -12,6 +12,7 @@ patches, M tokens the attention runs over (N or 1 + N with CLS, or N' = h'·w' V
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,7 +130,7 @@ def register_head(cls: type[Head]) -> type[Head]:
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
     params = getattr(cls, "Params", None)
-    doc = (cls.__doc__ or "").strip().splitlines()
+    doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()  # class, else module
     HEADS.register(cls.name, params=params, needs=cls.declared_needs, description=doc[0] if doc else "")(cls)
     return cls
 
