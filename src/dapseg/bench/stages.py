@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from dapseg.bench.probe import synchronize
+
 # stage -> the functions whose (exclusive) time is that stage's, in the order of the table printed.
 FUNCTION_STAGES: dict[str, tuple[str, ...]] = {
     "clip_blocks": ("dapseg.models.clip:DenseClip.tokens_before_last_block",),
@@ -81,21 +83,17 @@ class StageTimer:
         self.seconds = {}
         self.calls = {}
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def wrap(self, stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def timed(*args: Any, **kwargs: Any) -> Any:
-            self._sync()
+            synchronize(self.device)
             frame = _Frame(stage)
             self._stack.append(frame)
             t0 = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self._sync()
+                synchronize(self.device)
                 dt = time.perf_counter() - t0
                 self._stack.pop()
                 self.seconds[stage] = self.seconds.get(stage, 0.0) + dt - frame.children
