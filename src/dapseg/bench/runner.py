@@ -87,7 +87,7 @@ def peak_memory_mib(device: torch.device) -> float:
 def count_params(module: torch.nn.Module | None) -> int:
     if module is None:
         return 0
-    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+    return sum(p.numel() for p in module.parameters())  # parameters() yields a shared tensor once
 
 
 def model_params(segmenter: Any) -> dict[str, int]:
@@ -199,6 +199,11 @@ def bench_preset(
 
     median = statistics.median(times)
     probe_gflops = statistics.median(probes) if probes else None
+    gflops = flops / 1e9 if flops is not None else None
+
+    def fraction(seconds: float) -> float | None:
+        return gflops / seconds / probe_gflops if gflops is not None and probe_gflops else None
+
     stages = {
         name: statistics.median(run.get(name, 0.0) for run in stage_runs)
         for name in dict.fromkeys(k for run in stage_runs for k in run)
@@ -213,10 +218,10 @@ def bench_preset(
         "seconds": _spread(times),
         "cpu_seconds": _spread(cpu_times),
         "images_per_s": 1.0 / median,
-        "gflops": flops / 1e9 if flops is not None else None,
-        "achieved_gflops_per_s": flops / 1e9 / median if flops is not None else None,
+        "gflops": gflops,
+        "achieved_gflops_per_s": gflops / median if gflops is not None else None,
         "probe_gflops_per_s": probe_gflops,
-        "fraction_of_probe": (flops / 1e9 / median / probe_gflops) if flops is not None and probe_gflops else None,
+        "fraction_of_probe": fraction(median),
         "peak_memory_mib": peak,
         "peak_memory_kind": ("max_memory_allocated" if device.type == "cuda" else "peak RSS")
         + ("" if reset_ok else " (whole process, incl. build)"),
@@ -229,13 +234,12 @@ def bench_preset(
         row["one_at_a_time"] = {
             "seconds": _spread(one_times),
             "images_per_s": 1.0 / m1,
-            "fraction_of_probe": (flops / 1e9 / m1 / probe_gflops) if flops is not None and probe_gflops else None,
+            "fraction_of_probe": fraction(m1),
         }
     return row
 
 
-def machine_info(device: str | torch.device | None) -> dict[str, Any]:
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def machine_info(dev: torch.device) -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
