@@ -113,11 +113,15 @@ def n_windows(segmenter: Any, image: np.ndarray) -> int:
     h, w = short_side_size(h, w, cfg.short_side) if cfg.short_side else (h, w)
     if cfg.mode == "whole":
         return 1
-    if cfg.mode == "splice":
-        from dapseg.inference.splice import splice_size
+    if cfg.params.get("align", True):  # the size splice and stitch resize to before cutting windows
+        if cfg.mode == "splice":
+            from dapseg.inference.splice import splice_size
 
-        if cfg.params.get("align", True):
             h, w = splice_size(h, w, segmenter.clip.patch_size, cfg.crop)
+        elif cfg.mode == "stitch":
+            from dapseg.inference.stitch import aligned_size
+
+            h, w = aligned_size(h, w, segmenter.clip.patch_size)
     return len(window_grid(h, w, cfg.crop, cfg.stride))
 
 
