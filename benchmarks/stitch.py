@@ -40,51 +40,28 @@ SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def reset_peak(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    elif Path("/proc/self/clear_refs").exists():
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def read_peak(device: str) -> float:
-    """Peak memory in MiB since ``reset_peak``."""
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() / 2**20
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def run_one(name: str, device: str, repeats: int) -> dict[str, Any]:
     from skimage import data
 
     from dapseg import Segmenter
+    from dapseg.bench.probe import synchronize
+    from dapseg.bench.runner import peak_memory_mib, reset_peak_memory
 
     preset, overrides = SETTINGS[name]
     seg = Segmenter.from_preset(preset, random_weights=True, device=device, overrides=overrides)
     image = data.coffee()
     seg.predict(image, CLASSES)  # warm-up (text embeddings, kernels)
-    reset_peak(device)
+    synchronize(seg.device)
+    reset_peak_memory(seg.device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         seg.predict(image, CLASSES)
-        if device.startswith("cuda"):
-            import torch
-
-            torch.cuda.synchronize()
+        synchronize(seg.device)
         times.append(time.perf_counter() - start)
     inf = seg.config.inference
     return {"setting": name, "mode": inf.mode, "crop": inf.crop, "stride": inf.stride, "short_side": inf.short_side,
-            "s_per_image": statistics.median(times), "peak_MiB": read_peak(device)}
+            "s_per_image": statistics.median(times), "peak_MiB": peak_memory_mib(seg.device)}
 
 
 def main() -> None:
