@@ -23,8 +23,7 @@ from skimage import data  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 from dapseg import Segmenter  # noqa: E402
-
-CLASSES = ["cat", "wall", "floor", "blanket", "sofa", "plant", "window", "door"]
+from dapseg.bench.runner import DEFAULT_CLASSES as CLASSES  # noqa: E402
 
 
 def main() -> None:

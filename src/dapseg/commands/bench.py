@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     if args.tiny and not args.random_weights:
         raise ValueError("--tiny needs --random-weights")
     presets = args.presets or DEFAULT_PRESETS
-    unknown = [p for p in presets if p not in list_presets()]
+    known = set(list_presets())
+    unknown = [p for p in presets if p not in known]
     if unknown:
         raise ValueError(f"unknown preset(s) {', '.join(unknown)}; `dapseg presets` lists them")
     if args.threads is not None:
@@ -73,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.classes:
         classes = ClassSet.parse(args.classes)
     else:
-        classes = ClassSet.from_list(list(DEFAULT_CLASSES))
+        classes = DEFAULT_CLASSES  # run_bench coerces
     settings = BenchSettings(
         device=args.device,
         random_weights=args.random_weights,
