@@ -93,10 +93,10 @@ def direct_segmenter(preset: str, overrides: dict, device: str | None):
     from dapseg.config import load_preset
     from dapseg.registry import STRATEGIES
 
-    params = load_preset(preset, overrides).inference.params
-    cfg = load_preset(preset, {**overrides, "vfm": None, "sam": None, "head.name": "naclip",
-                               "head.params": {"sigma": 5.0}, "refine.name": "none",
-                               "inference.params": {**params, "kind": "none"}})
+    base = load_preset(preset, overrides)
+    params = base.inference.params
+    cfg = base.with_overrides({"vfm": None, "sam": None, "head.name": "naclip", "head.params": {"sigma": 5.0},
+                               "refine.name": "none", "inference.params": {**params, "kind": "none"}})
     seg = Segmenter(cfg, random_weights=True, device=device)
     sam = sam_model_registry["vit_b"](checkpoint=None).eval().to(seg.device).requires_grad_(False)
     seg.strategy = STRATEGIES.build("splice", params, sam_encoder=sam)  # the preset's affinity, this SAM
