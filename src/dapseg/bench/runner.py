@@ -10,7 +10,6 @@ The stage breakdown comes from the batched repeats (medians per stage).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import platform
 import resource
@@ -295,13 +294,6 @@ def run_bench(
         "probe": probe_before,
         "presets": rows,
     }
-
-
-def write_json_atomic(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write ``report`` as JSON to ``path`` via a temporary file and a rename (never half a file)."""
-    from dapseg.files import atomic_write_text
-
-    return atomic_write_text(path, json.dumps(report, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------- table

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import torch
 
@@ -54,8 +55,9 @@ def load_bench_image(path: str | None):  # -> np.ndarray (H, W, 3) uint8
 
 
 def run(args: argparse.Namespace) -> int:
-    from dapseg.bench.runner import DEFAULT_CLASSES, BenchSettings, format_report, run_bench, write_json_atomic
+    from dapseg.bench.runner import DEFAULT_CLASSES, BenchSettings, format_report, run_bench
     from dapseg.config import list_presets
+    from dapseg.files import atomic_write_text
     from dapseg.text import ClassSet
 
     if args.tiny and not args.random_weights:
@@ -90,5 +92,6 @@ def run(args: argparse.Namespace) -> int:
     report = run_bench(presets, image, classes, settings, probe_size=args.probe_size)
     print(format_report(report))
     if args.json:
-        print(f"report written to {write_json_atomic(report, args.json)}")
+        path = atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
+        print(f"report written to {path}")
     return 0
