@@ -158,3 +158,15 @@ def test_cli_writes_json_atomically(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_cli_bad_input_is_named(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_stitch_window_count_uses_the_aligned_size() -> None:
+    from dapseg.api import Segmenter
+    from dapseg.bench.runner import n_windows
+
+    seg = Segmenter.from_preset("naclip-stitch", random_weights=True, tiny=True, device="cpu",
+                                overrides={"inference.short_side": 70, "inference.crop": 32, "inference.stride": 16})
+    image = np.zeros((70, 105, 3), np.uint8)
+    # 70 x 105 aligned to the 16-px patch: 64 x 112 -> (64-32)/16+1 = 3 rows, (112-32)/16+1 = 6 columns
+    # (unaligned it would be 4 x 6 = 24)
+    assert n_windows(seg, image) == 18
