@@ -312,14 +312,14 @@ def _derived_presets(raw: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]
     stitch: the stitched last block takes no plug-in)."""
     derived = {}
     for name in raw:
-        stitched = _resolve(name, raw).get("inference", {}).get("mode") == "stitch"
-        if not name.endswith("-fsa") and f"{name}-fsa" not in raw and not stitched:
-            description = f"{raw[name].get('description', name)} + FSA feedback attention"
-            plugins = _resolve(name, raw).get("plugins") or []
-            if any(p.get("name") == "fsa" for p in plugins):
-                continue
-            derived[f"{name}-fsa"] = {"base": name, "plugins": [*plugins, {"name": "fsa"}],
-                                      "description": description}
+        if name.endswith("-fsa") or f"{name}-fsa" in raw:
+            continue
+        resolved = _resolve(name, raw)
+        plugins = resolved.get("plugins") or []
+        if resolved.get("inference", {}).get("mode") == "stitch" or any(p.get("name") == "fsa" for p in plugins):
+            continue
+        description = f"{raw[name].get('description', name)} + FSA feedback attention"
+        derived[f"{name}-fsa"] = {"base": name, "plugins": [*plugins, {"name": "fsa"}], "description": description}
     return derived
 
 
