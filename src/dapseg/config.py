@@ -8,6 +8,7 @@ are dotted keys (``inference.stride=112``) or, where unambiguous, bare field nam
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
@@ -330,6 +331,17 @@ def _all_raw() -> dict[str, dict[str, Any]]:
 
 def list_presets() -> list[str]:
     return sorted(_all_raw())
+
+
+def default_preset(presets: Sequence[str] | None = None) -> str:
+    """`dap` when it exists (the headline method), else `naclip`, else the first preset."""
+    presets = list(list_presets() if presets is None else presets)
+    for name in ("dap", "naclip"):
+        if name in presets:
+            return name
+    if not presets:
+        raise ValueError("no presets found under dapseg/configs/presets")
+    return presets[0]
 
 
 def load_preset(name: str, overrides: dict[str, Any] | None = None) -> SegmenterConfig:
