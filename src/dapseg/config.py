@@ -186,8 +186,8 @@ def _resolve_key(data: dict[str, Any], key: str) -> list[str]:
     if len(hits) == 1:
         return hits[0]
     if not hits:
-        # A head / refiner parameter that has its default only in the Params model is not in
-        # the dump; let the head's params take it so validation names it if it is wrong.
+        # Every component's params are in the dump with their defaults (``Registry.validate``),
+        # so a bare name found nowhere is not a setting of this config.
         raise KeyError(f"unknown setting {key!r}; use a dotted key such as head.params.{key}")
     raise KeyError(f"setting {key!r} is ambiguous: {', '.join('.'.join(h) for h in hits)}")
 
