@@ -144,13 +144,12 @@ def test_head_needs_are_declared_honestly(name, sam):
 @pytest.fixture(scope="module")
 def engine():
     from dapseg.config import ClipConfig
-    from dapseg.heads.base import build_head
     from dapseg.inference.engine import DenseEngine
     from dapseg.models.clip import build_clip
 
     torch.manual_seed(0)
     clip = build_clip(ClipConfig(), random_weights=True, tiny=True)
-    return DenseEngine(clip, build_head("naclip"))  # a head every strategy supports
+    return DenseEngine(clip, HEADS.build("naclip"))  # a head every strategy supports
 
 
 @pytest.mark.parametrize("name", STRATEGIES.names())

@@ -14,7 +14,6 @@ from PIL import Image
 
 from dapseg.bundle import ModelBundle
 from dapseg.config import SegmenterConfig, load_preset
-from dapseg.heads.base import build_head
 from dapseg.images import load_image
 from dapseg.inference.engine import DenseEngine, HeadPlugin
 from dapseg.inference.preprocess import resize_image, short_side_size, to_tensor01
@@ -58,20 +57,14 @@ class Segmenter:
                 torch.manual_seed(0)
             self.models = ModelBundle.build(config, device=self.device, random_weights=random_weights,
                                             tiny=tiny, cache_dir=cache_dir, reuse=models)
-            head_needs = self._needs(HEADS, "head", config.head.name, config.head.params)
-            self.head = build_head(config.head.name, config.head.params,
-                                   **self.models.provide(head_needs, config)).to(self.device)
+            head, head_needs = self._build(HEADS, config.head.name, config.head.params)
+            self.head = head.to(self.device)
             plugin, plugin_needs = self._build_plugin()
-            strategy_needs = self._needs(STRATEGIES, "inference mode", config.inference.mode,
-                                         config.inference.params)
-            self.strategy = STRATEGIES.build(config.inference.mode, config.inference.params,
-                                             **self.models.provide(strategy_needs, config))
-            self.strategy_needs = strategy_needs
+            self.strategy, self.strategy_needs = self._build(STRATEGIES, config.inference.mode,
+                                                             config.inference.params)
             self.refiner: Refiner | None = None
             if config.refine.name != REFINERS.none_name:
-                refine_needs = self._needs(REFINERS, "refiner", config.refine.name, config.refine.params)
-                self.refiner = REFINERS.build(config.refine.name, config.refine.params,
-                                              **self.models.provide(refine_needs, config))
+                self.refiner, _ = self._build(REFINERS, config.refine.name, config.refine.params)
         self.engine = DenseEngine(self.clip, self.head, self.vfm, plugin, needs=head_needs | plugin_needs)
         self.text = models.get("text") or TextEmbedder(
             self.clip.encode_text,
@@ -93,17 +86,18 @@ class Segmenter:
     def sam(self) -> torch.nn.Module | None:
         return self.models.sam
 
-    def _needs(self, registry: Registry[Any], kind: str, name: str, params: dict[str, Any]) -> frozenset[Need]:
-        """The declared needs of component ``name``, checked against the models the config names."""
-        needs = registry.get(name).needs_for(params)
-        self.models.check(needs, f"{kind} {name!r}", self.config)
-        return needs
+    def _build(self, registry: Registry[Any], name: str, params: dict[str, Any]) -> tuple[Any, frozenset[Need]]:
+        """Component ``name`` of ``registry`` built with the models it declared, and its needs
+        (checked first against the models the config names)."""
+        entry = registry.get(name)
+        needs = entry.needs_for(params)
+        self.models.check(needs, f"{registry.kind} {name!r}", self.config)
+        return entry.build(params, **self.models.provide(needs, self.config)), needs
 
     def _build_plugin(self) -> tuple[HeadPlugin | None, frozenset[Need]]:
         """The configured head plug-in (at most one, see ``SegmenterConfig``) and its needs."""
         for p in self.config.plugins:
-            needs = self._needs(PLUGINS, "plug-in", p.name, p.params)
-            return PLUGINS.build(p.name, p.params, **self.models.provide(needs, self.config)), needs
+            return self._build(PLUGINS, p.name, p.params)
         return None, frozenset()
 
     # ------------------------------------------------------------------ construction

@@ -8,6 +8,7 @@ are dotted keys (``inference.stride=112``) or, where unambiguous, bare field nam
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
@@ -185,8 +186,8 @@ def _resolve_key(data: dict[str, Any], key: str) -> list[str]:
     if len(hits) == 1:
         return hits[0]
     if not hits:
-        # A head / refiner parameter that has its default only in the Params model is not in
-        # the dump; let the head's params take it so validation names it if it is wrong.
+        # Every component's params are in the dump with their defaults (``Registry.validate``),
+        # so a bare name found nowhere is not a setting of this config.
         raise KeyError(f"unknown setting {key!r}; use a dotted key such as head.params.{key}")
     raise KeyError(f"setting {key!r} is ambiguous: {', '.join('.'.join(h) for h in hits)}")
 
@@ -312,14 +313,14 @@ def _derived_presets(raw: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]
     stitch: the stitched last block takes no plug-in)."""
     derived = {}
     for name in raw:
-        stitched = _resolve(name, raw).get("inference", {}).get("mode") == "stitch"
-        if not name.endswith("-fsa") and f"{name}-fsa" not in raw and not stitched:
-            description = f"{raw[name].get('description', name)} + FSA feedback attention"
-            plugins = _resolve(name, raw).get("plugins") or []
-            if any(p.get("name") == "fsa" for p in plugins):
-                continue
-            derived[f"{name}-fsa"] = {"base": name, "plugins": [*plugins, {"name": "fsa"}],
-                                      "description": description}
+        if name.endswith("-fsa") or f"{name}-fsa" in raw:
+            continue
+        resolved = _resolve(name, raw)
+        plugins = resolved.get("plugins") or []
+        if resolved.get("inference", {}).get("mode") == "stitch" or any(p.get("name") == "fsa" for p in plugins):
+            continue
+        description = f"{raw[name].get('description', name)} + FSA feedback attention"
+        derived[f"{name}-fsa"] = {"base": name, "plugins": [*plugins, {"name": "fsa"}], "description": description}
     return derived
 
 
@@ -330,6 +331,17 @@ def _all_raw() -> dict[str, dict[str, Any]]:
 
 def list_presets() -> list[str]:
     return sorted(_all_raw())
+
+
+def default_preset(presets: Sequence[str] | None = None) -> str:
+    """`dap` when it exists (the headline method), else `naclip`, else the first preset."""
+    presets = list(list_presets() if presets is None else presets)
+    for name in ("dap", "naclip"):
+        if name in presets:
+            return name
+    if not presets:
+        raise ValueError("no presets found under dapseg/configs/presets")
+    return presets[0]
 
 
 def load_preset(name: str, overrides: dict[str, Any] | None = None) -> SegmenterConfig:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from dapseg.commands.common import add_model_args, config_from_args
-from dapseg.config import SegmenterConfig, list_presets, load_preset
+from dapseg.config import SegmenterConfig, default_preset, list_presets, load_preset
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -40,7 +40,7 @@ def weights_for(config: SegmenterConfig, initial: SegmenterConfig) -> SegmenterC
 def make_catalog(args: argparse.Namespace) -> Any:
     """Every preset, plus a --config file as its own entry; the command line's --set/--fsa and
     weight files apply to the starting entry (weight files also to presets of the same models)."""
-    from dapseg.demo import Catalog, default_preset
+    from dapseg.demo import Catalog
 
     names = list_presets()
     if args.config:

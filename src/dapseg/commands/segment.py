@@ -13,11 +13,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dapseg.commands.common import add_model_args, build_segmenter
+from dapseg.config import default_preset
 from dapseg.text import ClassSet
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
-DEFAULT_PRESET = "dap"
-FALLBACK_PRESET = "naclip"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -79,12 +78,6 @@ def check_writable(out: Path) -> None:
             raise PermissionError(errno.EACCES, f"cannot create folders in {existing}")
     except OSError as e:
         raise PermissionError(f"output directory {out} is not writable: {e.strerror or e}") from e
-
-
-def default_preset() -> str:
-    from dapseg.config import list_presets
-
-    return DEFAULT_PRESET if DEFAULT_PRESET in list_presets() else FALLBACK_PRESET
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,5 +1,5 @@
 """The web demo: ``backend`` (requests, knobs and views, no UI code) and ``app`` (the Gradio page)."""
 
-from dapseg.demo.app import Catalog, build_app, default_preset, serve
+from dapseg.demo.app import Catalog, build_app, serve
 
-__all__ = ["Catalog", "build_app", "default_preset", "serve"]
+__all__ = ["Catalog", "build_app", "serve"]

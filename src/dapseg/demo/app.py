@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dapseg.config import SegmenterConfig, list_presets
+from dapseg.config import SegmenterConfig
 from dapseg.demo.backend import (
     DemoSession,
     HeatmapState,
@@ -36,17 +36,6 @@ GENERIC_CLASSES = "person, sky, tree, grass, building, road"
 CSS = """
 .dapseg-legend td, .dapseg-legend th { padding: 2px 8px; }
 """
-
-
-def default_preset(presets: Sequence[str] | None = None) -> str:
-    """`dap` when it exists (the headline method), else `naclip`, else the first preset."""
-    presets = list(list_presets() if presets is None else presets)
-    for name in ("dap", "naclip"):
-        if name in presets:
-            return name
-    if not presets:
-        raise ValueError("no presets found under dapseg/configs/presets")
-    return presets[0]
 
 
 @dataclass
