@@ -155,7 +155,7 @@ def build_with_weights(
         extras = load_into(spec, module, path)
     elif family.init_random is not None:
         family.init_random(module)
-    model = family.wrap(spec, module, tiny, window_size)
+    model = family.wrap(spec, module, window_size)
     model.checkpoint_extras = extras
     return model
 
