@@ -208,10 +208,9 @@ def _quiet_logging() -> Iterator[None]:
         logging.disable(previous)
 
 
-def _load_clip_weights(model: nn.Module, path: Path, state: dict[str, torch.Tensor] | None = None) -> None:
-    """Load an OpenAI ``.pt`` (TorchScript) or an open_clip ``.bin`` / ``.safetensors`` state dict
-    (``state``: the file's tensors, already read with ``load_state_dict_file``)."""
-    state = load_state_dict_file(path) if state is None else state
+def _load_clip_weights(model: nn.Module, path: Path, state: dict[str, torch.Tensor]) -> None:
+    """Load ``state``, the tensors of the OpenAI ``.pt`` (TorchScript) or open_clip ``.bin`` /
+    ``.safetensors`` file ``path`` as read by ``load_state_dict_file`` (``path`` names it in errors)."""
     for key in ("input_resolution", "context_length", "vocab_size"):  # OpenAI archive metadata
         state.pop(key, None)
     state = open_clip.factory.convert_state_dict(model, state)

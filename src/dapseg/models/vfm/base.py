@@ -69,7 +69,7 @@ class VfmSpec:
 class VisionFoundationModel(nn.Module):
     """Base class: normalisation, resizing, input checks. Subclasses implement ``_encode``."""
 
-    def __init__(self, spec: VfmSpec, *, embed_dim: int, num_heads: int, tiny: bool) -> None:
+    def __init__(self, spec: VfmSpec, *, embed_dim: int, num_heads: int) -> None:
         super().__init__()
         self.spec = spec
         self.name = spec.name
@@ -77,7 +77,6 @@ class VisionFoundationModel(nn.Module):
         self.patch_size = spec.patch_size
         self.embed_dim = embed_dim  # C of ``feats``
         self.num_heads = num_heads  # heads of ``attn``
-        self.tiny = tiny
         self.checkpoint_extras: dict[str, torch.Tensor] = {}  # see VfmFamily.checkpoint_extras
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -129,7 +128,7 @@ class VfmFamily:
     specs: tuple[VfmSpec, ...]
     make_module: Callable[[VfmSpec, bool], nn.Module]  # (spec, tiny) -> random-init architecture
     filter_checkpoint: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]
-    wrap: Callable[[VfmSpec, nn.Module, bool, int], VisionFoundationModel]  # (spec, module, tiny, window)
+    wrap: Callable[[VfmSpec, nn.Module, int], VisionFoundationModel]  # (spec, module, window size)
     init_random: Callable[[nn.Module], None] | None = None  # extra init for random weights
     weights_from_url: bool = False  # True: ``spec.hub`` is a URL; False: a timm hub tag
     # Tensors of the weights file kept beside the module (``VisionFoundationModel.checkpoint_extras``),

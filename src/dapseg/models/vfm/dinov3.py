@@ -60,8 +60,8 @@ def eva_attn_logits(
 class Dinov3Vfm(VisionFoundationModel):
     """DINOv3 over a timm ``Eva`` (``self.eva``)."""
 
-    def __init__(self, spec: VfmSpec, eva: torch.nn.Module, *, tiny: bool) -> None:
-        super().__init__(spec, embed_dim=eva.embed_dim, num_heads=eva.blocks[-1].attn.num_heads, tiny=tiny)
+    def __init__(self, spec: VfmSpec, eva: torch.nn.Module) -> None:
+        super().__init__(spec, embed_dim=eva.embed_dim, num_heads=eva.blocks[-1].attn.num_heads)
         self.eva = eva
 
     def tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int]]:
@@ -104,5 +104,5 @@ def eva_checkpoint_filter(sd: dict[str, torch.Tensor], module: nn.Module) -> dic
 
 
 FAMILY = VfmFamily("dinov3", SPECS, make_eva, eva_checkpoint_filter,
-                   lambda spec, module, tiny, window_size: Dinov3Vfm(spec, module, tiny=tiny))
+                   lambda spec, module, window_size: Dinov3Vfm(spec, module))
 VFM_FAMILIES.register("dinov3", description="DINOv3 ViT (RoPE, beyond the reference)")(lambda: FAMILY)

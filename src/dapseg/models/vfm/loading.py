@@ -115,33 +115,20 @@ def _download_url(url: str, dest: Path) -> Path:
     return atomic_write(dest, lambda tmp: torch.hub.download_url_to_file(url, str(tmp), progress=True))
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint file, read safely (``dapseg.weights.load_state_dict_file``)."""
-    return W.load_state_dict_file(path)
-
-
-def convert_state_dict(
-    spec: VfmSpec, module: nn.Module, sd: dict[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Official (or timm hub) keys -> the keys of ``module``: the family's checkpoint filter."""
-    return family_of(spec).filter_checkpoint(sd, module)
-
-
 def load_into(spec: VfmSpec, module: nn.Module, path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load the checkpoint ``path`` into ``module`` strictly; ValueError names the file and keys.
 
     Returns the tensors the family keeps beside the module (``VfmFamily.checkpoint_extras``)."""
-    raw = read_state_dict(path)
-    sd = convert_state_dict(spec, module, raw)
-    missing, unexpected = module.load_state_dict(sd, strict=False)
+    raw = W.load_state_dict_file(path)
+    family = family_of(spec)
+    missing, unexpected = module.load_state_dict(family.filter_checkpoint(raw, module), strict=False)
     if missing or unexpected:
         raise ValueError(
             f"VFM weights file {path} does not fit {spec.name}: missing keys {missing[:12]}"
             f"{' ...' if len(missing) > 12 else ''}, unexpected keys {unexpected[:12]}"
             f"{' ...' if len(unexpected) > 12 else ''}"
         )
-    extras = family_of(spec).checkpoint_extras
-    return extras(raw) if extras is not None else {}
+    return family.checkpoint_extras(raw) if family.checkpoint_extras is not None else {}
 
 
 def build_with_weights(
@@ -168,7 +155,7 @@ def build_with_weights(
         extras = load_into(spec, module, path)
     elif family.init_random is not None:
         family.init_random(module)
-    model = family.wrap(spec, module, tiny, window_size)
+    model = family.wrap(spec, module, window_size)
     model.checkpoint_extras = extras
     return model
 
@@ -214,6 +201,5 @@ __all__ = [
     "fetch_weights",
     "how_to_get",
     "list_vfms",
-    "read_state_dict",
     "vfm_spec",
 ]

@@ -18,11 +18,11 @@ SPECS = specs_from("mae", [
 ])
 
 
-def wrap_mae(spec: VfmSpec, module: nn.Module, tiny: bool, window_size: int) -> VisionFoundationModel:
+def wrap_mae(spec: VfmSpec, module: nn.Module, window_size: int) -> VisionFoundationModel:
     """Built at the window size: the (checkpoint's) position grid is resized once, MAE-style."""
     grid = window_size // spec.patch_size
     module.pos_embed = nn.Parameter(resize_pos_embed_mae(module.pos_embed.data, module.num_prefix_tokens, grid))
-    return wrap_vit(spec, module, tiny, window_size)
+    return wrap_vit(spec, module, window_size)
 
 
 FAMILY = VfmFamily("mae", SPECS, make_timm_vit, vit_checkpoint_filter, wrap_mae)

@@ -57,12 +57,11 @@ def sam_attn_logits(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, to
 class SamVfm(VisionFoundationModel):
     """SAM image encoder (``self.encoder``); every input is resized to 1024×1024."""
 
-    def __init__(self, spec: VfmSpec, encoder: ImageEncoderViT, *, tiny: bool) -> None:
+    def __init__(self, spec: VfmSpec, encoder: ImageEncoderViT) -> None:
         super().__init__(
             spec,
             embed_dim=encoder.neck[0].out_channels,
             num_heads=encoder.blocks[-1].attn.num_heads,
-            tiny=tiny,
         )
         self.encoder = encoder
 
@@ -92,7 +91,7 @@ def _sam_filter(sd: dict[str, torch.Tensor], module: nn.Module) -> dict[str, tor
 
 FAMILY = VfmFamily(
     "sam", SPECS, lambda spec, tiny: make_image_encoder(spec.arch, tiny=tiny), _sam_filter,
-    lambda spec, module, tiny, window_size: SamVfm(spec, module, tiny=tiny),
+    lambda spec, module, window_size: SamVfm(spec, module),
     init_random=randomize_position_terms, weights_from_url=True, checkpoint_extras=decoder_tensors,
 )
 VFM_FAMILIES.register("sam", description="SAM image encoder (segment-anything)")(lambda: FAMILY)

@@ -80,8 +80,8 @@ def patch_softmax(logits: torch.Tensor, num_prefix: int) -> torch.Tensor:
 class TimmVitVfm(VisionFoundationModel):
     """DINO / DINOv2 / MAE over a timm ``VisionTransformer`` (``self.vit``)."""
 
-    def __init__(self, spec: VfmSpec, vit: torch.nn.Module, *, tiny: bool, window_size: int | None) -> None:
-        super().__init__(spec, embed_dim=vit.embed_dim, num_heads=vit.blocks[-1].attn.num_heads, tiny=tiny)
+    def __init__(self, spec: VfmSpec, vit: torch.nn.Module, *, window_size: int | None) -> None:
+        super().__init__(spec, embed_dim=vit.embed_dim, num_heads=vit.blocks[-1].attn.num_heads)
         self.vit = vit
         # MAE is built at the window size (the reference resizes every window to slide_crop²)
         self.window_size = window_size if spec.built_at_window_size else None
@@ -174,5 +174,5 @@ def vit_checkpoint_filter(sd: dict[str, torch.Tensor], module: nn.Module) -> dic
     return checkpoint_filter_fn(sd, module)
 
 
-def wrap_vit(spec: VfmSpec, module: nn.Module, tiny: bool, window_size: int) -> VisionFoundationModel:
-    return TimmVitVfm(spec, module, tiny=tiny, window_size=window_size)
+def wrap_vit(spec: VfmSpec, module: nn.Module, window_size: int) -> VisionFoundationModel:
+    return TimmVitVfm(spec, module, window_size=window_size)
