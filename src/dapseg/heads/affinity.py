@@ -91,7 +91,6 @@ def image_similarity_mean(feats_batches: list[Tensor]) -> Tensor:
 # of identical feature vectors differ in the last bits, and depending on the summation order (thread
 # count, device, batch) one of them comes out on top; ties must not single out arbitrary patches.
 TIE_RTOL = 1e-5
-MAXIMA_RTOL = TIE_RTOL  # the name the empty-row rule had first
 
 
 def tied_with(values: Tensor, ref: Tensor) -> Tensor:

@@ -25,10 +25,10 @@ import torch
 from torch import Tensor, nn
 
 from dapseg.heads.affinity import (
-    MAXIMA_RTOL,
     keep_row_maxima_where_empty,
     masked_softmax,
     normalized_patches,
+    tied_with,
     values_on_grid,
 )
 from dapseg.heads.base import Head, HeadContext, merge_heads, qkv
@@ -149,8 +149,7 @@ class ProxyRows:
             # Row i's test uses the very numbers its k-th value came from; column j's k-th value was
             # computed in row j, whose S_ji may differ from S_ij in the last bits: compare with the
             # tolerance the empty-row rule uses, else i, j's own k-th neighbour, would drop out.
-            col_kth = self.kth[None, :]
-            keep &= (s >= self.kth[start:end, None]) & (s >= col_kth - MAXIMA_RTOL * (1 + col_kth.abs()))
+            keep &= (s >= self.kth[start:end, None]) & tied_with(s, self.kth[None, :])
         keep = keep_row_maxima_where_empty(a[None], keep[None])[0]
         return masked_softmax(a, keep)
 
