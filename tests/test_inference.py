@@ -57,11 +57,14 @@ class PositionEngine:
         patch_size = 16  # windows narrower than this would be padded
 
     clip = _Clip()
+    vfm = None
+    needs_image_mean = False
 
     def __init__(self) -> None:
         self.batches: list[int] = []
 
-    def window_logits(self, windows01: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def window_logits(self, windows01: torch.Tensor, text: torch.Tensor, *, vfm_out: object = None,
+                      affinity_mean: torch.Tensor | None = None) -> torch.Tensor:
         self.batches.append(windows01.shape[0])
         return windows01.clone()
 

@@ -91,7 +91,6 @@ def image_similarity_mean(feats_batches: list[Tensor]) -> Tensor:
 # of identical feature vectors differ in the last bits, and depending on the summation order (thread
 # count, device, batch) one of them comes out on top; ties must not single out arbitrary patches.
 TIE_RTOL = 1e-5
-MAXIMA_RTOL = TIE_RTOL  # the name the empty-row rule had first
 
 
 def tied_with(values: Tensor, ref: Tensor) -> Tensor:
@@ -133,6 +132,17 @@ def masked_softmax(a: Tensor, keep: Tensor) -> Tensor:
     return a.masked_fill(~keep, float("-inf")).softmax(dim=-1)
 
 
+def proxy_softmax(a: Tensor, *, mask: bool = True, neighbours: Tensor | None = None) -> Tensor:
+    """Attn from A (..., n, N'): row softmax over the entries with A ≥ 0 [∧ ``neighbours``], a row
+    left empty keeping its maxima; ``mask`` False: plain softmax over every entry."""
+    if not mask:
+        return a.softmax(dim=-1)
+    keep = a >= 0
+    if neighbours is not None:
+        keep &= neighbours
+    return masked_softmax(a, keep_row_maxima_where_empty(a, keep))
+
+
 def proxy_attention(
     feats: Tensor,
     *,
@@ -154,13 +164,9 @@ def proxy_attention(
     """
     s = patch_similarity(feats)
     a = adaptive_normalize(s, beta, gamma, mean) if normalize else s
-    if not mask:
-        return a.softmax(dim=-1)
-    keep = a >= 0
-    if knn > 0:
-        keep &= mutual_knn(s, knn)
+    neighbours = mutual_knn(s, knn) if mask and knn > 0 else None
     del s
-    return masked_softmax(a, keep_row_maxima_where_empty(a, keep))
+    return proxy_softmax(a, mask=mask, neighbours=neighbours)
 
 
 def values_on_grid(v: Tensor, grid: tuple[int, int], out_grid: tuple[int, int]) -> Tensor:

@@ -108,9 +108,7 @@ class Head(nn.Module):
 
     def aggregate(self, a: Attention) -> Tensor:
         """Attn · v with heads merged: (B, M, D)."""
-        if a.attn.shape[1] == 1:  # shared by all heads: (B, M, M) · (B, M, D), no per-head copy
-            return torch.matmul(a.attn[:, 0].to(a.v.dtype), merge_heads(a.v))
-        return merge_heads(torch.matmul(a.attn.to(a.v.dtype), a.v))
+        return merge_heads(attend(a.attn, a.v))
 
     def project(self, ctx: HeadContext, a: Attention, z: Tensor) -> HeadOutput:
         """out_proj of the aggregated values, CLS dropped: the reduced block's output."""

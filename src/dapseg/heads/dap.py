@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
@@ -35,7 +34,7 @@ from dapseg.heads.affinity import (
     proxy_attention,
     vfm_grid,
 )
-from dapseg.heads.base import Attention, Head, HeadContext, merge_heads, register_head
+from dapseg.heads.base import Attention, Head, HeadContext, attend, merge_heads, register_head
 from dapseg.heads.regions import (
     RegionProvider,
     SamRegions,
@@ -146,13 +145,7 @@ class DapHead(Head):
 
     def aggregate(self, a: Attention) -> Tensor:
         """z = W·(W·(…(W·v))) with W applied ``steps`` times: (B, N', D)."""
-        attn = a.attn.to(a.v.dtype)
-        if attn.shape[1] == 1:  # W shared by all heads: (B, N', N') · (B, N', D), no per-head copy of W
-            attn, z = attn[:, 0], merge_heads(a.v)
-            for _ in range(self.params.steps):
-                z = torch.matmul(attn, z)
-            return z
-        z = a.v
+        attn, z = a.attn.to(a.v.dtype), a.v  # cast once, not per step
         for _ in range(self.params.steps):
-            z = torch.matmul(attn, z)
+            z = attend(attn, z)  # W shared by all heads: no per-head copy of W
         return merge_heads(z)

@@ -113,9 +113,9 @@ def kmeans_labels(x: Tensor, k: int, iters: int) -> Tensor:
 class SamRegions:
     """Region provider from SAM's automatic masks (segment-anything), as CorrCLIP uses them.
 
-    ``sam``: a ``segment_anything.modeling.Sam`` (image encoder + prompt encoder + mask decoder),
-    or any object with such a model in its ``.sam`` attribute. Masks are painted largest first, so
-    a smaller mask inside a larger one wins; pixels no mask covers are -1.
+    ``sam``: a ``segment_anything.modeling.Sam`` (image encoder + prompt encoder + mask decoder).
+    Masks are painted largest first, so a smaller mask inside a larger one wins; pixels no mask
+    covers are -1.
     Keyword arguments go to ``SamAutomaticMaskGenerator`` (points_per_side, pred_iou_thresh, ...).
     """
 
@@ -123,12 +123,11 @@ class SamRegions:
         from segment_anything import SamAutomaticMaskGenerator
         from segment_anything.modeling import Sam
 
-        model = sam if isinstance(sam, Sam) else getattr(sam, "sam", None)
-        if not isinstance(model, Sam):
+        if not isinstance(sam, Sam):
             raise TypeError(
                 f"SamRegions needs a segment_anything Sam model (encoder + decoder), got {type(sam).__name__}"
             )
-        self.generator = SamAutomaticMaskGenerator(model, **generator_kwargs)
+        self.generator = SamAutomaticMaskGenerator(sam, **generator_kwargs)
 
     @torch.no_grad()
     def __call__(self, images: Tensor) -> Tensor:

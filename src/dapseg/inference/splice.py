@@ -8,7 +8,6 @@ averages overlaps, moves the whole map with an affinity computed over the whole 
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import numpy as np
@@ -22,7 +21,7 @@ from dapseg.inference.engine import DenseEngine
 from dapseg.inference.global_affinity import AffinityParams, GlobalAffinity, aggregate_map, valid_grid
 from dapseg.inference.preprocess import resize_image, short_side_size
 from dapseg.inference.strategies import image_affinity_mean
-from dapseg.inference.windows import centred_padding, crop_windows, pad_windows, window_grid
+from dapseg.inference.windows import GridAverage, centred_padding, crop_windows, pad_windows, window_grid
 from dapseg.models.sam.build import image_encoder_of
 from dapseg.models.sam.encoder import encode_image, reference_sam_image
 from dapseg.models.sam.memory import check_encode_memory
@@ -42,20 +41,10 @@ def splice_features(
     """
     if len(feats) != len(boxes) or not feats:
         raise ValueError(f"need one box per window feature map, got {len(feats)} maps and {len(boxes)} boxes")
-    H, W = image_size
-    gh, gw = math.ceil(H / cell), math.ceil(W / cell)
-    d = feats[0].shape[0]
-    total = feats[0].new_zeros((d, gh, gw), dtype=torch.float32)
-    count = feats[0].new_zeros((1, gh, gw), dtype=torch.float32)
-    for f, (y1, x1, y2, x2) in zip(feats, boxes, strict=True):
-        r1, c1 = round(y1 / cell), round(x1 / cell)
-        r2, c2 = min(gh, max(r1 + 1, round(y2 / cell))), min(gw, max(c1 + 1, round(x2 / cell)))
-        f = f.float()
-        if f.shape[-2:] != (r2 - r1, c2 - c1):
-            f = F.interpolate(f[None], size=(r2 - r1, c2 - c1), mode="bilinear", align_corners=False)[0]
-        total[:, r1:r2, c1:c2] += f
-        count[:, r1:r2, c1:c2] += 1
-    return total / count.clamp(min=1)
+    avg = GridAverage(image_size, cell, feats[0].shape[0], feats[0].device)
+    for f, box in zip(feats, boxes, strict=True):
+        avg.add(f, box)
+    return avg.mean()
 
 
 class SpliceParams(AffinityParams):

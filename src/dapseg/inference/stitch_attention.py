@@ -25,10 +25,10 @@ import torch
 from torch import Tensor, nn
 
 from dapseg.heads.affinity import (
-    MAXIMA_RTOL,
-    keep_row_maxima_where_empty,
-    masked_softmax,
+    adaptive_normalize,
     normalized_patches,
+    proxy_softmax,
+    tied_with,
     values_on_grid,
 )
 from dapseg.heads.base import Head, HeadContext, merge_heads, qkv
@@ -141,18 +141,14 @@ class ProxyRows:
     def rows(self, start: int, end: int) -> Tensor:
         """Attention rows start..end: (n_rows, N'), each summing to 1."""
         s = self.similarity(start, end)
-        a = (s - self.beta * self.mean) * self.gamma if self.normalize else s
-        if not self.mask:
-            return a.softmax(dim=-1)
-        keep = a >= 0
+        a = adaptive_normalize(s[None], self.beta, self.gamma, self.mean)[0] if self.normalize else s
+        neighbours = None
         if self.kth is not None:
             # Row i's test uses the very numbers its k-th value came from; column j's k-th value was
             # computed in row j, whose S_ji may differ from S_ij in the last bits: compare with the
-            # tolerance the empty-row rule uses, else i, j's own k-th neighbour, would drop out.
-            col_kth = self.kth[None, :]
-            keep &= (s >= self.kth[start:end, None]) & (s >= col_kth - MAXIMA_RTOL * (1 + col_kth.abs()))
-        keep = keep_row_maxima_where_empty(a[None], keep[None])[0]
-        return masked_softmax(a, keep)
+            # tie tolerance, else i, j's own k-th neighbour, would drop out.
+            neighbours = (s >= self.kth[start:end, None]) & tied_with(s, self.kth[None, :])
+        return proxy_softmax(a, mask=self.mask, neighbours=neighbours)
 
     def apply(self, y: Tensor) -> Tensor:
         """Attn · y for y (heads, N', d), in chunks of rows: (heads, N', d)."""

@@ -37,11 +37,9 @@ def get_strategy(name: str, params: dict | None = None, **provided: object) -> S
 
 def min_window_side(engine: DenseEngine) -> int:
     """The smallest window side the engine's models accept: one patch of CLIP and of the VFM."""
-    sizes = [engine.clip.patch_size]
-    vfm = getattr(engine, "vfm", None)
-    if vfm is not None and hasattr(vfm, "patch_size"):
-        sizes.append(int(vfm.patch_size))
-    return max(sizes)
+    if engine.vfm is None:
+        return engine.clip.patch_size
+    return max(engine.clip.patch_size, int(engine.vfm.patch_size))
 
 
 def image_affinity_mean(
@@ -55,7 +53,7 @@ def image_affinity_mean(
     A first pass over every batch, so the mean never depends on ``max_batch``.
     """
     starts = range(0, len(windows), cfg.max_batch)
-    if not getattr(engine, "needs_image_mean", False):
+    if not engine.needs_image_mean:
         return None, [None for _ in starts]
     if engine.vfm is None:
         raise ValueError("mean_scope='image' needs a VFM (configure a `vfm:` section)")
@@ -82,9 +80,8 @@ def padded_window_logits(
     ``vfm_out`` / ``affinity_mean``: see ``image_affinity_mean``."""
     h, w = windows01.shape[-2:]
     pad = window_padding(h, w, pad_multiple, min_window_side(engine))
-    # only passed when set, so engines that know nothing of them (test doubles) still fit
-    extra = {"vfm_out": vfm_out, "affinity_mean": affinity_mean} if affinity_mean is not None else {}
-    logits = engine.window_logits(pad_windows(windows01, pad, engine.clip.mean), text, **extra)
+    logits = engine.window_logits(pad_windows(windows01, pad, engine.clip.mean), text, vfm_out=vfm_out,
+                                  affinity_mean=affinity_mean)
     left, _, top, _ = pad
     return logits[..., top : top + h, left : left + w]
 

@@ -3,6 +3,7 @@ and padding. Every strategy that cuts an image into windows uses these."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -80,3 +81,35 @@ def pad_windows(windows01: Tensor, pad: tuple[int, int, int, int], fill: tuple[f
     mask[..., top : top + h, left : left + w] = False
     colour = torch.tensor(fill, dtype=out.dtype, device=out.device).view(1, 3, 1, 1)
     return torch.where(mask, colour, out)
+
+
+class GridAverage:
+    """Running average of window maps on the image's grid of ``cell``-pixel cells.
+
+    Windows are added one batch at a time, so memory is one image grid, not every window's map.
+    Window (y1, x1, y2, x2) covers cells round(y1 / cell) .. round(y2 / cell) (and the same for x);
+    a map whose size differs from that span (odd sizes without ``align``) is bilinearly resized to it.
+    """
+
+    def __init__(self, image_size: tuple[int, int], cell: float, channels: int, device: torch.device) -> None:
+        h, w = image_size
+        self.cell = cell
+        self.grid = (math.ceil(h / cell), math.ceil(w / cell))
+        self.total = torch.zeros(channels, *self.grid, device=device)  # (C, gh, gw) float32
+        self.count = torch.zeros(1, *self.grid, device=device)
+
+    def add(self, m: Tensor, box: tuple[int, int, int, int]) -> None:
+        """m (C, h, w) covering pixels box = (y1, x1, y2, x2)."""
+        y1, x1, y2, x2 = box
+        gh, gw = self.grid
+        r1, c1 = round(y1 / self.cell), round(x1 / self.cell)
+        r2, c2 = min(gh, max(r1 + 1, round(y2 / self.cell))), min(gw, max(c1 + 1, round(x2 / self.cell)))
+        m = m.float()
+        if m.shape[-2:] != (r2 - r1, c2 - c1):
+            m = F.interpolate(m[None], size=(r2 - r1, c2 - c1), mode="bilinear", align_corners=False)[0]
+        self.total[:, r1:r2, c1:c2] += m
+        self.count[:, r1:r2, c1:c2] += 1
+
+    def mean(self) -> Tensor:
+        """(C, gh, gw); cells no window covers (none for a window grid) stay zero."""
+        return self.total / self.count.clamp(min=1)
