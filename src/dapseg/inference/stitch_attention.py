@@ -144,10 +144,9 @@ class ProxyRows:
         a = adaptive_normalize(s[None], self.beta, self.gamma, self.mean)[0] if self.normalize else s
         neighbours = None
         if self.kth is not None:
-            # Row i's test uses the very numbers its k-th value came from; column j's k-th value was
-            # computed in row j, whose S_ji may differ from S_ij in the last bits: compare with the
-            # tie tolerance, else i, j's own k-th neighbour, would drop out.
-            neighbours = (s >= self.kth[start:end, None]) & tied_with(s, self.kth[None, :])
+            # The tie rule of ``mutual_knn``, for rows and columns alike: column j's k-th value was
+            # computed in row j, whose S_ji may differ from S_ij in the last bits.
+            neighbours = tied_with(s, self.kth[start:end, None]) & tied_with(s, self.kth[None, :])
         return proxy_softmax(a, mask=self.mask, neighbours=neighbours)
 
     def apply(self, y: Tensor) -> Tensor:
