@@ -18,7 +18,7 @@ from dapseg.data.dataset import SegDataset
 from dapseg.data.spec import DatasetSpec
 from dapseg.eval import dist
 from dapseg.eval.provenance import provenance
-from dapseg.eval.runner import EvalResult, Predictor, RunOptions, evaluate
+from dapseg.eval.runner import EvalResult, Predictor, RunOptions, evaluate, hold_job_folder
 
 
 @dataclass
@@ -54,7 +54,13 @@ def _file_sha(path: Path) -> str:
 
 def run_job(job: Job, factory: PredictorFactory, options: RunOptions | None = None) -> dict[str, Any]:
     """Evaluate one (preset, dataset); returns the record for the reports (also the job's
-    ``result.json``). ``record["write_errors"]`` lists files that could not be written (absent if none)."""
+    ``result.json``). ``record["write_errors"]`` lists files that could not be written (absent if none).
+    The job folder is locked before any model is built: a second run into it stops at once."""
+    with hold_job_folder(job.work_dir):
+        return _run_job(job, factory, options)
+
+
+def _run_job(job: Job, factory: PredictorFactory, options: RunOptions | None) -> dict[str, Any]:
     dataset = SegDataset(job.spec, job.data_root, limit=job.limit, skip_bad=job.skip_bad)
     classes = job.spec.class_names()
     built = factory(job.preset, job.resolved_overrides(), classes)
@@ -75,7 +81,8 @@ def run_job(job: Job, factory: PredictorFactory, options: RunOptions | None = No
                              "provenance": provenance(built.device, built.dtype, dist.current().world_size)}
     if job.sweep is not None:
         extra["sweep"] = job.sweep
-    result: EvalResult = evaluate(dataset, built.predict, job.work_dir, settings, opts, record_extra=extra)
+    result: EvalResult = evaluate(dataset, built.predict, job.work_dir, settings, opts, record_extra=extra,
+                                  hold_lock=False)
     record = {**result.to_dict(), **extra}
     if result.write_errors:
         record["write_errors"] = list(result.write_errors)

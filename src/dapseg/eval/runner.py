@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,21 +109,35 @@ class RunOptions:
 
 
 def evaluate(dataset: SegDataset, predictor: Predictor, work_dir: str | Path, settings: dict[str, Any],
-             options: RunOptions | None = None, *, record_extra: dict[str, Any] | None = None) -> EvalResult:
+             options: RunOptions | None = None, *, record_extra: dict[str, Any] | None = None,
+             hold_lock: bool = True) -> EvalResult:
     """Evaluate (or finish evaluating) ``dataset`` in ``work_dir``; every rank returns the same result.
 
     ``result.json`` holds ``EvalResult.to_dict()`` plus ``record_extra``; if it cannot be written the
     result's ``write_errors`` says why (check it). An interruption saves progress and re-raises.
+    ``hold_lock=False``: the caller already holds the folder (``hold_job_folder``).
     """
     opt = options or RunOptions()
     info = dist.current()
     work_dir = Path(work_dir)
     with contextlib.ExitStack() as held:
-        if info.is_main:
-            ensure_writable(work_dir)
-        # rank 0 holds the job folder for the whole run; its refusal reaches every rank (no rank hangs)
-        _on_every_rank(lambda: held.enter_context(hold_folder(work_dir, "work dir")), info)
+        if hold_lock:
+            held.enter_context(hold_job_folder(work_dir))
         return _evaluate(dataset, predictor, work_dir, settings, opt, info, record_extra or {})
+
+
+@contextlib.contextmanager
+def hold_job_folder(work_dir: str | Path) -> Iterator[None]:
+    """Rank 0 checks that ``work_dir`` is writable and holds its lock for the block; a refusal (another
+    run holds it: ``FolderBusyError`` naming the holder) is raised on every rank, so none hangs."""
+    info = dist.current()
+    with contextlib.ExitStack() as held:
+        def take() -> None:
+            ensure_writable(Path(work_dir))
+            held.enter_context(hold_folder(work_dir, "work dir"))
+
+        _on_every_rank(take, info)
+        yield
 
 
 def _on_every_rank(setup: Callable[[], object], info: dist.DistInfo) -> object:

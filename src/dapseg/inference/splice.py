@@ -128,21 +128,17 @@ def global_aggregate(sam: object, image: Tensor | np.ndarray, spliced: Tensor, p
     check_encode_memory(sam, chunk=p.chunk)
     enc_module = image_encoder_of(sam)
     sam_patch = enc_module.patch_embed.proj.stride[0]
-    h, w = image.shape[:2] if isinstance(image, np.ndarray) else image.shape[-2:]
+    w = image.shape[1] if isinstance(image, np.ndarray) else image.shape[-1]
     most = enc_module.img_size // sam_patch  # SAM shrinks the long side to img_size: a side more than
-    # this many times shorter would vanish (< 1 SAM patch, "height and width must be > 0")
-    if h > most * w:  # very tall: aggregate the transposed image (strips are vertical cuts)
-        flipped = np.ascontiguousarray(image.transpose(1, 0, 2)) if isinstance(image, np.ndarray) else \
-            image.transpose(-1, -2)
-        return global_aggregate(sam, flipped, spliced.transpose(-1, -2), p).transpose(-1, -2)
+    # this many times shorter would vanish below one SAM patch (or to 0 px: "height and width must be > 0")
     gw = spliced.shape[-1]
-    k = min(max(p.sam_splits, -(-w // (most * h))), w, gw)  # very wide: strips each at most `most` : 1
+    k = min(p.sam_splits, w, gw)
     parts = []
     for i in range(k):
         x0, x1 = i * w // k, (i + 1) * w // k
         c0, c1 = i * gw // k, (i + 1) * gw // k
         strip = np.ascontiguousarray(image[:, x0:x1]) if isinstance(image, np.ndarray) else image[:, :, x0:x1]
-        enc = encode_image(enc_module, strip, chunk=p.chunk)
+        enc = encode_image(enc_module, _at_most_thin(strip, most), chunk=p.chunk)
         aff = GlobalAffinity(enc.last, valid_grid(enc.input_size, sam_patch), p)
         parts.append(aggregate_map(spliced[:, :, c0:c1], aff))
     vh = parts[0].shape[1]
@@ -176,6 +172,19 @@ def check_splice_memory(engine: DenseEngine, h: int, w: int, cfg: InferenceConfi
             f"splicing a {w}x{h} working image with inference.crop={cfg.crop} needs about {need / 2**30:.1f} GiB "
             f"on {engine.device} but only {have / 2**30:.1f} GiB is free; use a smaller inference.crop (or "
             f"inference.max_batch), or a device with more memory")
+
+
+def _at_most_thin(image: Tensor | np.ndarray, most: int) -> Tensor | np.ndarray:
+    """A very thin image (long side more than ``most`` times the short one) stretched along its short
+    side to that ratio; SAM's affinity grid then has at least one row / column, and the spliced map is
+    resized onto it as for any other image. Others are returned unchanged (the reference's path)."""
+    h, w = image.shape[:2] if isinstance(image, np.ndarray) else image.shape[-2:]
+    th, tw = max(h, -(-w // most)), max(w, -(-h // most))
+    if (th, tw) == (h, w):
+        return image
+    if isinstance(image, np.ndarray):
+        return resize_image(image, (th, tw))
+    return F.interpolate(image[None], (th, tw), mode="bilinear", align_corners=False)[0]
 
 
 def _splice_needs(p: SpliceParams) -> frozenset[Need]:
