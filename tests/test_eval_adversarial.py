@@ -274,6 +274,21 @@ def test_hostile_split_file_is_refused_naming_the_line(tmp_path, capsys, kind):
     assert not list(work.rglob("*.png")) and not list(work.rglob("*.jpg"))
 
 
+@pytest.mark.parametrize("command", ["eval-all", "sweep"])
+def test_eval_all_and_sweep_refuse_a_hostile_split_file_too(tmp_path, capsys, command):
+    data = tmp_path / "data"
+    make_dataset(data, "voc21", n=2, seed=4)
+    root = data / "VOCdevkit" / "VOC2012"
+    (tmp_path / "outside").mkdir()
+    split = root / "ImageSets" / "Segmentation" / "val.txt"
+    split.write_text(split.read_text() + _hostile_line("absolute", root, tmp_path / "outside") + "\n")
+    args = [command, "--preset", "naclip", "--dataset", "voc21", "--data-root", str(data), "--work-dir",
+            str(tmp_path / "w"), "--workers", "0", *FAST]
+    rc, _, err = run_main(capsys, [*args, "--grid", "logit_scale=10"] if command == "sweep" else args)
+    assert rc != 0 and f"line 3 of split file {split}" in err and "Traceback" not in err, err
+    assert not list((tmp_path / "w").rglob("*.pt"))  # refused before any image was evaluated
+
+
 def test_scanned_dataset_refuses_a_symlinked_image_leading_out(tmp_path):
     make_dataset(tmp_path / "data", "ade20k", n=2, seed=1)
     spec = load_dataset_spec("ade20k")
