@@ -531,7 +531,8 @@ def test_skip_bad_skips_and_lists_every_label_fault(faulty, tmp_path, capsys):
     assert int(Checkpointer(work / "naclip" / "voc21", 21, 0).load()[0].cm.sum()) == labelled
 
 
-@pytest.mark.parametrize("name", ["img_001", "img_002", "img_003", "img_004"])
+# every fault reaches the main process the same way (Sample.error); the two the issue names are enough
+@pytest.mark.parametrize("name", ["img_001", "img_002"])
 def test_without_skip_bad_a_label_fault_is_one_clean_line(faulty, tmp_path, capsys, name):
     data, _, faults = faulty
     split = data / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt"
