@@ -9,7 +9,7 @@ import sys
 
 from dapseg import __version__
 
-COMMANDS = ["segment", "presets", "download", "demo", "eval", "eval_all", "sweep", "convert", "bench"]
+COMMANDS = ["segment", "presets", "download", "demo", "eval", "eval_all", "sweep", "convert", "bench", "analyze"]
 
 
 def build_parser() -> argparse.ArgumentParser:
