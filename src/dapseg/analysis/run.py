@@ -51,8 +51,9 @@ class AnalysisResult:
 
 def count_pairs(hist: PairHistogram, a: Affinity, labels: torch.Tensor) -> int:
     """Add the ordered pairs (i ≠ j) of labelled patches to ``hist``; returns the labelled patches."""
+    labels = labels.to(a.rows.device)
     keep = labels != DROPPED
-    rows, cols, lab = a.rows[keep], a.cols[keep], labels[keep].to(a.rows.device)
+    rows, cols, lab = a.rows[keep], a.cols[keep], labels[keep]
     n = int(lab.numel())
     if n < 2:
         return n
@@ -61,7 +62,7 @@ def count_pairs(hist: PairHistogram, a: Affinity, labels: torch.Tensor) -> int:
     for start in range(0, n, step):
         scores = rows[start : start + step] @ cols.t()  # (m, n)
         same = lab[start : start + step, None] == lab[None, :]
-        off_diagonal = (col_index[start : start + step, None] != col_index[None, :])
+        off_diagonal = col_index[start : start + step, None] != col_index[None, :]
         hist.add(scores[off_diagonal], same[off_diagonal])
     return n
 
