@@ -4,6 +4,7 @@ oracle affinity, every VFM family as a source, two gloo ranks, and the command e
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -371,3 +372,11 @@ def test_outputs_outside_the_out_folder_are_refused(voc, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "ap.json" in err and "outside the output folder" in err
     assert not (tmp_path / "elsewhere.json").exists()
+
+
+def test_without_the_analyze_extra(voc, tmp_path, capsys, monkeypatch):
+    """matplotlib (the `analyze` extra) missing: the command says at once what to install."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    rc = main(["analyze", "--dataset", "voc21", "--data-root", str(voc), "--out", str(tmp_path / "o"), *FAST])
+    assert rc == 2 and "pip install 'dapseg[analyze]'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

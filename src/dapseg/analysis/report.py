@@ -10,20 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from dapseg.analysis.run import AnalysisResult, SourceResult
-from dapseg.eval.report import dumps_json, markdown_table
+from dapseg.eval.report import dumps_json, markdown_table, require_extra
 from dapseg.files import atomic_write, atomic_write_text
 
-ANALYZE_EXTRA = "pip install 'dapseg[analyze]'"
 FILES = {"md": "ap.md", "csv": "ap.csv", "json": "ap.json", "png": "pr_curves.png"}
 
 
 def require_analyze_extras() -> None:
     """Fail before any work where the `analyze` extra (pandas: tables, matplotlib: curves) is missing."""
-    for module in ("pandas", "matplotlib"):
-        try:
-            __import__(module)
-        except ImportError as e:
-            raise RuntimeError(f"dapseg analyze needs {module} (the `analyze` extra): {ANALYZE_EXTRA}") from e
+    require_extra(("pandas", "matplotlib"), "analyze", "affinity reports")
 
 
 def output_path(out_dir: str | Path, name: str) -> Path:

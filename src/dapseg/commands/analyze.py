@@ -7,12 +7,12 @@ cosines scored as classifiers of "these two patches share a label" (PR curves, A
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dapseg.commands.common import add_machine_args
 from dapseg.data.spec import list_datasets
 
 DEFAULT_PRESET = "proxyclip"
@@ -38,26 +38,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes for decoding")
     p.add_argument("--skip-bad", action="store_true", help="skip and list unreadable images")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g = p.add_argument_group("models")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    g.add_argument("--random-weights", action="store_true",
-                   help="random weights of the same architectures (offline smoke mode: the APs mean nothing)")
-    g.add_argument("--tiny", action="store_true", help="with --random-weights: tiny models (tests)")
-    g.add_argument("--cache-dir", default=None, help="weights cache (default: $DAPSEG_CACHE or ~/.cache/dapseg)")
-    g.add_argument("--clip-weights", default=None, help="local CLIP weights: OpenAI .pt or open_clip .bin/.safetensors")
-    g.add_argument("--vfm-weights", default=None, help="local weights of the one --vfm (its official release file)")
+    add_machine_args(p.add_argument_group("models"))
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from dapseg.analysis.report import FILES, output_path, require_analyze_extras
     from dapseg.eval import dist
+    from dapseg.eval.checkpoint import ensure_writable
 
     require_analyze_extras()  # before any work
     plan = _plan(args)
     for name in FILES.values():
         output_path(args.out, name)  # an output that would land outside --out is refused before any work
-    _ensure_writable(Path(args.out))
+    ensure_writable(Path(args.out), "--out")
 
     info = dist.init_from_env(args.device)
     if info.enabled and torch.cuda.is_available() and args.device in (None, "cuda"):
@@ -144,17 +138,6 @@ def build_sources(args: argparse.Namespace, plan: dict[str, Any]) -> list:
                             tiny=args.tiny, cache_dir=args.cache_dir, window_size=window, device=device)
             sources.append(VfmCosine(vfm))
     return sources
-
-
-def _ensure_writable(out: Path) -> None:
-    """Create ``out`` and prove it is writable, before any model is built."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
-        raise PermissionError(f"--out {out} is not writable: {e.strerror or e}") from e
 
 
 def _note(args: argparse.Namespace) -> str | None:
