@@ -320,7 +320,8 @@ def test_analyze_command_end_to_end(voc, tmp_path, capsys):
     assert "Random weights" in md and "chance AP (%)" in md and all(f"| {lab} |" in md for lab in table["label"])
     with Image.open(out / "pr_curves.png") as im:
         assert im.format == "PNG" and im.size[0] > 300
-    assert sorted(p.name for p in out.iterdir()) == ["ap.csv", "ap.json", "ap.md", "pr_curves.png"]
+    written = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))  # not the folder lock
+    assert written == ["ap.csv", "ap.json", "ap.md", "pr_curves.png"]
 
 
 def test_analyze_defaults_to_the_presets_vfm_and_window(voc, tmp_path, monkeypatch):
@@ -364,13 +365,13 @@ def test_analyze_bad_arguments_fail_clearly(voc, tmp_path, capsys, extra, messag
 def test_outputs_outside_the_out_folder_are_refused(voc, tmp_path, capsys):
     out = tmp_path / "o"
     out.mkdir()
-    assert output_path(out, "ap.md") == out / "ap.md"
-    with pytest.raises(ValueError, match="outside the output folder"):
+    assert output_path(out, "ap.md") == (out / "ap.md").resolve()
+    with pytest.raises(ValueError, match="leads outside"):
         output_path(out, "../elsewhere.md")
     (out / "ap.json").symlink_to(tmp_path / "elsewhere.json")
     rc = main(["analyze", "--dataset", "voc21", "--data-root", str(voc), "--out", str(out), *FAST])
     err = capsys.readouterr().err
-    assert rc == 2 and "ap.json" in err and "outside the output folder" in err
+    assert rc == 2 and "--out" in err and "'ap.json' leads outside" in err
     assert not (tmp_path / "elsewhere.json").exists()
 
 
@@ -380,3 +381,25 @@ def test_without_the_analyze_extra(voc, tmp_path, capsys, monkeypatch):
     rc = main(["analyze", "--dataset", "voc21", "--data-root", str(voc), "--out", str(tmp_path / "o"), *FAST])
     assert rc == 2 and "pip install 'dapseg[analyze]'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_second_run_on_the_same_out_folder_stops(voc, tmp_path, capsys, cli_env):
+    import subprocess
+    import textwrap
+
+    out = tmp_path / "o"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from dapseg.folder_lock import hold_folder
+        with hold_folder({str(out)!r}, "--out"):
+            print("held", flush=True)
+            time.sleep(60)
+    """)], env=cli_env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        rc = main(["analyze", "--dataset", "voc21", "--data-root", str(voc), "--out", str(out), *FAST])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert rc == 2 and f"pid {holder.pid}" in capsys.readouterr().err
+    assert not (out / "ap.json").exists()

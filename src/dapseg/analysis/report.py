@@ -11,7 +11,7 @@ from typing import Any
 
 from dapseg.analysis.run import AnalysisResult, SourceResult
 from dapseg.eval.report import dumps_json, markdown_table, require_extra
-from dapseg.files import atomic_write, atomic_write_text
+from dapseg.files import atomic_write, atomic_write_text, resolve_inside
 
 FILES = {"md": "ap.md", "csv": "ap.csv", "json": "ap.json", "png": "pr_curves.png"}
 
@@ -22,14 +22,9 @@ def require_analyze_extras() -> None:
 
 
 def output_path(out_dir: str | Path, name: str) -> Path:
-    """``out_dir / name``, refused (ValueError) unless it resolves inside ``out_dir`` (a name with
+    """``out_dir / name`` resolved, refused (ValueError) unless it stays inside ``out_dir`` (a name with
     ``..``, an absolute name, or a symbolic link pointing elsewhere)."""
-    root = Path(out_dir).resolve()
-    path = Path(out_dir) / name
-    resolved = path.resolve()
-    if resolved != root and root not in resolved.parents:
-        raise ValueError(f"output {path} resolves to {resolved}, outside the output folder {root} (--out)")
-    return path
+    return resolve_inside(out_dir, name, what=f"--out {out_dir}")
 
 
 def _pct(x: float) -> float | None:

@@ -20,6 +20,7 @@ from dapseg.analysis.sources import Affinity, AffinitySource, SourceInfo
 from dapseg.data.dataset import Sample, SegDataset
 from dapseg.eval import dist
 from dapseg.inference.preprocess import to_tensor01
+from dapseg.workers import die_with_parent
 
 PAIRS_PER_BLOCK = 1 << 22  # scores held at once (16 MiB of float32)
 
@@ -83,7 +84,7 @@ def analyze(dataset: SegDataset, sources: list[AffinitySource], options: Analysi
     done = 0
     mine = dist.shard(list(range(len(dataset))), info)
     loader = DataLoader(dataset, batch_size=None, sampler=mine, num_workers=options.num_workers,
-                        collate_fn=_identity)
+                        collate_fn=_identity, worker_init_fn=die_with_parent())
     bar = tqdm(total=len(mine), desc=f"analyze {spec.name}", unit="img", disable=not (options.progress and
                                                                                     info.is_main))
     for sample in loader:

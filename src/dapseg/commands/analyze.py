@@ -7,6 +7,7 @@ cosines scored as classifiers of "these two patches share a label" (PR curves, A
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from dapseg.analysis.report import FILES, output_path, require_analyze_extras
     from dapseg.eval import dist
     from dapseg.eval.checkpoint import ensure_writable
+    from dapseg.folder_lock import hold_folder
 
     require_analyze_extras()  # before any work
     plan = _plan(args)
@@ -56,21 +58,28 @@ def run(args: argparse.Namespace) -> int:
     info = dist.init_from_env(args.device)
     if info.enabled and torch.cuda.is_available() and args.device in (None, "cuda"):
         args.device = f"cuda:{info.local_rank}"
-    result = _analyze(args, plan)
-    if info.is_main:
-        from dapseg.analysis.report import write_analysis
-        from dapseg.eval.provenance import provenance
-
-        settings = {**plan["settings"], "provenance": provenance(plan["device"], None, info.world_size)}
-        paths = write_analysis(args.out, result, settings, note=_note(args))
-        for r in result.sources:
-            ap, chance = r.hist.average_precision(), r.hist.positive_rate()
-            print(f"{r.info.label:<40} AP {100 * ap:6.2f}   chance {100 * chance:6.2f}")
-        if result.bad:
-            print(f"skipped {len(result.bad)} unreadable image(s): {', '.join(result.bad)}")
-        print(f"{result.n_images} images; results: {paths['md']} (also .csv, .json), curves: {paths['png']}")
+        plan["device"] = torch.device(args.device)
+    # rank 0 holds --out for the whole run: a second run on the same folder stops at once
+    with hold_folder(args.out, "--out") if info.is_main else nullcontext():
+        result = _analyze(args, plan)
+        if info.is_main:
+            _report(args, plan, result, info.world_size)
     dist.barrier(info)
     return 0
+
+
+def _report(args: argparse.Namespace, plan: dict[str, Any], result: Any, world_size: int) -> None:
+    from dapseg.analysis.report import write_analysis
+    from dapseg.eval.provenance import provenance
+
+    settings = {**plan["settings"], "provenance": provenance(plan["device"], None, world_size)}
+    paths = write_analysis(args.out, result, settings, note=_note(args))
+    for r in result.sources:
+        ap, chance = r.hist.average_precision(), r.hist.positive_rate()
+        print(f"{r.info.label:<40} AP {100 * ap:6.2f}   chance {100 * chance:6.2f}")
+    if result.bad:
+        print(f"skipped {len(result.bad)} unreadable image(s): {', '.join(result.bad)}")
+    print(f"{result.n_images} images; results: {paths['md']} (also .csv, .json), curves: {paths['png']}")
 
 
 def _plan(args: argparse.Namespace) -> dict[str, Any]:
