@@ -207,9 +207,9 @@ def with_weight_files(
 def _built_at_window_size(cfg: Any) -> bool:
     if cfg is None:
         return False
-    from dapseg.models.vfm import vfm_spec
+    from dapseg.models.vfm import vfm_traits
 
-    return vfm_spec(cfg.name).built_at_window_size
+    return vfm_traits(cfg.name).built_at_window_size
 
 
 def _text_cache(explicit: PathLike | None) -> Path:

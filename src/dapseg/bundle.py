@@ -75,7 +75,7 @@ class ModelBundle:
         """The SAM a decoder goes around: the ``sam:`` model, else a SAM the config loaded as its VFM."""
         if self.sam is not None:
             return self.sam, self.sam_config
-        if self.vfm is not None and getattr(self.vfm, "family", None) == "sam":
+        if self.vfm is not None and _traits(self.vfm).sam_decoder:
             return self.vfm, self.vfm_config
         return None, None
 
@@ -100,8 +100,9 @@ class ModelBundle:
     def backbone(self, config: SegmenterConfig) -> Backbone:
         family = getattr(self.vfm, "family", None) if self.vfm is not None else None
         vfm_name = config.vfm.name if config.vfm is not None else None
+        lam = _traits(self.vfm).fsa_lambda if self.vfm is not None else None
         return Backbone(clip_model=config.clip.model, vfm_name=vfm_name, vfm_family=family,
-                        clip_patch_size=int(self.clip.patch_size))
+                        clip_patch_size=int(self.clip.patch_size), vfm_fsa_lambda=lam)
 
     def check(self, needs: Iterable[Need], what: str, config: SegmenterConfig) -> None:
         """A clear error when ``what`` (e.g. "head 'dap'") needs a model the config does not name."""
@@ -126,3 +127,10 @@ class ModelBundle:
             elif need is Need.BACKBONE:
                 out[need.value] = self.backbone(config)
         return out
+
+
+def _traits(vfm: nn.Module) -> Any:
+    """The ``FamilyTraits`` of a VFM built by ``build_vfm`` (a module handed in without them has none)."""
+    from dapseg.models.vfm.base import FamilyTraits
+
+    return getattr(vfm, "traits", None) or FamilyTraits()

@@ -58,8 +58,9 @@ class Backbone:
 
     clip_model: str  # open_clip model name, e.g. "ViT-B-16"
     vfm_name: str | None = None  # VFM registry name, e.g. "mae_vitb16"
-    vfm_family: str | None = None  # VFM family, e.g. "mae"
+    vfm_family: str | None = None  # VFM family, e.g. "mae" (for reports: components read traits, not names)
     clip_patch_size: int = 16  # pixels per CLIP patch
+    vfm_fsa_lambda: float | None = None  # the FSA λ the VFM's family asks for (None: none)
 
 
 @dataclass(frozen=True)
@@ -190,8 +191,16 @@ REFINERS: Registry[Any] = Registry(
 )
 PLUGINS: Registry[Any] = Registry("plug-in", builtins=["dapseg.plugins.fsa"])
 VFM_FAMILIES: Registry[Any] = Registry(
-    "VFM family", builtins=[f"dapseg.models.vfm.{m}" for m in ("dino", "dinov2", "dinov3", "mae", "sam")]
+    "VFM family", builtins=[f"dapseg.models.vfm.{m}" for m in ("dino", "dinov2", "dinov3", "mae", "sam", "sd")]
 )
+
+
+def vfm_family_name(vfm_name: str) -> str:
+    """The VFM family offering VFM ``vfm_name`` (one of its ``specs``); ValueError listing the valid names."""
+    owners = {spec.name: family for family in VFM_FAMILIES.names() for spec in VFM_FAMILIES.build(family).specs}
+    if vfm_name not in owners:
+        raise ValueError(f"unknown VFM {vfm_name!r}; valid names: {', '.join(owners)}")
+    return owners[vfm_name]
 
 
 def all_registries() -> dict[str, Registry[Any]]:
