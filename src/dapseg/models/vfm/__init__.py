@@ -1,13 +1,15 @@
 """Vision foundation models (VFMs), one module per family: ``dino``, ``dinov2``, ``dinov3``, ``mae``,
-``sam``, ``sd`` (Stable Diffusion). Each holds its specs as data, its checkpoint filter and its forward, and registers itself in
-``dapseg.registry.VFM_FAMILIES``; ``loading.build_vfm`` is generic (resolve, build, filter, strict
-load). ``base`` has the common wrapper (see its docstring for which features each family gives).
+``sam``, ``sd`` (Stable Diffusion). Each holds its specs as data, its weights source (``sources``), its
+checkpoint filter, its forward, its ``vfm.params`` model and its traits, and registers itself in
+``dapseg.registry.VFM_FAMILIES``; ``loading.build_vfm`` is generic (resolve, fetch, build, filter,
+strict load, wrap). ``base`` has the common wrapper (see its docstring for which features each family
+gives).
 """
 
 from dapseg.models.vfm.base import (
     IMAGENET_MEAN,
-    FamilyTraits,
     IMAGENET_STD,
+    FamilyTraits,
     VfmFamily,
     VfmOutput,
     VfmSpec,
@@ -24,8 +26,8 @@ from dapseg.models.vfm.loading import (
 
 __all__ = [
     "IMAGENET_MEAN",
-    "FamilyTraits",
     "IMAGENET_STD",
+    "FamilyTraits",
     "VfmFamily",
     "VfmOutput",
     "VfmSpec",

@@ -1,9 +1,10 @@
 """Vision foundation models (VFMs) that give ProxyCLIP-style proxy features.
 
 ``build_vfm(cfg, ...)`` returns a ``VisionFoundationModel``: an ``nn.Module`` whose ``forward`` takes
-images (B, 3, H, W) with values in [0, 1], applies its spec's mean/std normalisation (ImageNet's for
-the ViTs) and the model's own resizing, and returns ``VfmOutput(feats (B, C, h', w'), attn (B, heads, N', N') | None)`` with
-N' = h'·w' patch tokens (CLS / register tokens dropped everywhere).
+images (B, 3, H, W) with values in [0, 1], applies its spec's mean/std normalisation (ImageNet's
+for the ViTs) and the model's own resizing, and returns
+``VfmOutput(feats (B, C, h', w'), attn (B, heads, N', N') | None)`` with N' = h'·w' patch tokens
+(CLS / register tokens dropped everywhere).
 
 Which features (facts read from the public reference mc-lan/ProxyCLIP, ``proxyclip_segmentor.py``):
 

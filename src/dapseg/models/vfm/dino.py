@@ -5,8 +5,8 @@ embeddings interpolated as official DINO does (bicubic, scale factor (h' + 0.1) 
 from __future__ import annotations
 
 from dapseg.models.vfm.base import VfmFamily, register_family, specs_from
-from dapseg.models.vfm.vit import TINY_VIT, make_timm_vit, vit_checkpoint_filter, wrap_vit
 from dapseg.models.vfm.sources import TimmHubFile
+from dapseg.models.vfm.vit import TINY_VIT, make_timm_vit, vit_checkpoint_filter, wrap_vit
 
 SPECS = specs_from("dino", [
     {"name": "dino_vits8", "arch": "vit_small_patch8_224", "patch_size": 8,

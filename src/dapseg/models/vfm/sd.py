@@ -217,7 +217,7 @@ class SdVfm(VisionFoundationModel):
     def _encode(self, x: torch.Tensor, return_attn: bool) -> VfmOutput:
         if return_attn:
             raise ValueError(f"{self.name}: Stable Diffusion gives no attention map; use the proxy head with "
-                             "affinity: vfm_features")
+                             "head.params.affinity: features")
         vae, unet = self.sd.vae, self.sd.unet
         moments = vae.quant_conv(vae.encoder(x))  # (B, 8, s/8, s/8): mean, log-variance
         latents = moments[:, :4] * VAE_SCALING  # the posterior's mean
