@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from dapseg.api import Segmenter
+from dapseg.api import PrebuiltModels, Segmenter
 from dapseg.config import ClipConfig, PluginConfig, SegmenterConfig, VfmConfig, list_presets, load_preset
 from dapseg.heads.base import Attention, Head, HeadContext, HeadOutput
 from dapseg.plugins.fsa import (
@@ -434,8 +434,8 @@ def _segmenter(preset: str, fsa_off: bool = False) -> Segmenter:
     if key not in _SEGMENTERS:
         config = load_preset(preset, {"plugins.fsa.enabled": False} if fsa_off else None)
         base = _SEGMENTERS.get((preset.removesuffix("-fsa"), False))
-        models = None if base is None else {"clip": base.clip, "vfm": base.vfm, "sam": base.sam}
-        _SEGMENTERS[key] = Segmenter(config, random_weights=True, tiny=True, device="cpu", _models=models)
+        models = None if base is None else PrebuiltModels(clip=base.clip, vfm=base.vfm, sam=base.sam)
+        _SEGMENTERS[key] = Segmenter(config, random_weights=True, tiny=True, device="cpu", models=models)
     return _SEGMENTERS[key]
 
 
@@ -506,7 +506,7 @@ def _check_fsa_on(preset: str, windows: torch.Tensor, text: torch.Tensor, overri
     torch.testing.assert_close(got, _as_map(want, to_embed, own.grid).float(), atol=1e-5, rtol=1e-5)
     # FSA really changes the result.
     plain = Segmenter(load_preset(preset, overrides), random_weights=True, tiny=True, device="cpu",
-                      _models={"clip": seg.clip, "vfm": seg.vfm, "sam": seg.sam})
+                      models=PrebuiltModels(clip=seg.clip, vfm=seg.vfm, sam=seg.sam))
     assert not torch.allclose(plain.engine.embed(windows.double(), text.double()), got, atol=1e-4)
 
 
