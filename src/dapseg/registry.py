@@ -21,6 +21,7 @@ This module imports nothing from the package: it is the lowest layer with ``conf
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -73,6 +74,9 @@ class Entry(Generic[T]):
     params: type[BaseModel] | None = None
     needs: NeedsSpec = field(default_factory=frozenset)
     description: str = ""
+    # What other parts of the pipeline look up about the component, by key (e.g. a head's
+    # ``stitched`` function: how it runs over the stitched tokens of ``inference.mode: stitch``).
+    extras: Mapping[str, Any] = field(default_factory=dict)
 
     def parse_params(self, params: Mapping[str, Any] | BaseModel | None) -> BaseModel | None:
         """The validated params object; a component without a params model accepts none."""
@@ -116,14 +120,21 @@ class Registry(Generic[T]):
         needs: NeedsSpec = frozenset(),
         description: str = "",
         replace: bool = False,
+        extras: Mapping[str, Any] | None = None,
     ) -> Callable[[Callable[..., T]], Callable[..., T]]:
         """Decorator registering ``builder`` (a class or a function) under ``name``."""
 
         def deco(builder: Callable[..., T]) -> Callable[..., T]:
-            self.add(Entry(self.kind, name, builder, params, needs, description), replace=replace)
+            self.add(Entry(self.kind, name, builder, params, needs, description, dict(extras or {})), replace=replace)
             return builder
 
         return deco
+
+    def attach(self, name: str, **extras: Any) -> None:
+        """Add ``extras`` to the entry of ``name`` (a module above the component's layer declaring what
+        it can do with it, e.g. the stitch strategy's function for a head)."""
+        entry = self.get(name)
+        self._entries[name] = dataclasses.replace(entry, extras={**entry.extras, **extras})
 
     def add(self, entry: Entry[T], *, replace: bool = False) -> None:
         if not entry.name or entry.name == self.none_name:

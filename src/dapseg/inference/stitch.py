@@ -28,7 +28,7 @@ from torch import Tensor
 from dapseg.config import InferenceConfig
 from dapseg.inference.engine import DenseEngine
 from dapseg.inference.preprocess import normalize
-from dapseg.inference.stitch_attention import StitchedTokens, stitched_head_spec
+from dapseg.inference.stitch_attention import StitchedTokens, stitched_head
 from dapseg.inference.strategies import engine_padding
 from dapseg.inference.windows import GridAverage, crop_windows, window_grid
 from dapseg.registry import STRATEGIES
@@ -100,8 +100,8 @@ def stitch(engine: DenseEngine, image01: Tensor, text: Tensor, cfg: InferenceCon
     if engine.plugin is not None:
         raise ValueError("inference.mode=stitch does not support the FSA plug-in; set fsa.enabled=false "
                          "or use inference.mode=slide")
-    spec = stitched_head_spec(engine.head)
-    if spec.needs_vfm and engine.vfm is None:
+    stitched_fn, needs_vfm = stitched_head(engine.head)
+    if needs_vfm and engine.vfm is None:
         raise ValueError(f"head {engine.head.name!r} needs a VFM: configure a `vfm:` section")
     _, H, W = image01.shape
     image01 = image01.to(engine.device)
@@ -109,9 +109,9 @@ def stitch(engine: DenseEngine, image01: Tensor, text: Tensor, cfg: InferenceCon
     img = image01 if (h, w) == (H, W) else F.interpolate(
         image01[None], (h, w), mode="bilinear", align_corners=False)[0]
     with torch.no_grad():
-        stitched = window_tokens(engine, img, cfg, spec.needs_vfm)
+        stitched = window_tokens(engine, img, cfg, needs_vfm)
         with engine.autocast():
-            tokens, grid = spec.fn(engine.head, engine.clip.last_block, stitched, p.chunk)  # (n, D)
+            tokens, grid = stitched_fn(engine.head, engine.clip.last_block, stitched, p.chunk)  # (n, D)
         logits = engine.patch_logits(tokens[None], grid, text)  # (1, Q, gh, gw)
     return F.interpolate(logits, (H, W), mode="bilinear", align_corners=False)[0]
 
