@@ -81,7 +81,7 @@ _FILES = {"unet": "unet/diffusion_pytorch_model", "vae": "vae/diffusion_pytorch_
           "text_encoder": "text_encoder/model"}
 SPECS = specs_from("sd", [
     {"name": "sd15", "arch": "stable-diffusion-v1-5", "patch_size": 8,
-     "official_file": "a diffusers folder (unet/, vae/, text_encoder/) of stable-diffusion-v1-5",
+     "official_file": "stable-diffusion-v1-5 in the diffusers layout (unet/, vae/, text_encoder/)",
      "hub": "stable-diffusion-v1-5/stable-diffusion-v1-5",
      "description": "Stable Diffusion 1.5 UNet features at t = 0 (window resized to 672x672)",
      "arch_config": {"unet": _UNET, "vae": _VAE, "text": _TEXT}, "tiny": _TINY},
