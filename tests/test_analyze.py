@@ -340,6 +340,9 @@ def test_analyze_defaults_to_the_presets_vfm_and_window(voc, tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         command.run(command_args(voc, tmp_path, "--preset", "proxyclip-sam_vitb"))
     assert seen["vfms"] == ["sam_vitb"] and seen["window"] == 336
+    with pytest.raises(KeyboardInterrupt):
+        command.run(command_args(voc, tmp_path, "--preset", "proxyclip-sd15", "--vfm", "dino_vits8", "--vfm", "sd15"))
+    assert seen["vfms"] == ["dino_vits8", "sd15"]
 
 
 def command_args(voc, tmp_path, *extra):

@@ -143,8 +143,12 @@ def build_sources(args: argparse.Namespace, plan: dict[str, Any]) -> list:
         sources: list = [clip]
         for name in plan["vfms"]:
             torch.manual_seed(0)
-            vfm = build_vfm(VfmConfig(name=name, weights=args.vfm_weights), random_weights=args.random_weights,
-                            tiny=args.tiny, cache_dir=args.cache_dir, window_size=window, device=device)
+            # the preset's own VFM keeps its family params (vfm.params); any other: the family's defaults
+            cfg = config.vfm if config.vfm is not None and config.vfm.name == name else VfmConfig(name=name)
+            if args.vfm_weights is not None:
+                cfg = cfg.model_copy(update={"weights": Path(args.vfm_weights)})
+            vfm = build_vfm(cfg, random_weights=args.random_weights, tiny=args.tiny, cache_dir=args.cache_dir,
+                            window_size=window, device=device)
             sources.append(VfmCosine(vfm))
     return sources
 
