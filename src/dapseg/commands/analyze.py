@@ -26,8 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"dataset name ({', '.join(list_datasets())}) or a dataset YAML file")
     p.add_argument("--data-root", required=True, help="folder holding the dataset (as for `dapseg eval`)")
     p.add_argument("--vfm", dest="vfms", action="append", default=[], metavar="NAME",
-                   help="a VFM whose feature cosine to score (repeatable; `dapseg presets --components` "
-                   "lists them; default: the preset's VFM)")
+                   help="a VFM whose feature cosine to score (repeatable), e.g. dino_vitb8, dinov2_vitb14, "
+                   "mae_vitb16, sam_vitb, sd15 (an unknown name lists them all; default: the preset's VFM)")
     p.add_argument("--out", required=True, help="output folder: pr_curves.png, ap.md, ap.csv, ap.json")
     p.add_argument("--limit", type=int, default=None, help="only the first N images (sorted by name)")
     p.add_argument("--preset", default=DEFAULT_PRESET,
@@ -45,6 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dapseg.analysis.report import FILES, output_path, require_analyze_extras
+    from dapseg.commands.evalkit import setup_distributed
     from dapseg.eval import dist
     from dapseg.eval.checkpoint import ensure_writable
     from dapseg.folder_lock import hold_folder
@@ -55,9 +56,8 @@ def run(args: argparse.Namespace) -> int:
         output_path(args.out, name)  # an output that would land outside --out is refused before any work
     ensure_writable(Path(args.out), "--out")
 
-    info = dist.init_from_env(args.device)
-    if info.enabled and torch.cuda.is_available() and args.device in (None, "cuda"):
-        args.device = f"cuda:{info.local_rank}"
+    info = setup_distributed(args)  # each rank on its own GPU (LOCAL_RANK) when on CUDA
+    if args.device is not None:
         plan["device"] = torch.device(args.device)
     # rank 0 holds --out for the whole run: a second run on the same folder stops at once
     with hold_folder(args.out, "--out") if info.is_main else nullcontext():
