@@ -86,9 +86,15 @@ def kmeans_labels(x: Tensor, k: int, iters: int) -> Tensor:
     are spread over the window), then ``iters`` Lloyd steps on squared Euclidean distance; ties go
     to the lowest cluster; an empty cluster keeps its centre. ``k`` larger than N' is clamped.
     """
-    b, n, _ = x.shape
-    k = max(1, min(k, n))
+    k = max(1, min(k, x.shape[1]))
     x = x.float()
+    with torch.autocast(x.device.type, enabled=False):  # float32 distances under autocast too
+        return _lloyd(x, k, iters)
+
+
+def _lloyd(x: Tensor, k: int, iters: int) -> Tensor:
+    """``iters`` Lloyd steps from evenly spaced raster centres: x (B, N', C) float32 -> (B, N')."""
+    b, n, _ = x.shape
     start = (torch.arange(k, device=x.device) * n) // k  # (k,) evenly spaced patch indices
     centres = x[:, start].clone()  # (B, k, C)
     x2 = (x * x).sum(-1, keepdim=True)  # (B, N', 1)

@@ -87,6 +87,11 @@ def slic_labels(
         raise ValueError(f"slic_labels needs images (B, 3, H, W), got shape {tuple(images.shape)}")
     if n_segments < 1 or compactness <= 0:
         raise ValueError(f"slic_labels needs n_segments >= 1 and compactness > 0, got {n_segments}, {compactness}")
+    with torch.autocast(images.device.type, enabled=False):  # colours and distances in float32 always
+        return _slic(images, n_segments, compactness, max_iter, enforce_connectivity)
+
+
+def _slic(images: Tensor, n_segments: int, compactness: float, max_iter: int, enforce_connectivity: bool) -> Tensor:
     b, _, height, width = images.shape
     (y0, x0), (sy, sx) = grid_steps(height, width, n_segments)
     step = max(sy, sx)
