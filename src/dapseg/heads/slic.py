@@ -23,6 +23,8 @@ superpixel joins its largest neighbouring piece, as scikit-image's ``min_size_fa
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -87,8 +89,23 @@ def slic_labels(
         raise ValueError(f"slic_labels needs images (B, 3, H, W), got shape {tuple(images.shape)}")
     if n_segments < 1 or compactness <= 0:
         raise ValueError(f"slic_labels needs n_segments >= 1 and compactness > 0, got {n_segments}, {compactness}")
-    with torch.autocast(images.device.type, enabled=False):  # colours and distances in float32 always
-        return _slic(images, n_segments, compactness, max_iter, enforce_connectivity)
+    with torch.autocast(images.device.type, enabled=False), _one_cpu_thread(images.device):
+        return _slic(images, n_segments, compactness, max_iter, enforce_connectivity)  # float32 always
+
+
+@contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """On the CPU, run on one thread: each op here touches some 10⁴-10⁵ values, where a second
+    thread costs more than it brings (many times more on a loaded machine); other devices: as is."""
+    if device.type != "cpu" or torch.get_num_threads() == 1:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _slic(images: Tensor, n_segments: int, compactness: float, max_iter: int, enforce_connectivity: bool) -> Tensor:
