@@ -122,10 +122,10 @@ def format_agreement_row(r: dict[str, Any]) -> str:
 
 def paper_bench(table: tuple, side: int, extra: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """``dapseg bench`` rows for ``table`` on a side x side photo, each row under its own overrides."""
-    from dapseg.bench.runner import BenchSettings, run_bench
-
     from PIL import Image
     from skimage import data
+
+    from dapseg.bench.runner import BenchSettings, run_bench
 
     image = np.asarray(Image.fromarray(data.chelsea()).resize((side, side)))
     rows, report = [], None

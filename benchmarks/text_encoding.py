@@ -74,8 +74,8 @@ def main() -> None:
     all_now = time.perf_counter() - t0
     mb, mn = statistics.median(before), statistics.median(now)
     cpu = platform.processor() or platform.machine()
-    print(f"machine: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-          f"load {[round(x, 2) for x in os.getloadavg()]}")
+    print(f"machine: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+          f"torch {torch.__version__}, load {[round(x, 2) for x in os.getloadavg()]}")
     print(f"ViT-B/16 text tower, 80 templates, {len(queries)} of the {len(classes.queries)} ADE20K classes, "
           f"median of {args.repeats} alternating repeats:")
     print(f"  full context, one call per query : {mb:8.2f} s  ({1000 * mb / len(queries):.0f} ms/query)")

@@ -32,7 +32,7 @@ def test_dtype_rule():
     assert autocast_dtype(cpu, "fp32") is None
     assert autocast_dtype(cpu, "bf16") is torch.bfloat16
     assert autocast_dtype(cpu, "fp16") is torch.float16
-    with pytest.raises(ValueError, match="inference.precision"):
+    with pytest.raises(ValueError, match=r"inference\.precision"):
         autocast_dtype(cpu, "fp8")
 
 

@@ -141,7 +141,7 @@ class Segmenter:
             models["sam_decoder"] = self.models._sam_decoder  # the decoder around the same encoder
         if "clip" not in models:
             models = {}
-        elif config.templates == self.config.templates and config.inference.precision == self.config.inference.precision:
+        elif (config.templates, config.inference.precision) == (self.config.templates, self.config.inference.precision):
             models["text"] = self.text  # same encoder, prompts and precision: keep the embedding cache
         if config.inference.crop != self.config.inference.crop and _built_at_window_size(config.vfm):
             models.pop("vfm", None)  # e.g. MAE is built at the window size
