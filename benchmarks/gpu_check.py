@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 THRESHOLDS = {"max_abs_logit": 2e-2, "label_agreement": 0.996}  # what CPU bf16 keeps on tiny models
-BACKBONE_VARIANTS = ("dino_", "dinov2_", "dinov3_", "mae_", "sam_vit", "-h14")
+BACKBONE_VARIANTS = ("dino_", "dinov2_", "dinov3_", "mae_", "sam_vit", "-h14", "sd15")
 CLASSES = ["cat", "wall", "floor", "person", "sky", "grass", "table", "cup"]
 # Small windows for --tiny (seconds on a CPU); real runs keep each preset's own settings.
 TINY_OVERRIDES = {"inference.short_side": 112, "inference.crop": 96, "inference.stride": 64}

@@ -137,6 +137,9 @@ def test_no_import_cycles():
 ALLOWED = {
     "dapseg.registry": set(),
     "dapseg.files": set(),
+    "dapseg.termination": set(),
+    "dapseg.workers": set(),
+    "dapseg.folder_lock": {"dapseg.files"},
     "dapseg.config": {"dapseg.registry"},
     "dapseg.heads": {"dapseg.heads", "dapseg.registry"},
     "dapseg.models": {"dapseg.models", "dapseg.config", "dapseg.registry", "dapseg.weights", "dapseg.files"},

@@ -8,6 +8,8 @@ import importlib
 import sys
 
 from dapseg import __version__
+from dapseg.termination import EXIT_CODE as TERMINATED_EXIT_CODE
+from dapseg.termination import Terminated, sigterm_interrupts
 
 COMMANDS = ["segment", "presets", "download", "demo", "eval", "eval_all", "sweep", "convert", "bench"]
 
@@ -26,11 +28,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    sigterm_interrupts()  # a scheduler's SIGTERM saves progress exactly as Ctrl-C does
     try:
         return int(args.run(args) or 0)
     except BrokenPipeError:  # output piped into `head` and closed: not an error
         sys.stderr.close()
         return 0
+    except Terminated:
+        print("terminated (SIGTERM)", file=sys.stderr)
+        return TERMINATED_EXIT_CODE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -54,3 +54,21 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Write UTF-8 ``text`` to ``path`` atomically."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def resolve_inside(root: str | os.PathLike[str], name: str, *, what: str) -> Path:
+    """``root / name`` resolved (symlinks followed), refused unless it stays inside ``root``.
+
+    ``name`` comes from untrusted input (a split file, an input list, a path read back from disk): an
+    absolute name, a ``..`` that climbs out, or a symlink that points outside all raise ``ValueError``
+    naming ``what`` (e.g. "line 12 of splits/val.txt"). The path need not exist yet.
+    """
+    if not name or "\x00" in name:
+        raise ValueError(f"{what}: empty name or a NUL byte in {name!r}")
+    if os.path.isabs(name) or Path(name).drive:
+        raise ValueError(f"{what}: {name!r} is an absolute path; only names relative to {root} are allowed")
+    base = Path(root).resolve()
+    path = (base / name).resolve()
+    if path != base and base not in path.parents:
+        raise ValueError(f"{what}: {name!r} leads outside {root} (to {path})")
+    return path

@@ -28,7 +28,8 @@ def add_model_args(
     g.add_argument("--tiny", action="store_true", help="with --random-weights: tiny models (tests)")
     g.add_argument("--cache-dir", default=None, help="weights cache (default: $DAPSEG_CACHE or ~/.cache/dapseg)")
     g.add_argument("--clip-weights", default=None, help="local CLIP weights: OpenAI .pt or open_clip .bin/.safetensors")
-    g.add_argument("--vfm-weights", default=None, help="local VFM weights: the official DINO/DINOv2/MAE/SAM file")
+    g.add_argument("--vfm-weights", default=None,
+                   help="local VFM weights: the official DINO/DINOv2/MAE/SAM file, or an SD diffusers folder")
     g.add_argument("--sam-weights", default=None, help="local SAM weights: the official sam_vit_*.pth file")
 
 
