@@ -2,20 +2,21 @@
 
 The algorithm is scikit-image's ``slic`` (colour in CIELAB, distance
 ``|Δlab|²/m² + |Δyx|²/S²`` with m the compactness and S the grid step, the same initial grid,
-ten Lloyd-style iterations, small pieces merged into a neighbour) with two changes that make it
-cheap on any device:
+up to ten Lloyd-style iterations, stopping early when nothing moves, small pieces merged into a
+neighbour) with two changes that make it cheap on any device:
 
 - each pixel compares itself with the 3 × 3 initial-grid centres around its own cell (the original
-  SLIC search window, ±S) instead of scikit-image's ±2S box, so one iteration is nine elementwise
-  passes over the batch, with no Python loop over centres;
-- the iterations run on the Lab image area-averaged by an integer factor so that a superpixel is
-  still about ``WORK_STEP`` pixels across, and the labels are brought back to full resolution by
-  nearest neighbour. A region is then off by at most half that factor at its boundary, well below
-  the VFM patch the labels are pooled onto.
+  SLIC search window, ±S) instead of scikit-image's ±2S box: one iteration is a few elementwise
+  passes over a (B, 5, 9, pixels) tensor, with no Python loop over centres;
+- the window is area-averaged (in RGB, before the Lab conversion) by an integer factor so that a
+  superpixel is still about ``WORK_STEP`` pixels across, and the labels are brought back to full
+  resolution by nearest neighbour. A region is then off by at most half that factor at its boundary,
+  well below the VFM patch the labels are pooled onto.
 
-The connectivity clean-up is label propagation (each pixel takes the smallest index among its
-4-neighbours of the same superpixel until nothing changes), then every piece smaller than half a
-superpixel joins its largest neighbouring piece, as scikit-image's ``min_size_factor=0.5``.
+The connectivity clean-up is label propagation with pointer jumping (each pixel takes the smallest
+index among its 4-neighbours of the same superpixel until nothing changes), then every piece
+smaller than half a superpixel joins its largest neighbouring piece, as scikit-image's
+``min_size_factor=0.5``.
 
 ``slic_skimage`` is scikit-image's own SLIC on the CPU, kept for comparison.
 """
