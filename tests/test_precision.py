@@ -89,8 +89,9 @@ NEAR_TIE = 1e-3
 
 
 # The Stable Diffusion VFM (VAE encoder + UNet down to its first up block) loses more to bf16 than the
-# ViTs: max |Δlogit| 0.034 (proxyclip-sd15) and 0.020 (dap-sd15) on this photo; labels still agree.
-MAX_ABS_LOGIT = {"proxyclip-sd15": 5e-2, "dap-sd15": 5e-2}
+# ViTs: max |Δlogit| 0.034 (proxyclip-sd15), 0.033 (its -fsa variant) and 0.020 (dap-sd15) on this
+# photo; labels still agree. Every other preset keeps the 2e-2 bound.
+SD_MAX_ABS_LOGIT = 5e-2
 
 
 @pytest.mark.parametrize("preset", list_presets())
@@ -102,7 +103,7 @@ def test_bf16_agrees_with_fp32(preset):
     bf16 = fp32.derive({"inference.precision": "bf16"})  # the same models
     a, b = fp32.predict(image(), CLASSES), bf16.predict(image(), CLASSES)
     assert torch.isfinite(b.logits).all()
-    assert float((a.logits - b.logits).abs().max()) <= MAX_ABS_LOGIT.get(preset, 2e-2)
+    assert float((a.logits - b.logits).abs().max()) <= (SD_MAX_ABS_LOGIT if "sd15" in preset else 2e-2)
     keep = decided(a, NEAR_TIE)
     assert float(keep.float().mean()) >= 0.8, "the test photo should be mostly decided"
     assert float((a.labels == b.labels)[keep].float().mean()) >= 0.996
