@@ -184,3 +184,17 @@ def test_stitch_window_count_uses_the_aligned_size() -> None:
     # 70 x 105 aligned to the 16-px patch: 64 x 112 -> (64-32)/16+1 = 3 rows, (112-32)/16+1 = 6 columns
     # (unaligned it would be 4 x 6 = 24)
     assert n_windows(seg, image) == 18
+
+
+def test_dap_report_shows_regions_and_text_encoding_as_their_own_stages() -> None:
+    image = (np.random.default_rng(2).random((48, 80, 3)) * 255).astype(np.uint8)
+    settings = BenchSettings(
+        device="cpu", random_weights=True, tiny=True, warmup=0, repeats=1, compare_batching=False,
+        count_flops=False, overrides={"inference.short_side": 64, "inference.crop": 64, "inference.stride": 32},
+    )
+    report = run_bench(["dap"], image, ["cat", "sky", "grass"], settings, probe_size=64)
+    (row,) = report["presets"]
+    assert row["stages_s"]["regions"] > 0 and row["stage_paths_unresolved"] == []
+    assert row["text_encoding_s"] > 0
+    text = format_report(report)
+    assert "regions" in text and "text enc s" in text

@@ -20,7 +20,7 @@ from dapseg.config import HeadConfig, load_preset
 from dapseg.heads.base import HeadContext, build_head
 from dapseg.heads.dap import DapHead
 from dapseg.heads.proxy import ProxyHead
-from dapseg.heads.regions import kmeans_labels, pool_labels_to_grid
+from dapseg.heads.regions import kmeans_labels, pool_labels_to_grid, slic_labels
 from dapseg.models.vfm import list_vfms
 from dapseg.registry import HEADS as HEAD_REGISTRY
 from dapseg.registry import Need
@@ -404,15 +404,21 @@ def test_pool_labels_to_grid_matches_naive_majority():
         np.testing.assert_array_equal(pooled[b][keep], want[keep])
 
 
-def test_dap_slic_regions_match_explicit_p():
+@pytest.mark.parametrize("regions", ["slic", "slic_skimage"])
+def test_dap_slic_regions_match_explicit_p(regions):
+    """The head's P·W uses the SLIC map of each window: the torch SLIC (its quality against
+    scikit-image's is tested in test_slic.py) or scikit-image's, called here directly."""
     vgrid = (6, 10)
     ctx = make_ctx(b=2, grid=(3, 5), vgrid=vgrid)
-    params = {"regions": "slic", "n_segments": 8, "compactness": 5.0, "rho": 0.6}
+    params = {"regions": regions, "n_segments": 8, "compactness": 5.0, "rho": 0.6}
     head = build_head("dap", params)
 
     def attn(b):
-        img = ctx.images[b].permute(1, 2, 0).double().numpy()
-        pix = slic(img, n_segments=8, compactness=5.0, start_label=0, channel_axis=-1)
+        if regions == "slic":
+            pix = slic_labels(ctx.images[b : b + 1], 8, 5.0)[0].numpy()
+        else:
+            img = ctx.images[b].permute(1, 2, 0).double().numpy()
+            pix = slic(img, n_segments=8, compactness=5.0, start_label=0, channel_axis=-1)
         w = naive_attention(feats_np(ctx, b))
         return 0.4 * w + 0.6 * naive_region_matrix(naive_majority(pix, *vgrid)) @ w
 

@@ -15,7 +15,7 @@ from PIL import Image
 from dapseg.bundle import ModelBundle, PrebuiltModels
 from dapseg.config import SegmenterConfig, load_preset
 from dapseg.images import load_image
-from dapseg.inference.engine import DenseEngine, HeadPlugin
+from dapseg.inference.engine import DenseEngine, HeadPlugin, autocast_dtype
 from dapseg.inference.preprocess import resize_image, short_side_size, to_tensor01
 from dapseg.models.clip import DenseClip
 from dapseg.postprocess import class_probs, labels_banded, labels_from_probs
@@ -66,15 +66,23 @@ class Segmenter:
             self.refiner: Refiner | None = None
             if config.refine.name != REFINERS.none_name:
                 self.refiner, _ = self._build(REFINERS, config.refine.name, config.refine.params)
-        self.engine = DenseEngine(self.clip, self.head, self.vfm, plugin, needs=head_needs | plugin_needs)
+        self.engine = DenseEngine(self.clip, self.head, self.vfm, plugin, needs=head_needs | plugin_needs,
+                                  precision=config.inference.precision)
+        dtype = autocast_dtype(self.device, config.inference.precision)
         self.text = models.text or TextEmbedder(
-            self.clip.encode_text,
-            model_id=f"{self.clip.name}:{self.clip.tag}",
+            self._encode_text,
+            # embeddings from a lower precision are their own cache entries
+            model_id=f"{self.clip.name}:{self.clip.tag}" + (f":{dtype}" if dtype is not None else ""),
             templates=config.templates,
             # Random weights differ from real ones: never share their text embeddings on disk.
             cache_root=None if random_weights or config.clip.weights else _text_cache(cache_dir),
             dim=self.clip.embed_dim,
         )
+
+    def _encode_text(self, texts: list[str]) -> torch.Tensor:
+        """CLIP's text tower at the configured precision: (len(texts), E) float32."""
+        with self.engine.autocast():
+            return self.clip.encode_text(texts).float()
 
     @property
     def clip(self) -> DenseClip:
@@ -138,7 +146,9 @@ class Segmenter:
             vfm=self.vfm if same["vfm"] else None,
             sam=self.sam if same["sam"] else None,
             sam_decoder=self.models.built_sam_decoder if keep_sam else None,  # around the same encoder
-            text=self.text if config.templates == self.config.templates else None,  # keep the embedding cache
+            # same encoder, prompts and precision: keep the embedding cache
+            text=self.text if (config.templates, config.inference.precision)
+            == (self.config.templates, self.config.inference.precision) else None,
         )
         return Segmenter(config, device=self.device, random_weights=self.random_weights, tiny=self.tiny,
                          cache_dir=self.cache_dir, models=models)
@@ -171,7 +181,8 @@ class Segmenter:
             labels = labels_banded(coarse, img.shape[:2], post.logit_scale, q2c, post.prob_thd)
             return SegmentationResult(img, class_set, coarse, labels, post.logit_scale)
         full = F.interpolate(coarse[None], size=img.shape[:2], mode="bilinear", align_corners=False)[0]
-        out = self.refiner(RefineInput(img, full, q2c, post.logit_scale, post.prob_thd))
+        with self.engine.autocast():  # SAM's prompt decoder at the configured precision
+            out = self.refiner(RefineInput(img, full, q2c, post.logit_scale, post.prob_thd))
         logits = out.logits.float().cpu() if out.logits is not None else None
         probs = out.probs.float().cpu() if out.probs is not None else None
         if out.labels is not None:

@@ -11,7 +11,7 @@ import copy
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -86,6 +86,8 @@ class InferenceConfig(_Strict):
     stride: int = 112  # sliding-window stride (px)
     pad_multiple: int | None = None  # zero-pad each window to a multiple of this (ProxyCLIP: 56)
     max_batch: int = 16  # windows per forward pass
+    # autocast of every model (CLIP, VFM, SAM, text); auto: bf16 (fp16 without bf16) on CUDA, fp32 elsewhere
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # strategy-specific (e.g. splice affinity); checked by a field validator, so that an error is
     # reported at ``inference.params.<key>``
     params: dict[str, Any] = Field(default_factory=dict, validate_default=True)

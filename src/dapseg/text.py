@@ -135,6 +135,8 @@ class TextEmbedder:
     model, its weights tag, the templates and the query, so a second run encodes nothing. A cache file
     is untrusted: loaded with ``weights_only=True`` and used only if it is a finite float32 unit
     vector of the model's size; anything else is recomputed and overwritten.
+    The queries not cached are encoded together, ``queries_per_call`` at a time: one ``encode``
+    call gets all their prompts, so the encoder can batch prompts of similar length.
     """
 
     def __init__(
@@ -144,12 +146,16 @@ class TextEmbedder:
         templates: str,
         cache_root: Path | None,
         dim: int | None = None,
+        queries_per_call: int = 64,
     ) -> None:
         """``dim``: the embedding size, if known (a cache file of another size is then never used)."""
+        if queries_per_call < 1:
+            raise ValueError(f"queries_per_call must be >= 1, got {queries_per_call}")
         self.encode = encode
         self.model_id = model_id
         self.templates = templates
         self.cache_root = cache_root
+        self.queries_per_call = queries_per_call
         self._template_texts = template_texts(templates)  # part of every cache key; computed once
         self._memory: dict[str, torch.Tensor] = {}
         self._dim = dim  # embedding size; else known from the first query embedded
@@ -159,23 +165,21 @@ class TextEmbedder:
         blob = json.dumps([self.model_id, self._template_texts, query])
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
-    def embed_query(self, query: str) -> torch.Tensor:
-        key = self._key(query)
+    def _path(self, key: str) -> Path | None:
+        return self.cache_root / f"{key}.pt" if self.cache_root is not None else None
+
+    def _cached(self, key: str) -> torch.Tensor | None:
         if key in self._memory:
             return self._memory[key]
-        path = self.cache_root / f"{key}.pt" if self.cache_root is not None else None
-        emb = None
-        if path is not None and path.is_file():
-            try:
-                emb = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception:  # a torn or foreign cache file is recomputed, never trusted
-                emb = None
-            if emb is not None and not self._plausible(emb):  # e.g. NaN, a wrong size, not normalised
-                emb = None
-        if emb is None:
-            emb = self._compute(query)
-            if path is not None:
-                _atomic_torch_save(emb, path)
+        path = self._path(key)
+        if path is None or not path.is_file():
+            return None
+        try:
+            emb = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # a torn or foreign cache file is recomputed, never trusted
+            return None
+        if not self._plausible(emb):  # e.g. NaN, a wrong size, not normalised
+            return None
         self._dim = int(emb.shape[0])
         self._memory[key] = emb
         return emb
@@ -186,18 +190,38 @@ class TextEmbedder:
                 and emb.numel() > 0 and bool(torch.isfinite(emb).all())
                 and abs(float(emb.norm()) - 1.0) < 1e-3 and self._dim in (None, emb.shape[0]))
 
-    def _compute(self, query: str) -> torch.Tensor:
-        texts = [t(query) for t in get_templates(self.templates)]
+    def embed_query(self, query: str) -> torch.Tensor:
+        return self.embed_queries([query])[0]
+
+    def embed_queries(self, queries: Sequence[str]) -> list[torch.Tensor]:
+        """One (E,) embedding per query; the uncached ones encoded in few large calls."""
+        keys = [self._key(q) for q in queries]
+        missing = list(dict.fromkeys(q for q, k in zip(queries, keys, strict=True) if self._cached(k) is None))
+        for start in range(0, len(missing), self.queries_per_call):
+            chunk = missing[start : start + self.queries_per_call]
+            for query, emb in zip(chunk, self._compute(chunk), strict=True):
+                key = self._key(query)
+                self._memory[key] = emb
+                self._dim = int(emb.shape[0])
+                path = self._path(key)
+                if path is not None:
+                    _atomic_torch_save(emb, path)
+        return [self._memory[k] for k in keys]
+
+    def _compute(self, queries: list[str]) -> torch.Tensor:
+        """(len(queries), E): every template of every query in one encoder call, then averaged."""
+        templates = get_templates(self.templates)
+        texts = [t(q) for q in queries for t in templates]
         with torch.no_grad():
-            feats = self.encode(texts).float().cpu()
+            feats = self.encode(texts).float().cpu()  # (len(queries) · T, E)
         feats = feats / feats.norm(dim=-1, keepdim=True)
-        mean = feats.mean(dim=0)
-        self.encoded_queries += 1
-        return mean / mean.norm()
+        mean = feats.view(len(queries), len(templates), -1).mean(dim=1)
+        self.encoded_queries += len(queries)
+        return mean / mean.norm(dim=-1, keepdim=True)
 
     def __call__(self, classes: ClassSet) -> torch.Tensor:
         """(Q, E) normalised embeddings of every query of ``classes``."""
-        return torch.stack([self.embed_query(q) for q in classes.queries])
+        return torch.stack(self.embed_queries(classes.queries))
 
 
 def _atomic_torch_save(obj: torch.Tensor, path: Path) -> None:

@@ -33,6 +33,8 @@ FUNCTION_STAGES: dict[str, tuple[str, ...]] = {
         "dapseg.inference.engine:DenseEngine.head_output",
         "dapseg.inference.engine:DenseEngine.patch_logits",
     ),
+    # DAP's region maps (SLIC, k-means or SAM masks, pooled onto the VFM grid), per window and stitched
+    "regions": ("dapseg.heads.dap:DapHead.region_labels",),
     "sam": ("dapseg.inference.splice:encode_image",),
     "global_affinity": ("dapseg.inference.splice:aggregate_map",),
     "text": ("dapseg.api:Segmenter.text_embeddings",),

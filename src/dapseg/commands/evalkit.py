@@ -53,11 +53,11 @@ def setup_distributed(args: argparse.Namespace) -> dist.DistInfo:
     return info
 
 
-def autocast_dtype(device: torch.device) -> str:
-    """The engine's autocast dtype on ``device``, as the evaluation records it."""
+def autocast_dtype(device: torch.device, precision: str = "auto") -> str:
+    """The engine's autocast dtype on ``device`` at ``inference.precision``, as the evaluation records it."""
     from dapseg.inference.engine import autocast_dtype as engine_dtype
 
-    dtype = engine_dtype(device)
+    dtype = engine_dtype(device, precision)
     return f"{str(dtype).removeprefix('torch.')} (autocast)" if dtype is not None else "float32"
 
 
@@ -89,7 +89,7 @@ class SegmenterFactory:
         extra = {"random_weights": bool(a.random_weights), "tiny": bool(a.tiny),
                  "weights": {"clip": a.clip_weights, "vfm": a.vfm_weights, "sam": a.sam_weights}}
         return BuiltPredictor(predict, seg.config.model_dump(mode="json"), str(seg.device),
-                              autocast_dtype(seg.device), extra)
+                              autocast_dtype(seg.device, seg.config.inference.precision), extra)
 
 
 def preset_names(args: argparse.Namespace) -> list[str]:

@@ -45,7 +45,8 @@ def normalized_patches(feats: Tensor) -> Tensor:
 def patch_similarity(feats: Tensor) -> Tensor:
     """S = x̂ x̂ᵀ: (B, C', h', w') -> (B, N', N') cosine similarities of the VFM patches."""
     x = normalized_patches(feats)
-    return torch.bmm(x, x.transpose(1, 2))
+    with torch.autocast(x.device.type, enabled=False):  # float32 under autocast too (module docstring)
+        return torch.bmm(x, x.transpose(1, 2))
 
 
 def adaptive_normalize(s: Tensor, beta: float, gamma: float, mean: Tensor | None = None) -> Tensor:

@@ -43,6 +43,7 @@ from dapseg.heads.regions import (
     pool_labels_to_grid,
     region_mean,
     slic_labels,
+    slic_skimage,
 )
 from dapseg.registry import Need
 
@@ -59,7 +60,9 @@ class DapHead(Head):
         beta: float = Field(1.2, ge=0, description="shift β of the proxy affinity")
         gamma: float = Field(3.0, gt=0, description="scale γ of the proxy affinity")
         knn: int = Field(0, ge=0, description="mutual k-NN neighbourhoods under S; 0 = off; > N' clamped")
-        regions: Literal["none", "slic", "kmeans", "sam"] = Field("slic", description="region source")
+        regions: Literal["none", "slic", "slic_skimage", "kmeans", "sam"] = Field(
+            "slic", description="region source (slic: torch on the models' device; slic_skimage: scikit-image's)"
+        )
         rho: float = Field(0.5, ge=0, le=1, description="weight of region averaging: (1−ρ)W + ρPW")
         n_regions: int = Field(16, ge=1, description="k-means clusters per window (> N' clamped)")
         kmeans_iters: int = Field(10, ge=1, description="Lloyd iterations of the k-means")
@@ -91,7 +94,7 @@ class DapHead(Head):
         """VFM features; the window pixels for SLIC / SAM regions; SAM with its decoder for SAM regions;
         the image-wide mean similarity with ``mean_scope='image'``."""
         needs = {Need.VFM_FEATURES}
-        if params.rho > 0 and params.regions in ("slic", "sam"):
+        if params.rho > 0 and params.regions in ("slic", "slic_skimage", "sam"):
             needs.add(Need.WINDOW_PIXELS)
         if params.rho > 0 and params.regions == "sam":
             needs.add(Need.SAM_DECODER)
@@ -122,8 +125,9 @@ class DapHead(Head):
             )
         if ctx.images.shape[0] != ctx.x.shape[0]:
             raise ValueError(f"dap head: {ctx.images.shape[0]} window images for {ctx.x.shape[0]} windows")
-        if p.regions == "slic":
-            pixel_labels = slic_labels(ctx.images, p.n_segments, p.compactness)
+        if p.regions in ("slic", "slic_skimage"):
+            slic = slic_labels if p.regions == "slic" else slic_skimage
+            pixel_labels = slic(ctx.images, p.n_segments, p.compactness)
         else:
             if self.region_provider is None:
                 raise ValueError(

@@ -5,7 +5,8 @@ region-averaging matrix P (P_ij = 1/|r(i)| when r(i) = r(j), else 0) is never bu
 mean of X's rows over each region, scattered back to the region's patches (``region_mean``).
 
 Sources of regions:
-- SLIC superpixels of the window pixels (scikit-image), majority-pooled onto the VFM grid;
+- SLIC superpixels of the window pixels, majority-pooled onto the VFM grid: in torch on the
+  windows' device (``slic_labels``, the default), or scikit-image's on the CPU (``slic_skimage``);
 - k-means of the ℓ2-normalised VFM features (torch, deterministic);
 - SAM automatic masks (segment-anything's SamAutomaticMaskGenerator), via ``SamRegions``.
 
@@ -22,6 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from dapseg.heads.slic import slic_labels, slic_skimage
+
+__all__ = [
+    "RegionProvider", "SamRegions", "consecutive", "kmeans_labels", "pool_labels_to_grid", "region_mean",
+    "slic_labels", "slic_skimage",
+]
 
 # images (B, 3, H, W) in [0, 1] -> pixel region labels (B, H, W) int64, -1 = no region
 RegionProvider = Callable[[Tensor], Tensor]
@@ -71,18 +79,6 @@ def region_mean(x: Tensor, labels: Tensor) -> Tensor:
     return (sums / counts[:, None])[ids].view(b, n, k)
 
 
-def slic_labels(images: Tensor, n_segments: int, compactness: float) -> Tensor:
-    """SLIC superpixels of each window: images (B, 3, H, W) in [0, 1] -> (B, H, W) int64."""
-    from skimage.segmentation import slic
-
-    pixels = images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy().astype(np.float64)
-    maps = [
-        slic(img, n_segments=n_segments, compactness=compactness, start_label=0, channel_axis=-1)
-        for img in pixels
-    ]
-    return torch.from_numpy(np.stack(maps)).long().to(images.device)
-
-
 def kmeans_labels(x: Tensor, k: int, iters: int) -> Tensor:
     """k-means of patch features x (B, N', C) -> cluster per patch (B, N') int64.
 
@@ -90,9 +86,15 @@ def kmeans_labels(x: Tensor, k: int, iters: int) -> Tensor:
     are spread over the window), then ``iters`` Lloyd steps on squared Euclidean distance; ties go
     to the lowest cluster; an empty cluster keeps its centre. ``k`` larger than N' is clamped.
     """
-    b, n, _ = x.shape
-    k = max(1, min(k, n))
+    k = max(1, min(k, x.shape[1]))
     x = x.float()
+    with torch.autocast(x.device.type, enabled=False):  # float32 distances under autocast too
+        return _lloyd(x, k, iters)
+
+
+def _lloyd(x: Tensor, k: int, iters: int) -> Tensor:
+    """``iters`` Lloyd steps from evenly spaced raster centres: x (B, N', C) float32 -> (B, N')."""
+    b, n, _ = x.shape
     start = (torch.arange(k, device=x.device) * n) // k  # (k,) evenly spaced patch indices
     centres = x[:, start].clone()  # (B, k, C)
     x2 = (x * x).sum(-1, keepdim=True)  # (B, N', 1)

@@ -22,12 +22,31 @@ if TYPE_CHECKING:
 HeadPlugin = Callable[[Head, HeadContext, Tensor, Callable[[Tensor], Tensor]], HeadOutput]
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of inference on ``device`` (the one place it is chosen): bf16 on CUDA where
-    supported, else fp16; None (float32, no autocast) elsewhere."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return None
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype of inference on ``device`` (the one place it is chosen) for the setting
+    ``inference.precision``: ``auto`` is bf16 on CUDA where supported, else fp16, and None (float32,
+    no autocast) elsewhere; ``fp32`` is None everywhere; ``bf16`` / ``fp16`` are those dtypes."""
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return None
+    if precision == "fp32":
+        return None
+    if precision not in _DTYPES:
+        raise ValueError(f"inference.precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"inference.precision=bf16: {torch.cuda.get_device_name(device)} has no bf16; "
+                         "use fp16 or auto")
+    return _DTYPES[precision]
+
+
+def autocast_context(device: torch.device, precision: str = "auto") -> AbstractContextManager[object]:
+    """Autocast at ``autocast_dtype(device, precision)``; nothing (fp32) where that is None."""
+    dtype = autocast_dtype(device, precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 class DenseEngine(nn.Module):
@@ -40,24 +59,26 @@ class DenseEngine(nn.Module):
         vfm: nn.Module | None = None,
         plugin: HeadPlugin | None = None,
         needs: Iterable[Need] = (),
+        precision: str = "auto",
     ) -> None:
         """``needs``: what the head (and plug-in) declared; the VFM's attention is computed only
-        when ``Need.VFM_ATTENTION`` is among them."""
+        when ``Need.VFM_ATTENTION`` is among them. ``precision``: ``inference.precision``."""
         super().__init__()
         self.clip = clip
         self.head = head
         self.vfm = vfm
         self.plugin = plugin
         self.needs = frozenset(needs)
+        self.precision = precision
+        autocast_dtype(self.device, precision)  # an impossible setting fails here, not on the first image
 
     @property
     def device(self) -> torch.device:
         return self.clip.visual.proj.device
 
     def autocast(self) -> AbstractContextManager[object]:
-        """Autocast at ``autocast_dtype`` on CUDA; nothing (fp32) on CPU."""
-        dtype = autocast_dtype(self.device)
-        return torch.autocast("cuda", dtype=dtype) if dtype is not None else nullcontext()
+        """Autocast at this engine's precision on its device (see ``autocast_dtype``)."""
+        return autocast_context(self.device, self.precision)
 
     @property
     def needs_image_mean(self) -> bool:

@@ -8,6 +8,8 @@ averages overlaps, moves the whole map with an affinity computed over the whole 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Literal
 
 import numpy as np
@@ -117,11 +119,16 @@ def sam_image(
     return reference_sam_image(np.ascontiguousarray(original), patch)
 
 
-def global_aggregate(sam: object, image: Tensor | np.ndarray, spliced: Tensor, p: SpliceParams) -> Tensor:
+def global_aggregate(
+    sam: object, image: Tensor | np.ndarray, spliced: Tensor, p: SpliceParams,
+    autocast: Callable[[], AbstractContextManager[object]] = nullcontext,
+) -> Tensor:
     """Aggregate the spliced map (D, gh, gw) with SAM's affinity over the image: (D, vh, vw).
 
     image: what SAM sees (``sam_image``): (H, W, 3) uint8 or (3, H, W) in [0, 1].
     ``sam_splits`` > 1 runs SAM on vertical strips, each strip's features moved by its own affinity.
+    ``autocast``: the context SAM's encoder runs in (the engine's precision); the affinity itself is
+    float32 whatever it is (it thresholds values near 0).
     """
     check_encode_memory(sam, chunk=p.chunk)
     enc_module = image_encoder_of(sam)
@@ -136,7 +143,8 @@ def global_aggregate(sam: object, image: Tensor | np.ndarray, spliced: Tensor, p
         x0, x1 = i * w // k, (i + 1) * w // k
         c0, c1 = i * gw // k, (i + 1) * gw // k
         strip = np.ascontiguousarray(image[:, x0:x1]) if isinstance(image, np.ndarray) else image[:, :, x0:x1]
-        enc = encode_image(enc_module, _at_most_thin(strip, most), chunk=p.chunk)
+        with autocast():
+            enc = encode_image(enc_module, _at_most_thin(strip, most), chunk=p.chunk)
         aff = GlobalAffinity(enc.last, valid_grid(enc.input_size, sam_patch), p)
         parts.append(aggregate_map(spliced[:, :, c0:c1], aff))
     vh = parts[0].shape[1]
@@ -223,7 +231,7 @@ class SpliceStrategy:
             agg = spliced
         else:
             sam_in = sam_image(img, original, p, engine.clip.patch_size, cfg.short_side)
-            agg = global_aggregate(self.sam, sam_in, spliced, p)
+            agg = global_aggregate(self.sam, sam_in, spliced, p, engine.autocast)
         d, gh, gw = agg.shape
         logits = engine.patch_logits(agg.reshape(d, -1).T[None], (gh, gw), text)  # (1, Q, gh, gw)
         return F.interpolate(logits, (H, W), mode="bilinear", align_corners=False)[0]

@@ -18,6 +18,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.pretrained import download_pretrained, get_pretrained_cfg
+from open_clip.transformer import text_global_pool
 from torch import Tensor, nn
 
 from dapseg.config import ClipConfig
@@ -37,6 +38,7 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 TINY_VISION = dict(image_size=224, patch_size=16, width=64, layers=2, head_width=16, mlp_ratio=2.0)
 TINY_TEXT = dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1)
 TINY_EMBED_DIM = 32
+TEXT_BATCH = 256  # prompts per text-encoder call (sorted by length, so each call is cut short)
 
 
 class DenseClip(nn.Module):
@@ -122,11 +124,59 @@ class DenseClip(nn.Module):
         return x @ self.visual.proj if self.visual.proj is not None else x
 
     @torch.no_grad()
-    def encode_text(self, texts: list[str]) -> Tensor:
-        """(len(texts), E) text embeddings, not normalised."""
+    def encode_text(self, texts: list[str], batch_size: int = TEXT_BATCH) -> Tensor:
+        """(len(texts), E) text embeddings, not normalised, as open_clip's ``encode_text`` computes them.
+
+        Texts are sorted by token length and encoded ``batch_size`` at a time, each batch's context
+        cut to its longest text: CLIP's text transformer is causal and reads one token (end of text),
+        so the padding after it changes nothing (up to float rounding). Models where that does not
+        hold (no causal mask, another pooling) get the full context.
+        """
         device = self.visual.proj.device
-        tokens = self.tokenizer(texts).to(device)
-        return self.model.encode_text(tokens).float()
+        tokens = self.tokenizer(texts)  # (N, context) on the CPU
+        lengths = self._token_lengths(tokens)  # (N,) or None: cannot trim
+        order = torch.argsort(lengths, stable=True) if lengths is not None else torch.arange(len(texts))
+        out: Tensor | None = None
+        for start in range(0, len(texts), batch_size):
+            rows = order[start : start + batch_size]
+            batch = tokens[rows]
+            if lengths is not None:
+                emb = self._encode_trimmed(batch[:, : int(lengths[rows].max())].to(device))
+            else:
+                emb = self.model.encode_text(batch.to(device))
+            if out is None:
+                out = torch.empty(len(texts), emb.shape[-1], device=device)
+            out[rows.to(device)] = emb.float()
+        if out is None:
+            raise ValueError("encode_text needs at least one text")
+        return out
+
+    def _token_lengths(self, tokens: Tensor) -> Tensor | None:
+        """Tokens up to and including the pooled one, per text (N,); None where trimming is not exact."""
+        m = self.model
+        pool = getattr(m, "text_pool_type", None)
+        if getattr(m, "attn_mask", None) is None or not hasattr(m, "token_embedding") or pool not in ("argmax", "eos"):
+            return None
+        if pool == "argmax":  # open_clip pools the highest token id (OpenAI's end-of-text)
+            return tokens.argmax(dim=-1) + 1
+        eos = getattr(m, "text_eos_id", None)
+        if eos is None:
+            return None
+        return (tokens == eos).int().argmax(dim=-1) + 1
+
+    def _encode_trimmed(self, tokens: Tensor) -> Tensor:
+        """open_clip's ``CLIP.encode_text`` with the positional embedding and causal mask cut to
+        the tokens' length L: (B, L) -> (B, E)."""
+        m = self.model
+        n = tokens.shape[1]
+        cast = m.transformer.get_cast_dtype()
+        x = m.token_embedding(tokens).to(cast) + m.positional_embedding[:n].to(cast)  # (B, L, width)
+        x = m.transformer(x, attn_mask=m.attn_mask[:n, :n])
+        x = m.ln_final(x)
+        x = text_global_pool(x, tokens, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
+        if m.text_projection is None:
+            return x
+        return m.text_projection(x) if isinstance(m.text_projection, nn.Linear) else x @ m.text_projection
 
 
 def _norm_constants(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
