@@ -140,6 +140,15 @@ def _wait_for_run_done(page, previous_status: str) -> None:
     )
 
 
+def _wait_for_loaded_image(page, selector: str) -> None:
+    """An <img> may be in the page before its picture has arrived: wait until it has decoded."""
+    page.wait_for_function(
+        """(sel) => { const img = document.querySelector(sel);
+                      return img !== null && img.complete && img.naturalWidth > 0; }""",
+        arg=selector, timeout=REQUEST_MS,
+    )
+
+
 def _save_screenshot(page, path: Path) -> None:
     """The README's screenshot, as a 256-colour PNG to stay well under 500 KB."""
     path.parent.mkdir(exist_ok=True)
@@ -176,16 +185,24 @@ def test_demo_segments_reports_errors_and_keeps_serving(browser, demo_server, tm
     _segment(page, "person, sky; background, rocket, flag")
     _wait_for_run_done(page, "")
     assert page.locator("#error-box .dapseg-error").count() == 0, page.inner_text("#error-box")
-    overlay = page.locator("#overlay img")
-    overlay.wait_for()
-    assert overlay.evaluate("img => img.complete && img.naturalWidth > 0")
-    assert page.locator("#label-map img").evaluate("img => img.complete && img.naturalWidth > 0")
+    for picture in ("#overlay img", "#label-map img"):
+        _wait_for_loaded_image(page, picture)
     shares = _shares(page)
     assert list(shares) == ["person", "sky; background", "rocket", "flag"]
     assert all(0.0 <= v <= 100.0 for v in shares.values())
     assert sum(shares.values()) == pytest.approx(100.0, abs=1e-6)
     assert float(page.inner_text("#legend .legend-total")) == pytest.approx(100.0)
-    assert page.locator("#heatmap img").evaluate("img => img.complete && img.naturalWidth > 0")
+    _wait_for_loaded_image(page, "#heatmap img")
+    # Picking another class in the dropdown renders that class's heatmap.
+    first_heatmap = page.locator("#heatmap img").get_attribute("src")
+    page.locator("#heatmap-class input").click()
+    page.locator('#heatmap-class li[role=option][aria-label="rocket"]').click()
+    page.wait_for_function(
+        """(prev) => { const img = document.querySelector('#heatmap img');
+                       return img !== null && img.getAttribute('src') !== prev && img.complete
+                              && img.naturalWidth > 0; }""",
+        arg=first_heatmap, timeout=REQUEST_MS,
+    )
     # Both downloads (label PNG and JSON) are offered.
     downloads = page.inner_text("#downloads").replace("\n", "")
     assert "astronaut_labels.png" in downloads and "astronaut.json" in downloads

@@ -163,7 +163,9 @@ def build_app(session: DemoSession, catalog: Catalog, examples: Sequence[Path] =
             [error_box, status, overlay, label_map, legend, heat_class, heatmap, files, state],
             concurrency_limit=1,  # one inference at a time; other users wait in the queue
         )
-        heat_class.change(on_heat_class, [heat_class, state], heatmap)
+        # .input, not .change: a run sets the dropdown and already returns the heatmap of its first class;
+        # .change would render it a second time and swap the image while the page is still loading it.
+        heat_class.input(on_heat_class, [heat_class, state], heatmap)
     return app
 
 
