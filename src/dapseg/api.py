@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ from PIL import Image
 
 from dapseg.bundle import ModelBundle
 from dapseg.config import SegmenterConfig, load_preset
+from dapseg.decoding import ImageSource, decode_ahead
 from dapseg.images import load_image
 from dapseg.inference.engine import DenseEngine, HeadPlugin
 from dapseg.inference.preprocess import resize_image, short_side_size, to_tensor01
@@ -184,6 +185,29 @@ class Segmenter:
                                        post.prob_thd)
         return SegmentationResult(img, class_set, coarse, labels, post.logit_scale,
                                   full_logits=logits, full_probs=probs)
+
+    def predict_many(
+        self,
+        images: Iterable[ImageSource],
+        classes: ClassSet | Sequence[str] | str,
+        *,
+        batch: int = 2,
+        workers: int = 0,
+    ) -> Iterator[SegmentationResult]:
+        """Segment each image into ``classes``; results are yielded in input order while the next
+        ``batch`` images are decoded ahead (in a background thread, or in ``workers`` DataLoader
+        processes). Images are segmented one at a time: the windows of one image already fill the
+        device in batches of ``inference.max_batch``.
+
+        An image that cannot be read raises its error (naming the file) when its turn comes.
+        """
+        if batch < 1:
+            raise ValueError(f"predict_many: batch must be >= 1, got {batch}")
+        class_set = ClassSet.coerce(classes)
+        for item in decode_ahead(list(images), workers=workers, ahead=batch):
+            if item.error is not None:
+                raise item.error
+            yield self.predict(item.image, class_set)
 
 
 def with_weight_files(
