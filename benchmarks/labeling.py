@@ -1,0 +1,144 @@
+"""Labeling a collection (`dapseg segment`), measured side by side in one run:
+
+1. images/s of 1 vs 2 processes (torchrun, gloo on CPU): each count is the difference of a run over
+   2N and over N images, so process start-up and model building cancel out. Full-size CLIP ViT-B/16
+   (random weights), ``naclip``, short side 224 (one window per image).
+2. decode overlap: how long the model waits for the next image (idle) with decoding in the loop,
+   in a background thread (``--workers 0``) and in 1 or 2 DataLoader worker processes, on large JPEGs.
+3. the cost per image of each ``--save`` kind (write time and file size), probs and rle included.
+
+    python benchmarks/labeling.py [--images 8] [--skip-processes]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from dapseg.api import Segmenter
+from dapseg.decoding import decode_ahead
+from dapseg.images import load_image
+from dapseg.labeling.inputs import Input
+from dapseg.labeling.outputs import SUFFIXES, write_outputs
+
+CLASSES = "person, sky, grass, road, car, building, tree, water, dog, cat"
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def make_images(folder: Path, n: int, size: tuple[int, int], start: int = 0) -> None:
+    """``n`` photo-like JPEGs (a real photo resized, shifted per image so that none repeats)."""
+    from skimage import data
+
+    folder.mkdir(parents=True, exist_ok=True)
+    base = Image.fromarray(data.astronaut()).resize((size[1], size[0]))
+    arr = np.asarray(base)
+    for i in range(start, start + n):
+        Image.fromarray(np.roll(arr, 7 * i, axis=1)).save(folder / f"{i:05d}.jpg", quality=92)
+
+
+def run_segment(inputs: Path, out: Path, processes: int) -> float:
+    """Wall seconds of one `dapseg segment` command."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else []
+    cmd = [sys.executable, *launcher, "-m", "dapseg", "segment", str(inputs), "--classes", CLASSES,
+           "--out", str(out), "--preset", "naclip", "--random-weights", "--set", "inference.short_side=224",
+           "--save", "labels", "--workers", "1"]
+    env = {**os.environ, "PYTHONPATH": SRC}
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env, capture_output=True)
+    return time.perf_counter() - t0
+
+
+def bench_processes(tmp: Path, n: int) -> None:
+    make_images(tmp / "n", n, (224, 298))
+    make_images(tmp / "2n", n, (224, 298))
+    make_images(tmp / "2n", n, (224, 298), start=n)  # 2n images
+    print(f"\n## 1 vs 2 processes ({n} extra images, naclip ViT-B/16, short side 224)\n")
+    print("| processes | seconds (N) | seconds (2N) | images/s (difference) |\n|---|---|---|---|")
+    for procs in (1, 2):
+        t_n = run_segment(tmp / "n", tmp / f"out-{procs}-n", procs)
+        t_2n = run_segment(tmp / "2n", tmp / f"out-{procs}-2n", procs)
+        print(f"| {procs} | {t_n:.1f} | {t_2n:.1f} | {n / (t_2n - t_n):.2f} |")
+
+
+def bench_overlap(seg: Segmenter, tmp: Path, n: int) -> None:
+    folder = tmp / "big"
+    make_images(folder, n, (2000, 3000))
+    paths = sorted(folder.glob("*.jpg"))
+    load_image(paths[0])  # warm caches
+    seg.predict(load_image(paths[0])[:400, :600], CLASSES)
+    print(f"\n## decode overlap ({n} JPEGs of 3000x2000, naclip ViT-B/16, short side 224)\n")
+    print("| decoding | wall s | model idle s (waiting for the image) | idle share |\n|---|---|---|---|")
+    modes: list[tuple[str, int | None]] = [("in the loop", None), ("thread (--workers 0)", 0),
+                                           ("1 worker process", 1), ("2 worker processes", 2)]
+    for label, workers in modes:
+        idle = 0.0
+        t0 = time.perf_counter()
+        if workers is None:
+            for p in paths:
+                t = time.perf_counter()
+                image = load_image(p)
+                idle += time.perf_counter() - t
+                seg.predict(image, CLASSES)
+        else:
+            it = decode_ahead(paths, workers=workers, ahead=2)
+            while True:
+                t = time.perf_counter()
+                item = next(it, None)
+                idle += time.perf_counter() - t
+                if item is None:
+                    break
+                seg.predict(item.image, CLASSES)
+        wall = time.perf_counter() - t0
+        print(f"| {label} | {wall:.2f} | {idle:.2f} | {100 * idle / wall:.0f}% |")
+
+
+def bench_outputs(seg: Segmenter, tmp: Path, sizes: list[tuple[int, int]], repeats: int) -> None:
+    from skimage import data
+
+    print("\n## cost per image of each --save kind (10 classes)\n")
+    print("| image | kind | ms / image | KiB / image |\n|---|---|---|---|")
+    for h, w in sizes:
+        image = np.asarray(Image.fromarray(data.astronaut()).resize((w, h)))
+        result = seg.predict(image, CLASSES)
+        result.probs  # noqa: B018 (computed once here: timed below is the writing, as in the loop)
+        item = Input(Path("x.jpg"), "x.jpg")
+        for kind in SUFFIXES:
+            t0 = time.perf_counter()
+            for r in range(repeats):
+                (written,) = write_outputs(result, tmp / f"o{r}", item, (kind,), {})
+            ms = 1000 * (time.perf_counter() - t0) / repeats
+            kib = (tmp / "o0" / written).stat().st_size / 1024
+            print(f"| {w}x{h} | {kind} | {ms:.1f} | {kib:.0f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--skip-processes", action="store_true")
+    args = ap.parse_args()
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        if not args.skip_processes:
+            bench_processes(tmp, args.images)
+        seg = Segmenter.from_preset("naclip", random_weights=True, device="cpu",
+                                    overrides={"inference.short_side": 224})
+        bench_overlap(seg, tmp, args.images)
+        bench_outputs(seg, tmp, [(480, 640), (1080, 1920)], repeats=3)
+
+
+if __name__ == "__main__":
+    main()
