@@ -403,3 +403,21 @@ def test_predict_many_raises_a_bad_image_in_its_turn(segmenter, tree: Path, tmp_
     assert next(it).labels.shape == _photo(*TREE["im0.png"]).shape[:2]
     with pytest.raises(FileNotFoundError, match=r"missing\.png"):
         next(it)
+
+
+def test_a_json_and_an_rle_output_of_two_inputs_clash() -> None:
+    """x_rle.png's summary (x_rle.json) is x.png's COCO file (x_rle.json): checked without listing
+    every output file, so compare with the naive list here."""
+    from dapseg.labeling.inputs import Input
+    from dapseg.labeling.outputs import check_unique_outputs, output_names
+
+    items = [Input(Path("in/x.png"), "x.png"), Input(Path("in/x_rle.png"), "x_rle.png")]
+    for kinds in [("json", "rle"), ("rle", "json"), ("labels", "json"), ("labels", "rle", "probs", "overlay")]:
+        names = [n for i in items for n in output_names(i, kinds).values()]
+        clash = len(set(names)) < len(names)
+        if clash:
+            with pytest.raises(ValueError, match=r"in/x.png and in/x_rle.png would both be written to x_rle\.json"):
+                check_unique_outputs(items, kinds, lambda name: False)
+        else:
+            check_unique_outputs(items, kinds, lambda name: False)
+        assert clash == ({"json", "rle"} <= set(kinds))

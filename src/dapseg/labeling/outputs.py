@@ -50,17 +50,30 @@ def output_names(item: Input, kinds: tuple[str, ...]) -> dict[str, str]:
 
 def check_unique_outputs(items: list[Input], kinds: tuple[str, ...], reserved: Callable[[str], bool]) -> None:
     """Two inputs that would write one file, or an output on one of the job's own files: an error
-    naming them, before any work."""
+    naming them, before any work. Keeps one entry per input (not per file): a million inputs fit."""
     owner: dict[str, Input] = {}
     for item in items:
-        for name in output_names(item, kinds).values():
+        names = output_names(item, kinds)
+        for name in names.values():
             if reserved(name):
                 raise ValueError(f"{item.source}: its output {name} would overwrite the labeling job's own file "
                                  "of that name; rename the input or label it from another folder")
-            other = owner.setdefault(name, item)
-            if other is not item:
-                raise ValueError(f"{other.source} and {item.source} would both be written to {name}; rename "
-                                 "one, or label them into different --out folders")
+        other = owner.setdefault(item.stem, item)
+        if other is not item:
+            _clash(other, item, names[kinds[0]])
+    # One kind's suffix may end another's: stem "a_rle" + ".json" is stem "a" + "_rle.json".
+    for short in kinds:
+        for long in kinds:
+            if long != short and SUFFIXES[long].endswith(SUFFIXES[short]):
+                infix = SUFFIXES[long][: -len(SUFFIXES[short])]
+                for stem, item in owner.items():
+                    if (other := owner.get(stem + infix)) is not None:
+                        _clash(item, other, other.stem + SUFFIXES[short])
+
+
+def _clash(first: Input, second: Input, name: str) -> None:
+    raise ValueError(f"{first.source} and {second.source} would both be written to {name}; rename one, "
+                     "or label them into different --out folders")
 
 
 def write_outputs(result: SegmentationResult, out: Path, item: Input, kinds: tuple[str, ...],
