@@ -62,7 +62,7 @@ def label_collection(job: LabelingJob, find_inputs: Callable[[], list[Input]],
     plan = dist.on_main(lambda: _plan(job, find_inputs), info)
     segmenter = build_segmenter() if plan.pending else None
     with ExitStack() as held:
-        start = dist.on_main(lambda: _claim(job, plan, held, info), info)
+        start = dist.on_main(lambda: _claim(job, plan, held), info)
         mine = dist.shard(plan.pending, info)
         progress = _Progress(job.out, info, len(plan.pending), job.progress and info.is_main, start)
         try:
@@ -91,7 +91,7 @@ def _plan(job: LabelingJob, find_inputs: Callable[[], list[Input]]) -> _Plan:
     return _Plan(len(inputs), [i for i in inputs if i.rel not in done], known)
 
 
-def _claim(job: LabelingJob, plan: _Plan, held: ExitStack, info: dist.DistInfo) -> dict[Path, int]:
+def _claim(job: LabelingJob, plan: _Plan, held: ExitStack) -> dict[Path, int]:
     """Rank 0: lock OUT for the run, record the settings (forgetting other settings' work); returns
     the journals' sizes before any rank writes (for the progress bar)."""
     held.enter_context(hold_folder(job.out, "out dir"))
