@@ -421,3 +421,29 @@ def test_a_json_and_an_rle_output_of_two_inputs_clash() -> None:
         else:
             check_unique_outputs(items, kinds, lambda name: False)
         assert clash == ({"json", "rle"} <= set(kinds))
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_on_main_hands_rank_0s_error_to_every_rank(monkeypatch, rank: int) -> None:
+    """A failure of rank 0's step (a bad input list, a busy out dir) must stop the other ranks with its
+    message instead of leaving them waiting for a value. The broadcast is replaced by a recorder."""
+    from dapseg.eval import dist
+
+    sent: list[object] = []
+
+    def broadcast(obj: object, info: dist.DistInfo) -> object:
+        sent.append(obj)
+        return obj if info.is_main else (None, "ValueError on rank 0: bad line 3")
+
+    def step() -> int:
+        raise ValueError("bad line 3")
+
+    monkeypatch.setattr(dist, "broadcast_object", broadcast)
+    info = dist.DistInfo(rank=rank, world_size=2)
+    expected = ValueError if rank == 0 else dist.MainRankError
+    with pytest.raises(expected, match="bad line 3"):
+        dist.on_main(step, info)
+    assert len(sent) == 1  # one broadcast on each rank, as the collective needs
+    if rank == 0:
+        assert sent == [(None, "ValueError on rank 0: bad line 3")]
+    assert dist.on_main(lambda: 7, dist.DistInfo()) == 7  # alone: just the call
