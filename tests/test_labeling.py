@@ -403,6 +403,8 @@ def test_predict_many_raises_a_bad_image_in_its_turn(segmenter, tree: Path, tmp_
     assert next(it).labels.shape == _photo(*TREE["im0.png"]).shape[:2]
     with pytest.raises(FileNotFoundError, match=r"missing\.png"):
         next(it)
+    with pytest.raises(ValueError, match="batch >= 1"):  # at the call, before any iteration
+        segmenter.predict_many([tree / "im0.png"], ["cat"], batch=0)
 
 
 def test_a_json_and_an_rle_output_of_two_inputs_clash() -> None:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from dapseg.bundle import ModelBundle
 from dapseg.config import SegmenterConfig, load_preset
-from dapseg.decoding import ImageSource, decode_ahead
+from dapseg.decoding import Decoded, ImageSource, decode_ahead
 from dapseg.images import load_image
 from dapseg.inference.engine import DenseEngine, HeadPlugin
 from dapseg.inference.preprocess import resize_image, short_side_size, to_tensor01
@@ -201,13 +201,16 @@ class Segmenter:
 
         An image that cannot be read raises its error (naming the file) when its turn comes.
         """
-        if batch < 1:
-            raise ValueError(f"predict_many: batch must be >= 1, got {batch}")
-        class_set = ClassSet.coerce(classes)
-        for item in decode_ahead(list(images), workers=workers, ahead=batch):
+        if batch < 1 or workers < 0:
+            raise ValueError(f"predict_many: need batch >= 1 and workers >= 0, got {batch} and {workers}")
+        return self._predict_decoded(decode_ahead(list(images), workers=workers, ahead=batch),
+                                     ClassSet.coerce(classes))  # bad arguments fail here, not at next()
+
+    def _predict_decoded(self, decoded: Iterator[Decoded], classes: ClassSet) -> Iterator[SegmentationResult]:
+        for item in decoded:
             if item.error is not None:
                 raise item.error
-            yield self.predict(item.image, class_set)
+            yield self.predict(item.image, classes)
 
 
 def with_weight_files(
