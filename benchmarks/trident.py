@@ -85,22 +85,20 @@ def child(args: argparse.Namespace) -> None:
 
 def direct_segmenter(preset: str, overrides: dict, device: str | None):
     """Without the VFM registry: the preset with a NACLIP head (no VFM) and SAM ViT-B built directly
-    from segment-anything (random), so the splice + SAM path can still be measured."""
+    from segment-anything (random), handed to the segmenter as a prebuilt model, so the splice + SAM
+    path can still be measured."""
     import torch
     from segment_anything import sam_model_registry
 
-    from dapseg.api import Segmenter
+    from dapseg.api import PrebuiltModels, Segmenter
     from dapseg.config import load_preset
-    from dapseg.registry import STRATEGIES
 
     base = load_preset(preset, overrides)
-    params = base.inference.params
     cfg = base.with_overrides({"vfm": None, "sam": None, "head.name": "naclip", "head.params": {"sigma": 5.0},
-                               "refine.name": "none", "inference.params": {**params, "kind": "none"}})
-    seg = Segmenter(cfg, random_weights=True, device=device)
-    sam = sam_model_registry["vit_b"](checkpoint=None).eval().to(seg.device).requires_grad_(False)
-    seg.strategy = STRATEGIES.build("splice", params, sam_encoder=sam)  # the preset's affinity, this SAM
-    seg.strategy_needs = STRATEGIES.get("splice").needs_for(params)  # e.g. SAM sees the original image
+                               "refine.name": "none"})
+    sam = sam_model_registry["vit_b"](checkpoint=None).eval().requires_grad_(False)
+    seg = Segmenter(cfg, random_weights=True, device=device, models=PrebuiltModels(sam=sam))
+    sam.to(seg.device)  # the preset's splice affinity, this SAM
     torch.manual_seed(0)
     return seg
 

@@ -122,7 +122,21 @@ def test_report_has_a_row_per_preset_with_params_flops_and_stages(tiny_report: d
         assert r["stage_paths_unresolved"] == []
         assert r["probe_gflops_per_s"] > 0 and r["cpu_seconds"]["median"] > 0
         assert r["fraction_of_probe"] == pytest.approx(r["gflops"] / r["seconds"]["median"] / r["probe_gflops_per_s"])
+        assert r["seconds_per_window"] == pytest.approx(r["seconds"]["median"] / r["windows"])
     assert "vfm" in proxy["stages_s"] and "vfm" not in naclip["stages_s"]
+
+
+def test_stable_diffusion_preset_has_a_row() -> None:
+    """SD's row: its UNet counted as the VFM, its forward timed as the vfm stage, time per window."""
+    from skimage import data
+
+    settings = BenchSettings(device="cpu", random_weights=True, tiny=True, warmup=0, repeats=1,
+                             compare_batching=False, count_flops=False)
+    report = run_bench(["proxyclip-sd15"], data.astronaut()[::8, ::8], ["person", "sky"], settings, probe_size=64)
+    (row,) = report["presets"]
+    assert row["windows"] == 1 and row["params"]["vfm"] > 0 and row["stages_s"]["vfm"] > 0
+    assert row["seconds_per_window"] == pytest.approx(row["seconds"]["median"]) and row["peak_memory_mib"] > 0
+    assert "proxyclip-sd15" in format_report(report)
 
 
 def test_report_formats_as_a_table(tiny_report: dict) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from dapseg.api import Segmenter
+from dapseg.api import PrebuiltModels, Segmenter
 from dapseg.config import ClipConfig, PluginConfig, SegmenterConfig, VfmConfig, list_presets, load_preset
 from dapseg.heads.base import Attention, Head, HeadContext, HeadOutput
 from dapseg.plugins.fsa import (
@@ -262,35 +262,41 @@ def test_bad_shapes_are_named():
 # ----------------------------------------------------------------------------- config and λ
 
 
-def build_fsa(config: SegmenterConfig, vfm_family: str | None = None) -> FsaPlugin | None:
-    """The FSA plug-in a config asks for, built through the registry as the segmenter builds it."""
+def build_fsa(config: SegmenterConfig) -> FsaPlugin | None:
+    """The FSA plug-in a config asks for, built through the registry as the segmenter builds it (the
+    VFM's λ from its family's traits, as ``ModelBundle.backbone`` hands it)."""
+    from dapseg.models.vfm import vfm_spec, vfm_traits
+
     p = config.plugin("fsa")
     if p is None:
         return None
     vfm_name = config.vfm.name if config.vfm is not None else None
-    backbone = Backbone(config.clip.model, vfm_name, vfm_family)
+    family = vfm_spec(vfm_name).family if vfm_name else None
+    lam = vfm_traits(vfm_name).fsa_lambda if vfm_name else None
+    backbone = Backbone(config.clip.model, vfm_name, family, vfm_fsa_lambda=lam)
     return PLUGINS.build("fsa", p.params, backbone=backbone)
 
 
 @pytest.mark.parametrize(
-    ("clip", "vfm", "family", "lam"),
+    ("clip", "vfm", "lam"),
     [
-        ("ViT-B-16", "dino_vitb8", "dino", 3.0),
-        ("ViT-L-14-336", "dinov2_vitb14_reg", "dinov2", 3.0),
-        ("ViT-H-14", None, None, 2.3),
-        ("ViT-H-14-378-quickgelu", "sam_vitb", "sam", 2.3),
-        ("ViT-H-14", "mae_vitb16", "mae", 4.5),
-        ("ViT-B-16", "mae_vitb16", "mae", 4.5),
+        ("ViT-B-16", "dino_vitb8", 3.0),
+        ("ViT-L-14-336", "dinov2_vitb14_reg", 3.0),
+        ("ViT-H-14", None, 2.3),
+        ("ViT-H-14-378-quickgelu", "sam_vitb", 2.3),
+        ("ViT-H-14", "mae_vitb16", 4.5),
+        ("ViT-B-16", "mae_vitb16", 4.5),
+        ("ViT-B-16", "sd15", 3.0),
     ],
 )
-def test_default_lambda(clip, vfm, family, lam):
-    assert default_lambda(clip, family) == lam
+def test_default_lambda(clip, vfm, lam):
     cfg = SegmenterConfig(clip=ClipConfig(model=clip), vfm=VfmConfig(name=vfm) if vfm else None,
                           plugins=[PluginConfig(name="fsa")])
-    plugin = build_fsa(cfg, family)
+    plugin = build_fsa(cfg)
     assert plugin is not None and plugin.params.lam == lam
+    assert default_lambda(clip, 4.5) == 4.5  # a family's own λ wins over the CLIP-size rule
     for key in ("fsa.params.lam", "plugins.fsa.params.lam", "lam"):
-        over = build_fsa(cfg.with_overrides({key: 1.5}), family)
+        over = build_fsa(cfg.with_overrides({key: 1.5}))
         assert over is not None and over.params.lam == 1.5
 
 
@@ -428,8 +434,8 @@ def _segmenter(preset: str, fsa_off: bool = False) -> Segmenter:
     if key not in _SEGMENTERS:
         config = load_preset(preset, {"plugins.fsa.enabled": False} if fsa_off else None)
         base = _SEGMENTERS.get((preset.removesuffix("-fsa"), False))
-        models = None if base is None else {"clip": base.clip, "vfm": base.vfm, "sam": base.sam}
-        _SEGMENTERS[key] = Segmenter(config, random_weights=True, tiny=True, device="cpu", _models=models)
+        models = None if base is None else PrebuiltModels(clip=base.clip, vfm=base.vfm, sam=base.sam)
+        _SEGMENTERS[key] = Segmenter(config, random_weights=True, tiny=True, device="cpu", models=models)
     return _SEGMENTERS[key]
 
 
@@ -459,9 +465,8 @@ def _as_map(tokens: torch.Tensor, to_embed, grid) -> torch.Tensor:
 def test_fsa_preset_is_the_preset_with_fsa_enabled(preset):
     base, derived = load_preset(preset), load_preset(f"{preset}-fsa")
     assert base.plugin("fsa") is None and derived.plugin("fsa") is not None
-    seg_family = "mae" if derived.vfm is not None and derived.vfm.name.startswith("mae") else None
     assert build_fsa(base) is None
-    assert build_fsa(derived, seg_family).params.lam == expected_lambda(derived)
+    assert build_fsa(derived).params.lam == expected_lambda(derived)
     skip = {"name", "description", "plugins"}
     assert {k: v for k, v in derived.model_dump().items() if k not in skip} == {
         k: v for k, v in base.model_dump().items() if k not in skip
@@ -501,7 +506,7 @@ def _check_fsa_on(preset: str, windows: torch.Tensor, text: torch.Tensor, overri
     torch.testing.assert_close(got, _as_map(want, to_embed, own.grid).float(), atol=1e-5, rtol=1e-5)
     # FSA really changes the result.
     plain = Segmenter(load_preset(preset, overrides), random_weights=True, tiny=True, device="cpu",
-                      _models={"clip": seg.clip, "vfm": seg.vfm, "sam": seg.sam})
+                      models=PrebuiltModels(clip=seg.clip, vfm=seg.vfm, sam=seg.sam))
     assert not torch.allclose(plain.engine.embed(windows.double(), text.double()), got, atol=1e-4)
 
 

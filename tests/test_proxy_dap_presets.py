@@ -55,3 +55,22 @@ def test_dap_with_sam_regions_through_the_segmenter():
     out = seg.predict(data.coffee()[::6, ::6], ["cup", "table"])
     assert out.labels.shape == (67, 100)
     assert torch.isfinite(out.probs).all()
+
+
+def test_prebuilt_models_are_used_as_given():
+    """``Segmenter(config, models=PrebuiltModels(...))``: the models handed in are the ones used (same
+    objects, same logits); a SAM may be handed in without a `sam:` section."""
+    from dapseg.api import PrebuiltModels
+    from dapseg.models.sam.build import tiny_sam
+
+    image = data.astronaut()[::4, ::4]
+    first = Segmenter.from_preset("proxyclip", random_weights=True, tiny=True, device="cpu", overrides=SMALL)
+    second = Segmenter(first.config, random_weights=True, tiny=True, device="cpu",
+                       models=PrebuiltModels(clip=first.clip, vfm=first.vfm))
+    assert second.clip is first.clip and second.vfm is first.vfm
+    torch.testing.assert_close(second.predict(image, CLASSES).logits, first.predict(image, CLASSES).logits)
+    sam = tiny_sam(img_size=64)
+    with_sam = Segmenter(first.config.with_overrides({"refine.name": "sam"}), random_weights=True, tiny=True,
+                         device="cpu", models=PrebuiltModels(clip=first.clip, vfm=first.vfm, sam=sam.image_encoder,
+                                                             sam_decoder=sam))
+    assert with_sam.sam is sam.image_encoder and with_sam.models.sam_decoder() is sam

@@ -221,6 +221,34 @@ def test_vfm_family_contributes_specs_of_its_own(family):
         assert spec.family == family and spec.name in list_vfms() and vfm_spec(spec.name) == spec
 
 
+@pytest.mark.parametrize("family", VFM_FAMILIES.names())
+def test_vfm_family_contract(family):
+    """Every family's tiny build: the declared normalisation, traits, params model and weights source,
+    features (B, C, h', w') on the grid it announces, attention rows summing to 1 where it has any."""
+    from dapseg.config import VfmConfig
+    from dapseg.models.vfm import FamilyTraits, build_vfm
+
+    fam = VFM_FAMILIES.build(family)
+    spec = fam.specs[0]
+    assert isinstance(fam.traits, FamilyTraits) and isinstance(fam.weights.folder, bool)
+    assert VFM_FAMILIES.get(family).params is fam.params
+    cfg = VfmConfig(name=spec.name)
+    assert cfg.params == (fam.params().model_dump() if fam.params is not None else {})
+    torch.manual_seed(0)
+    model = build_vfm(cfg, random_weights=True, tiny=True, window_size=64, device="cpu")
+    assert model.traits == fam.traits and model.family == family
+    assert model.mean.flatten().tolist() == pytest.approx(spec.mean)
+    assert model.std.flatten().tolist() == pytest.approx(spec.std)
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+    images = torch.rand(2, 3, 64, 80, generator=torch.Generator().manual_seed(0))
+    gh, gw = model.grid(64, 80)
+    out = model(images, return_attn=model.num_heads > 0)
+    assert tuple(out.feats.shape) == (2, model.embed_dim, gh, gw) and torch.isfinite(out.feats).all()
+    if model.num_heads > 0:
+        assert tuple(out.attn.shape) == (2, model.num_heads, gh * gw, gh * gw)
+        torch.testing.assert_close(out.attn.sum(-1), torch.ones(2, model.num_heads, gh * gw))
+
+
 def test_config_names_the_setting_of_an_unknown_component():
     from pydantic import ValidationError
 

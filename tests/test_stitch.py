@@ -242,3 +242,25 @@ def test_aligned_size_rounds_each_side_to_the_nearest_patch_multiple() -> None:
     assert aligned_size(336, 504, 16) == (336, 512)
     assert aligned_size(100, 150, 16) == (96, 144)
     assert aligned_size(5, 7, 16) == (16, 16)
+
+
+def test_a_head_declares_its_stitched_attention_in_its_registry_entry() -> None:
+    """The stitch strategy looks the head's function up in its registry entry (``extras["stitched"]``):
+    a head registered from outside with the NACLIP function runs as naclip does."""
+    from dapseg.heads.naclip import NaclipHead
+    from dapseg.registry import HEADS
+
+    assert all("stitched" in HEADS.get(n).extras for n in ("naclip", "proxy", "dap"))
+    assert "stitched" not in HEADS.get("vanilla").extras
+    naclip = HEADS.get("naclip")
+
+    class Twin(NaclipHead):
+        name = "naclip_twin"
+
+    HEADS.register("naclip_twin", params=naclip.params, extras={"stitched": naclip.extras["stitched"]})(Twin)
+    try:
+        img = (image96().permute(1, 2, 0) * 255).byte().numpy()
+        want = tiny("naclip").coarse_logits(img, CLASSES)
+        torch.testing.assert_close(tiny("naclip", **{"head.name": "naclip_twin"}).coarse_logits(img, CLASSES), want)
+    finally:
+        HEADS.unregister("naclip_twin")

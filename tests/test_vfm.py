@@ -33,8 +33,10 @@ EXPECTED = {
     "dinov3_vits16",
     "dinov3_vitb16",
     "dinov3_vitl16",
+    "sd15",
 }
-NON_SAM = sorted(n for n in EXPECTED if not n.startswith("sam"))
+# The ViTs (SAM and Stable Diffusion have their own tests: tests/test_vfm_sd.py for SD)
+NON_SAM = sorted(n for n in EXPECTED if not n.startswith(("sam", "sd")))
 
 
 def tiny(name: str, window: int = 224):
@@ -389,7 +391,7 @@ def test_bad_checkpoint_names_file_and_keys(tmp_path):
 # ------------------------------------------------------------------ weights / errors / full size
 
 
-@pytest.mark.parametrize("name", ["dino_vitb8", "sam_vitb"])
+@pytest.mark.parametrize("name", ["dino_vitb8", "sam_vitb", "sd15"])
 def test_missing_weights_offline(name, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("DAPSEG_CACHE", str(tmp_path / "cache"))
@@ -399,6 +401,7 @@ def test_missing_weights_offline(name, tmp_path, monkeypatch):
 
     monkeypatch.setattr("socket.create_connection", no_network)
     monkeypatch.setattr("huggingface_hub.hf_hub_download", no_network)
+    monkeypatch.setattr("huggingface_hub.snapshot_download", no_network)
     monkeypatch.setattr("torch.hub.download_url_to_file", no_network)
     with pytest.raises(W.WeightsMissingError) as err:
         build_vfm(VfmConfig(name=name), random_weights=False, tiny=False, cache_dir=None, window_size=224)

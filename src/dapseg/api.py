@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dapseg.bundle import ModelBundle
+from dapseg.bundle import ModelBundle, PrebuiltModels
 from dapseg.config import SegmenterConfig, load_preset
 from dapseg.decoding import Decoded, ImageSource, decode_ahead
 from dapseg.images import load_image
@@ -44,14 +44,15 @@ class Segmenter:
         random_weights: bool = False,
         tiny: bool = False,
         cache_dir: PathLike | None = None,
-        _models: dict[str, Any] | None = None,
+        models: PrebuiltModels | None = None,
     ) -> None:
+        """``models``: models already built (``PrebuiltModels``), used instead of building them."""
         self.config = config
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.random_weights = random_weights
         self.tiny = tiny
         self.cache_dir = cache_dir
-        models = _models or {}
+        models = models or PrebuiltModels()
         # Random weights are seeded so smoke runs repeat; the caller's RNG state is left untouched.
         with torch.random.fork_rng(devices=[], enabled=random_weights):
             if random_weights:
@@ -67,7 +68,7 @@ class Segmenter:
             if config.refine.name != REFINERS.none_name:
                 self.refiner, _ = self._build(REFINERS, config.refine.name, config.refine.params)
         self.engine = DenseEngine(self.clip, self.head, self.vfm, plugin, needs=head_needs | plugin_needs)
-        self.text = models.get("text") or TextEmbedder(
+        self.text = models.text or TextEmbedder(
             self.clip.encode_text,
             model_id=f"{self.clip.name}:{self.clip.tag}",
             templates=config.templates,
@@ -125,27 +126,22 @@ class Segmenter:
     def derive(self, overrides: dict[str, Any]) -> Segmenter:
         """A Segmenter with ``overrides`` applied that reuses this one's models where they are unchanged."""
         config = self.config.with_overrides(overrides)
-        models = {
-            key: getattr(self, key)
-            for key in ("clip", "vfm", "sam")
-            if getattr(config, key) == getattr(self.config, key)
-        }
-        if "sam" in models and "vfm" in models and self.models._sam_decoder is not None:
-            models["sam_decoder"] = self.models._sam_decoder  # the decoder around the same encoder
-        if "clip" not in models:
-            models = {}
-        elif config.templates == self.config.templates:
-            models["text"] = self.text  # same encoder, same prompts: keep the embedding cache
+        same = {key: getattr(config, key) == getattr(self.config, key) for key in ("clip", "vfm", "sam")}
+        if not same["clip"]:
+            return Segmenter(config, device=self.device, random_weights=self.random_weights, tiny=self.tiny,
+                             cache_dir=self.cache_dir)
         if config.inference.crop != self.config.inference.crop and _built_at_window_size(config.vfm):
-            models.pop("vfm", None)  # e.g. MAE is built at the window size
-        return Segmenter(
-            config,
-            device=self.device,
-            random_weights=self.random_weights,
-            tiny=self.tiny,
-            cache_dir=self.cache_dir,
-            _models=models,
+            same["vfm"] = False  # e.g. MAE is built at the window size
+        keep_sam = same["sam"] and same["vfm"]
+        models = PrebuiltModels(
+            clip=self.clip,
+            vfm=self.vfm if same["vfm"] else None,
+            sam=self.sam if same["sam"] else None,
+            sam_decoder=self.models.built_sam_decoder if keep_sam else None,  # around the same encoder
+            text=self.text if config.templates == self.config.templates else None,  # keep the embedding cache
         )
+        return Segmenter(config, device=self.device, random_weights=self.random_weights, tiny=self.tiny,
+                         cache_dir=self.cache_dir, models=models)
 
     # ------------------------------------------------------------------ inference
     def text_embeddings(self, classes: ClassSet) -> torch.Tensor:
@@ -234,9 +230,9 @@ def with_weight_files(
 def _built_at_window_size(cfg: Any) -> bool:
     if cfg is None:
         return False
-    from dapseg.models.vfm import vfm_spec
+    from dapseg.models.vfm import vfm_traits
 
-    return vfm_spec(cfg.name).built_at_window_size
+    return vfm_traits(cfg.name).built_at_window_size
 
 
 def _text_cache(explicit: PathLike | None) -> Path:

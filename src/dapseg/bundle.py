@@ -22,6 +22,24 @@ from dapseg.registry import Backbone, Need
 from dapseg.weights import WeightsMissingError, how_to_fetch
 
 
+@dataclass(frozen=True)
+class PrebuiltModels:
+    """Models already built, handed to ``Segmenter(config, models=...)`` instead of being built from the
+    config (e.g. a benchmark's own SAM, or the models of another segmenter). Each is used as given;
+    the others are built as usual.
+
+    ``sam`` may be given without a ``sam:`` section in the config; ``sam_decoder`` must be the full
+    ``Sam`` around the given ``sam`` (or around a given SAM ``vfm``); ``text`` is a ``TextEmbedder``
+    over the given ``clip``.
+    """
+
+    clip: DenseClip | None = None
+    vfm: nn.Module | None = None
+    sam: nn.Module | None = None
+    sam_decoder: Any = None
+    text: Any = None
+
+
 @dataclass
 class ModelBundle:
     """CLIP, VFM and SAM of one config (None where the config has none)."""
@@ -44,10 +62,10 @@ class ModelBundle:
         random_weights: bool = False,
         tiny: bool = False,
         cache_dir: str | os.PathLike[str] | None = None,
-        reuse: dict[str, Any] | None = None,
+        reuse: PrebuiltModels | None = None,
     ) -> ModelBundle:
-        """Build (or take from ``reuse``: keys clip, vfm, sam, sam_decoder) every model ``config`` names."""
-        reuse = reuse or {}
+        """Build every model ``config`` names that ``reuse`` does not already hold."""
+        reuse = reuse or PrebuiltModels()
 
         def vfm(cfg: VfmConfig | None) -> nn.Module | None:
             if cfg is None:
@@ -58,26 +76,31 @@ class ModelBundle:
                              window_size=config.inference.crop, device=device)
 
         try:
-            clip = reuse.get("clip") or build_clip(config.clip, random_weights=random_weights, tiny=tiny,
+            clip = reuse.clip or build_clip(config.clip, random_weights=random_weights, tiny=tiny,
                                                    cache_dir=cache_dir, device=device)
-            vfm_model = reuse.get("vfm") or vfm(config.vfm)
-            if config.sam is not None and "sam" not in reuse and not tiny:
+            vfm_model = reuse.vfm or vfm(config.vfm)
+            if config.sam is not None and reuse.sam is None and not tiny:
                 from dapseg.models.sam.memory import check_memory
 
                 check_memory(config.sam.name, device)  # fail before loading a SAM that cannot fit
-            sam = reuse.get("sam") or vfm(config.sam)
+            sam = reuse.sam or vfm(config.sam)
         except WeightsMissingError as e:
             raise WeightsMissingError(e.what, how_to_fetch(config.name)) from e
         return cls(clip, vfm_model, sam, config.sam, config.vfm, random_weights or tiny, cache_dir,
-                   reuse.get("sam_decoder") if sam is reuse.get("sam") else None)
+                   reuse.sam_decoder)
 
     def _decoder_source(self) -> tuple[nn.Module | None, VfmConfig | None]:
         """The SAM a decoder goes around: the ``sam:`` model, else a SAM the config loaded as its VFM."""
         if self.sam is not None:
             return self.sam, self.sam_config
-        if self.vfm is not None and getattr(self.vfm, "family", None) == "sam":
+        if self.vfm is not None and _traits(self.vfm).sam_decoder:
             return self.vfm, self.vfm_config
         return None, None
+
+    @property
+    def built_sam_decoder(self) -> Any:
+        """The SAM decoder if it was built already (None otherwise); never builds it."""
+        return self._sam_decoder
 
     def sam_decoder(self) -> Any:
         """The full segment-anything ``Sam`` around the SAM encoder, its decoder from the release file
@@ -100,8 +123,9 @@ class ModelBundle:
     def backbone(self, config: SegmenterConfig) -> Backbone:
         family = getattr(self.vfm, "family", None) if self.vfm is not None else None
         vfm_name = config.vfm.name if config.vfm is not None else None
+        lam = _traits(self.vfm).fsa_lambda if self.vfm is not None else None
         return Backbone(clip_model=config.clip.model, vfm_name=vfm_name, vfm_family=family,
-                        clip_patch_size=int(self.clip.patch_size))
+                        clip_patch_size=int(self.clip.patch_size), vfm_fsa_lambda=lam)
 
     def check(self, needs: Iterable[Need], what: str, config: SegmenterConfig) -> None:
         """A clear error when ``what`` (e.g. "head 'dap'") needs a model the config does not name."""
@@ -126,3 +150,10 @@ class ModelBundle:
             elif need is Need.BACKBONE:
                 out[need.value] = self.backbone(config)
         return out
+
+
+def _traits(vfm: nn.Module) -> Any:
+    """The ``FamilyTraits`` of a VFM built by ``build_vfm`` (a module handed in without them has none)."""
+    from dapseg.models.vfm.base import FamilyTraits
+
+    return getattr(vfm, "traits", None) or FamilyTraits()

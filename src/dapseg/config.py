@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from dapseg.registry import HEADS, PLUGINS, REFINERS, STRATEGIES, Registry
+from dapseg.registry import HEADS, PLUGINS, REFINERS, STRATEGIES, VFM_FAMILIES, Registry, vfm_family_name
 
 
 class _Strict(BaseModel):
@@ -31,7 +31,13 @@ class ClipConfig(_Strict):
 
 class VfmConfig(_Strict):
     name: str  # a name of the VFM registry (dapseg.models.vfm)
-    weights: Path | None = None  # the official release file
+    weights: Path | None = None  # the official release file (or folder, for families released as one)
+    params: dict[str, Any] = Field(default_factory=dict)  # the family's own settings, checked by its model
+
+    @model_validator(mode="after")
+    def _check_params(self) -> VfmConfig:
+        self.__dict__["params"] = VFM_FAMILIES.validate(vfm_family_name(self.name), self.params)
+        return self
 
 
 class ComponentConfig(_Strict):

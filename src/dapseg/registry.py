@@ -21,6 +21,7 @@ This module imports nothing from the package: it is the lowest layer with ``conf
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -58,8 +59,9 @@ class Backbone:
 
     clip_model: str  # open_clip model name, e.g. "ViT-B-16"
     vfm_name: str | None = None  # VFM registry name, e.g. "mae_vitb16"
-    vfm_family: str | None = None  # VFM family, e.g. "mae"
+    vfm_family: str | None = None  # VFM family, e.g. "mae" (for reports: components read traits, not names)
     clip_patch_size: int = 16  # pixels per CLIP patch
+    vfm_fsa_lambda: float | None = None  # the FSA λ the VFM's family asks for (None: none)
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,9 @@ class Entry(Generic[T]):
     params: type[BaseModel] | None = None
     needs: NeedsSpec = field(default_factory=frozenset)
     description: str = ""
+    # What other parts of the pipeline look up about the component, by key (e.g. a head's
+    # ``stitched`` function: how it runs over the stitched tokens of ``inference.mode: stitch``).
+    extras: Mapping[str, Any] = field(default_factory=dict)
 
     def parse_params(self, params: Mapping[str, Any] | BaseModel | None) -> BaseModel | None:
         """The validated params object; a component without a params model accepts none."""
@@ -115,14 +120,21 @@ class Registry(Generic[T]):
         needs: NeedsSpec = frozenset(),
         description: str = "",
         replace: bool = False,
+        extras: Mapping[str, Any] | None = None,
     ) -> Callable[[Callable[..., T]], Callable[..., T]]:
         """Decorator registering ``builder`` (a class or a function) under ``name``."""
 
         def deco(builder: Callable[..., T]) -> Callable[..., T]:
-            self.add(Entry(self.kind, name, builder, params, needs, description), replace=replace)
+            self.add(Entry(self.kind, name, builder, params, needs, description, dict(extras or {})), replace=replace)
             return builder
 
         return deco
+
+    def attach(self, name: str, **extras: Any) -> None:
+        """Add ``extras`` to the entry of ``name`` (a module above the component's layer declaring what
+        it can do with it, e.g. the stitch strategy's function for a head)."""
+        entry = self.get(name)
+        self._entries[name] = dataclasses.replace(entry, extras={**entry.extras, **extras})
 
     def add(self, entry: Entry[T], *, replace: bool = False) -> None:
         if not entry.name or entry.name == self.none_name:
@@ -190,8 +202,16 @@ REFINERS: Registry[Any] = Registry(
 )
 PLUGINS: Registry[Any] = Registry("plug-in", builtins=["dapseg.plugins.fsa"])
 VFM_FAMILIES: Registry[Any] = Registry(
-    "VFM family", builtins=[f"dapseg.models.vfm.{m}" for m in ("dino", "dinov2", "dinov3", "mae", "sam")]
+    "VFM family", builtins=[f"dapseg.models.vfm.{m}" for m in ("dino", "dinov2", "dinov3", "mae", "sam", "sd")]
 )
+
+
+def vfm_family_name(vfm_name: str) -> str:
+    """The VFM family offering VFM ``vfm_name`` (one of its ``specs``); ValueError listing the valid names."""
+    owners = {spec.name: family for family in VFM_FAMILIES.names() for spec in VFM_FAMILIES.build(family).specs}
+    if vfm_name not in owners:
+        raise ValueError(f"unknown VFM {vfm_name!r}; valid names: {', '.join(owners)}")
+    return owners[vfm_name]
 
 
 def all_registries() -> dict[str, Registry[Any]]:

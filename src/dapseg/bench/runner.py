@@ -221,6 +221,7 @@ def bench_preset(
         "seconds": _spread(times),
         "cpu_seconds": _spread(cpu_times),
         "images_per_s": 1.0 / median,
+        "seconds_per_window": median / windows,
         "gflops": gflops,
         "achieved_gflops_per_s": gflops / median if gflops is not None else None,
         "probe_gflops_per_s": probe_gflops,
@@ -316,7 +317,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"{report['settings']['warmup']} warm-up",
         "",
     ]
-    head = (f"{'preset':<16} {'params (clip/vfm/sam)':<24} {'win':>3} {'GFLOP':>8} {'s/img':>18} "
+    head = (f"{'preset':<16} {'params (clip/vfm/sam)':<24} {'win':>3} {'GFLOP':>8} {'s/img':>18} {'s/win':>6} "
             f"{'CPU s':>6} {'img/s':>6} {'GFLOP/s':>7} {'probe':>6} {'% probe':>7} {'1-by-1 s/img':>12} "
             f"{'peak MiB':>9}")
     lines += [head, "-" * len(head)]
@@ -331,7 +332,8 @@ def format_report(report: dict[str, Any]) -> str:
         rate = f"{r['achieved_gflops_per_s']:.0f}" if r["achieved_gflops_per_s"] is not None else "-"
         probe_cell = f"{r['probe_gflops_per_s']:.0f}" if r["probe_gflops_per_s"] else "-"
         lines.append(f"{r['preset']:<16} {params:<24} {r['windows']:>3} {gf:>8} {spread:>18} "
-                     f"{r['cpu_seconds']['median']:>6.1f} {r['images_per_s']:>6.2f} {rate:>7} {probe_cell:>6} "
+                     f"{r['seconds_per_window']:>6.2f} {r['cpu_seconds']['median']:>6.1f} {r['images_per_s']:>6.2f} "
+                     f"{rate:>7} {probe_cell:>6} "
                      f"{frac:>7} {one:>12} "
                      f"{r['peak_memory_mib']:>9.0f}")
     seen = {k for r in report["presets"] for k in r["stages_s"]}

@@ -22,14 +22,20 @@ def add_model_args(
     g.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="NAME",
                    help="add a registered plug-in to the preset's head (`dapseg presets --components` lists them)")
     g.add_argument("--fsa", action="store_true", help="add the FSA feedback plug-in (same as --plugin fsa)")
+    add_machine_args(g)
+    g.add_argument("--sam-weights", default=None, help="local SAM weights: the official sam_vit_*.pth file")
+
+
+def add_machine_args(g: argparse._ArgumentGroup) -> None:
+    """Device, random/tiny models, the weights cache and local CLIP / VFM weight files."""
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--random-weights", action="store_true",
                    help="build the same architectures with random weights (offline smoke mode)")
     g.add_argument("--tiny", action="store_true", help="with --random-weights: tiny models (tests)")
     g.add_argument("--cache-dir", default=None, help="weights cache (default: $DAPSEG_CACHE or ~/.cache/dapseg)")
     g.add_argument("--clip-weights", default=None, help="local CLIP weights: OpenAI .pt or open_clip .bin/.safetensors")
-    g.add_argument("--vfm-weights", default=None, help="local VFM weights: the official DINO/DINOv2/MAE/SAM file")
-    g.add_argument("--sam-weights", default=None, help="local SAM weights: the official sam_vit_*.pth file")
+    g.add_argument("--vfm-weights", default=None,
+                   help="local VFM weights: the official DINO/DINOv2/MAE/SAM file, or an SD diffusers folder")
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -63,15 +63,15 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def ensure_writable(path: Path) -> None:
-    """Create ``path`` and prove it is writable, before any compute starts."""
+def ensure_writable(path: Path, what: str = "work dir") -> None:
+    """Create ``path`` and prove it is writable, before any compute starts (``what`` names it in the error)."""
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-test-{os.getpid()}"
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as e:
-        raise PermissionError(f"work dir {path} is not writable: {e.strerror or e}") from e
+        raise PermissionError(f"{what} {path} is not writable: {e.strerror or e}") from e
 
 
 def check_fingerprint(work_dir: Path, settings: dict[str, Any], *, write: bool) -> None:

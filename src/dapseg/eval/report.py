@@ -17,16 +17,20 @@ from dapseg.files import atomic_write, atomic_write_text
 if TYPE_CHECKING:
     import pandas as pd
 
-EVAL_EXTRA = "pip install 'dapseg[eval]'"
+
+def require_extra(modules: tuple[str, ...], extra: str, needed_by: str) -> None:
+    """RuntimeError naming the missing module and ``pip install 'dapseg[extra]'`` unless all import."""
+    for module in modules:
+        try:
+            __import__(module)
+        except ImportError as e:
+            raise RuntimeError(f"{needed_by} need {module} (the `{extra}` extra): "
+                               f"pip install 'dapseg[{extra}]'") from e
 
 
 def require_eval_extras() -> None:
     """Fail before any work where the `eval` extra (pandas, openpyxl: the result tables) is missing."""
-    for module in ("pandas", "openpyxl"):
-        try:
-            __import__(module)
-        except ImportError as e:
-            raise RuntimeError(f"evaluation reports need {module} (the `eval` extra): {EVAL_EXTRA}") from e
+    require_extra(("pandas", "openpyxl"), "eval", "evaluation reports")
 
 
 def _pandas():  # the pandas module, imported only when a table is made

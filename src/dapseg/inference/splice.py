@@ -20,8 +20,8 @@ from dapseg.config import InferenceConfig
 from dapseg.inference.engine import DenseEngine
 from dapseg.inference.global_affinity import AffinityParams, GlobalAffinity, aggregate_map, valid_grid
 from dapseg.inference.preprocess import resize_image, short_side_size
-from dapseg.inference.strategies import image_affinity_mean
-from dapseg.inference.windows import GridAverage, centred_padding, crop_windows, pad_windows, window_grid
+from dapseg.inference.strategies import engine_padding, image_affinity_mean
+from dapseg.inference.windows import GridAverage, crop_windows, window_grid
 from dapseg.models.sam.build import image_encoder_of
 from dapseg.models.sam.encoder import encode_image, reference_sam_image
 from dapseg.models.sam.memory import check_encode_memory
@@ -83,20 +83,18 @@ def window_features(
     _, h, w = image01.shape
     windows = window_grid(h, w, cfg.crop, cfg.stride)
     wh, ww = windows[0].size
-    left, right, top, bottom = centred_padding(wh, ww, cfg.pad_multiple)
+    pad = engine_padding(engine, wh, ww, cfg.pad_multiple)
     mean, vfm_outs = image_affinity_mean(engine, image01, windows, cfg)  # mean_scope="image": all windows
     feats: list[Tensor] = []
     cell = 0.0
     for k, start in enumerate(range(0, len(windows), cfg.max_batch)):
         batch = windows[start : start + cfg.max_batch]
-        crops = pad_windows(crop_windows(image01, batch), (left, right, top, bottom), engine.clip.mean)
+        crops = pad.apply(crop_windows(image01, batch), engine.clip.mean)
         out = engine.head_output(crops, text, vfm_out=vfm_outs[k], affinity_mean=mean)
         gh, gw = out.grid
-        cell = (wh + top + bottom) / gh  # pixels per feature cell (the patch of the head's grid)
         maps = out.tokens.float().transpose(1, 2).reshape(len(batch), -1, gh, gw)  # (B, D, gh, gw)
-        r0, r1 = round(top / cell), round((top + wh) / cell)
-        c0, c1 = round(left / cell), round((left + ww) / cell)
-        feats.extend(maps[:, :, r0:r1, c0:c1].unbind(0))
+        maps, cell = pad.crop_cells(maps, (wh, ww))  # cell: pixels per feature cell (the head grid's patch)
+        feats.extend(maps.unbind(0))
     boxes = [(win.y1, win.x1, win.y2, win.x2) for win in windows]
     return feats, boxes, cell
 

@@ -28,8 +28,9 @@ from torch import Tensor
 from dapseg.config import InferenceConfig
 from dapseg.inference.engine import DenseEngine
 from dapseg.inference.preprocess import normalize
-from dapseg.inference.stitch_attention import StitchedTokens, stitched_head_spec
-from dapseg.inference.windows import GridAverage, centred_padding, crop_windows, pad_windows, window_grid
+from dapseg.inference.stitch_attention import StitchedTokens, stitched_head
+from dapseg.inference.strategies import engine_padding
+from dapseg.inference.windows import GridAverage, crop_windows, window_grid
 from dapseg.registry import STRATEGIES
 
 
@@ -52,40 +53,31 @@ def aligned_size(h: int, w: int, patch: int) -> tuple[int, int]:
     return max(patch, round(h / patch) * patch), max(patch, round(w / patch) * patch)
 
 
-def _crop_cells(maps: Tensor, padded: int, pad_before: int, size: int) -> tuple[Tensor, float]:
-    """Drop the padding cells of (B, C, gh, gw) maps along rows: the cell size in pixels, cropped maps."""
-    cell = padded / maps.shape[-2]
-    return maps[:, :, round(pad_before / cell) : round((pad_before + size) / cell)], cell
-
-
 def window_tokens(engine: DenseEngine, image01: Tensor, cfg: InferenceConfig, with_vfm: bool) -> StitchedTokens:
     """Blocks 1..L-1 (and, ``with_vfm``, the VFM) per window, averaged onto the image's token grids."""
     _, h, w = image01.shape
     windows = window_grid(h, w, cfg.crop, cfg.stride)
     wh, ww = windows[0].size
-    left, right, top, bottom = centred_padding(wh, ww, cfg.pad_multiple)
-    ph, pw = wh + top + bottom, ww + left + right
+    pad = engine_padding(engine, wh, ww, cfg.pad_multiple)
     clip_grid: GridAverage | None = None
     vfm_grid: GridAverage | None = None
     cls_sum: Tensor | None = None
     for start in range(0, len(windows), cfg.max_batch):
         batch = windows[start : start + cfg.max_batch]
         boxes = [(win.y1, win.x1, win.y2, win.x2) for win in batch]
-        crops = pad_windows(crop_windows(image01, batch), (left, right, top, bottom), engine.clip.mean)
+        crops = pad.apply(crop_windows(image01, batch), engine.clip.mean)
         with engine.autocast():
             x, (gh, gw) = engine.clip.tokens_before_last_block(normalize(crops, engine.clip.mean, engine.clip.std))
             feats = engine.vfm(crops).feats if with_vfm else None  # (B, C', h', w')
         cls = x[:, 0].float().sum(0)  # (D,)
         cls_sum = cls if cls_sum is None else cls_sum + cls
         maps = x[:, 1:].float().transpose(1, 2).reshape(len(batch), -1, gh, gw)  # (B, D, gh, gw)
-        maps, cell = _crop_cells(maps, ph, top, wh)
-        maps = _crop_cells(maps.transpose(-1, -2), pw, left, ww)[0].transpose(-1, -2)
+        maps, cell = pad.crop_cells(maps, (wh, ww))
         clip_grid = clip_grid or GridAverage((h, w), cell, maps.shape[1], maps.device)
         for m, box in zip(maps, boxes, strict=True):
             clip_grid.add(m, box)
         if feats is not None:
-            f, vcell = _crop_cells(feats.float(), ph, top, wh)
-            f = _crop_cells(f.transpose(-1, -2), pw, left, ww)[0].transpose(-1, -2)
+            f, vcell = pad.crop_cells(feats.float(), (wh, ww))
             vfm_grid = vfm_grid or GridAverage((h, w), vcell, f.shape[1], f.device)
             for m, box in zip(f, boxes, strict=True):
                 vfm_grid.add(m, box)
@@ -108,8 +100,8 @@ def stitch(engine: DenseEngine, image01: Tensor, text: Tensor, cfg: InferenceCon
     if engine.plugin is not None:
         raise ValueError("inference.mode=stitch does not support the FSA plug-in; set fsa.enabled=false "
                          "or use inference.mode=slide")
-    spec = stitched_head_spec(engine.head)
-    if spec.needs_vfm and engine.vfm is None:
+    stitched_fn, needs_vfm = stitched_head(engine.head)
+    if needs_vfm and engine.vfm is None:
         raise ValueError(f"head {engine.head.name!r} needs a VFM: configure a `vfm:` section")
     _, H, W = image01.shape
     image01 = image01.to(engine.device)
@@ -117,9 +109,9 @@ def stitch(engine: DenseEngine, image01: Tensor, text: Tensor, cfg: InferenceCon
     img = image01 if (h, w) == (H, W) else F.interpolate(
         image01[None], (h, w), mode="bilinear", align_corners=False)[0]
     with torch.no_grad():
-        stitched = window_tokens(engine, img, cfg, spec.needs_vfm)
+        stitched = window_tokens(engine, img, cfg, needs_vfm)
         with engine.autocast():
-            tokens, grid = spec.fn(engine.head, engine.clip.last_block, stitched, p.chunk)  # (n, D)
+            tokens, grid = stitched_fn(engine.head, engine.clip.last_block, stitched, p.chunk)  # (n, D)
         logits = engine.patch_logits(tokens[None], grid, text)  # (1, Q, gh, gw)
     return F.interpolate(logits, (H, W), mode="bilinear", align_corners=False)[0]
 

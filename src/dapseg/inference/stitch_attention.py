@@ -3,7 +3,9 @@
 The ``stitch`` strategy (``stitch.py``) runs blocks 1..L-1 per window and averages the windows'
 tokens onto one token grid of the whole image. This module runs the *head's* last-block attention
 over those stitched tokens. Each supported head has one function here, with the head's own formula
-but rows computed ``chunk`` at a time, so memory grows as heads · chunk · N, never N²:
+but rows computed ``chunk`` at a time, so memory grows as heads · chunk · N, never N²; it is attached
+to the head's registry entry as its ``stitched`` extra (a head registered elsewhere may declare its
+own: ``HEADS.register(name, ..., extras={"stitched": fn})``):
 
 - ``naclip``: Attn = softmax(k kᵀ/√d + ω) over CLS + all N patches, ω the Gaussian of patch distance
   on the *image* grid (σ from the head), reduced block out_proj(Attn · v);
@@ -33,6 +35,7 @@ from dapseg.heads.affinity import (
 )
 from dapseg.heads.base import Head, HeadContext, merge_heads, qkv
 from dapseg.heads.regions import region_mean
+from dapseg.registry import HEADS, Need
 
 
 @dataclass
@@ -50,32 +53,29 @@ class StitchedTokens:
 StitchedHead = Callable[[Head, nn.Module, StitchedTokens, int], tuple[Tensor, tuple[int, int]]]
 
 
-@dataclass(frozen=True)
-class StitchedHeadSpec:
-    fn: StitchedHead
-    needs_vfm: bool  # the windows must go through the VFM too
+def register_stitched(name: str) -> Callable[[StitchedHead], StitchedHead]:
+    """Attach ``fn`` to head ``name``'s registry entry as its ``stitched`` extra."""
 
-
-STITCHED_HEADS: dict[str, StitchedHeadSpec] = {}
-
-
-def register_stitched(name: str, needs_vfm: bool = False) -> Callable[[StitchedHead], StitchedHead]:
     def deco(fn: StitchedHead) -> StitchedHead:
-        STITCHED_HEADS[name] = StitchedHeadSpec(fn, needs_vfm)
+        HEADS.attach(name, stitched=fn)
         return fn
 
     return deco
 
 
-def stitched_head_spec(head: Head) -> StitchedHeadSpec:
-    """How head ``head`` runs over stitched tokens; a clear error for heads that cannot."""
-    spec = STITCHED_HEADS.get(head.name)
-    if spec is None:
+def stitched_head(head: Head) -> tuple[StitchedHead, bool]:
+    """How head ``head`` runs over stitched tokens (its entry's ``stitched`` extra) and whether the
+    windows must go through the VFM too (it declared a VFM need); a clear error for heads that cannot."""
+    entry = HEADS.get(head.name)
+    fn = entry.extras.get("stitched")
+    if fn is None:
+        supported = sorted(n for n in HEADS.names() if "stitched" in HEADS.get(n).extras)
         raise ValueError(
             f"inference.mode=stitch does not support head {head.name!r}; supported heads: "
-            f"{', '.join(sorted(STITCHED_HEADS))} (use inference.mode=slide for the others)"
+            f"{', '.join(supported)} (use inference.mode=slide for the others)"
         )
-    return spec
+    needs = entry.needs_for(getattr(head, "params", None))
+    return fn, bool(needs & {Need.VFM_FEATURES, Need.VFM_ATTENTION})
 
 
 # ----------------------------------------------------------------------------- naclip
@@ -167,7 +167,7 @@ def _vfm_values(head: Head, block: nn.Module, st: StitchedTokens) -> tuple[Tenso
     return values_on_grid(v[:, :, 1:], st.grid, out_grid)[0], out_grid
 
 
-@register_stitched("proxy", needs_vfm=True)
+@register_stitched("proxy")
 def proxy_stitched(head: Head, block: nn.Module, st: StitchedTokens, chunk: int) -> tuple[Tensor, tuple[int, int]]:
     """ProxyCLIP's proxy attention over all stitched VFM patches: (N', D) on (gh', gw')."""
     p = head.params
@@ -198,7 +198,7 @@ def _image_regions(head: Head, block: nn.Module, st: StitchedTokens, grid: tuple
     return image_head.region_labels(ctx, grid)[0]
 
 
-@register_stitched("dap", needs_vfm=True)
+@register_stitched("dap")
 def dap_stitched(head: Head, block: nn.Module, st: StitchedTokens, chunk: int) -> tuple[Tensor, tuple[int, int]]:
     """DAP over all stitched VFM patches: y ← (1−ρ)·W·y + ρ·P·(W·y), ``steps`` times: (N', D)."""
     p = head.params

@@ -21,7 +21,7 @@ from torch import Tensor
 from dapseg.config import InferenceConfig
 from dapseg.heads.affinity import image_similarity_mean
 from dapseg.inference.engine import DenseEngine
-from dapseg.inference.windows import Window, crop_windows, pad_windows, window_grid, window_padding
+from dapseg.inference.windows import Window, WindowPadding, crop_windows, window_grid, window_padding
 from dapseg.registry import STRATEGIES
 
 if TYPE_CHECKING:
@@ -42,6 +42,11 @@ def min_window_side(engine: DenseEngine) -> int:
     return max(engine.clip.patch_size, int(engine.vfm.patch_size))
 
 
+def engine_padding(engine: DenseEngine, h: int, w: int, pad_multiple: int | None) -> WindowPadding:
+    """The padding of an (h, w) window for ``engine`` (every strategy pads its windows with this)."""
+    return window_padding(h, w, pad_multiple, min_window_side(engine))
+
+
 def image_affinity_mean(
     engine: DenseEngine, image01: Tensor, windows: list[Window], cfg: InferenceConfig
 ) -> tuple[Tensor | None, list[VfmOutput | None]]:
@@ -60,8 +65,8 @@ def image_affinity_mean(
     outs = []
     for start in starts:
         crops = crop_windows(image01, windows[start : start + cfg.max_batch])
-        pad = window_padding(*crops.shape[-2:], cfg.pad_multiple, min_window_side(engine))
-        outs.append(engine.vfm_output(pad_windows(crops, pad, engine.clip.mean)))
+        pad = engine_padding(engine, *crops.shape[-2:], cfg.pad_multiple)
+        outs.append(engine.vfm_output(pad.apply(crops, engine.clip.mean)))
     return image_similarity_mean([o.feats for o in outs]), outs
 
 
@@ -79,11 +84,10 @@ def padded_window_logits(
 
     ``vfm_out`` / ``affinity_mean``: see ``image_affinity_mean``."""
     h, w = windows01.shape[-2:]
-    pad = window_padding(h, w, pad_multiple, min_window_side(engine))
-    logits = engine.window_logits(pad_windows(windows01, pad, engine.clip.mean), text, vfm_out=vfm_out,
+    pad = engine_padding(engine, h, w, pad_multiple)
+    logits = engine.window_logits(pad.apply(windows01, engine.clip.mean), text, vfm_out=vfm_out,
                                   affinity_mean=affinity_mean)
-    left, _, top, _ = pad
-    return logits[..., top : top + h, left : left + w]
+    return pad.crop_pixels(logits, (h, w))
 
 
 def whole(engine: DenseEngine, image01: Tensor, text: Tensor, cfg: InferenceConfig) -> Tensor:

@@ -1,10 +1,13 @@
 """Windows: the sliding-window grid of the references (MMSegmentation's slide inference), cropping
-and padding. Every strategy that cuts an image into windows uses these."""
+and padding. Every strategy that cuts an image into windows uses these: ``window_padding`` is the one
+rule for padding a window (whole, slide, splice and stitch alike) and ``WindowPadding`` crops the
+padding back off pixel maps and token / feature grids."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -55,13 +58,46 @@ def centred_padding(h: int, w: int, multiple: int | None) -> tuple[int, int, int
     return lr // 2, lr - lr // 2, tb // 2, tb - tb // 2
 
 
-def window_padding(h: int, w: int, pad_multiple: int | None, min_side: int) -> tuple[int, int, int, int]:
-    """(left, right, top, bottom): ``centred_padding`` to ``pad_multiple``, then, where a side is still
-    shorter than ``min_side``, centred padding up to ``min_side`` (a window narrower than one patch,
-    e.g. of a 10000×10 image, would give an empty token grid)."""
+class WindowPadding(NamedTuple):
+    """Padding of an (h, w) window, in pixels, and how to take it back off what the window gives."""
+
+    left: int
+    right: int
+    top: int
+    bottom: int
+
+    def padded_size(self, h: int, w: int) -> tuple[int, int]:
+        return h + self.top + self.bottom, w + self.left + self.right
+
+    def apply(self, windows01: Tensor, fill: tuple[float, ...]) -> Tensor:
+        """(B, 3, h, w) windows padded with the colour ``fill`` (see ``pad_windows``)."""
+        return pad_windows(windows01, tuple(self), fill)
+
+    def crop_pixels(self, maps: Tensor, size: tuple[int, int]) -> Tensor:
+        """(..., h + top + bottom, w + left + right) maps of the padded window -> (..., h, w)."""
+        h, w = size
+        return maps[..., self.top : self.top + h, self.left : self.left + w]
+
+    def crop_cells(self, maps: Tensor, size: tuple[int, int]) -> tuple[Tensor, float]:
+        """(..., gh, gw) maps on a grid of cells covering the padded window -> (the cells covering the
+        (h, w) window itself, pixels per cell along the rows). Along each axis a cell is the padded
+        side over the grid side; the window spans cells round(pad / cell) .. round((pad + side) / cell)."""
+        h, w = size
+        ph, pw = self.padded_size(h, w)
+        cell_h, cell_w = ph / maps.shape[-2], pw / maps.shape[-1]
+        r0, r1 = round(self.top / cell_h), round((self.top + h) / cell_h)
+        c0, c1 = round(self.left / cell_w), round((self.left + w) / cell_w)
+        return maps[..., r0:r1, c0:c1], cell_h
+
+
+def window_padding(h: int, w: int, pad_multiple: int | None, min_side: int) -> WindowPadding:
+    """The padding of an (h, w) window: ``centred_padding`` to ``pad_multiple``, then, where a side is
+    still shorter than ``min_side``, centred padding up to ``min_side`` (a window narrower than one
+    patch, e.g. of a 10000×10 image, would give an empty token grid)."""
     left, right, top, bottom = centred_padding(h, w, pad_multiple)
     extra_w, extra_h = max(0, min_side - (w + left + right)), max(0, min_side - (h + top + bottom))
-    return left + extra_w // 2, right + extra_w - extra_w // 2, top + extra_h // 2, bottom + extra_h - extra_h // 2
+    return WindowPadding(left + extra_w // 2, right + extra_w - extra_w // 2, top + extra_h // 2,
+                         bottom + extra_h - extra_h // 2)
 
 
 def crop_windows(image01: Tensor, windows: list[Window]) -> Tensor:

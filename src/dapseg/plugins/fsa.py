@@ -54,14 +54,15 @@ class FsaParams(BaseModel):
     scale_u: float = Field(35.0, gt=0.0)  # logit scale of the uniform-attention logits
 
 
-def default_lambda(clip_model: str, vfm_family: str | None = None) -> float:
-    """The reference's λ: 4.5 with a VFM of the MAE family; else 2.3 for ViT-H, 3.0 for ViT-B / ViT-L.
+def default_lambda(clip_model: str, vfm_lambda: float | None = None) -> float:
+    """The reference's λ: the one the VFM's family asks for (``vfm_lambda``: 4.5 for MAE, see
+    ``FamilyTraits.fsa_lambda``); else 2.3 for ViT-H, 3.0 for ViT-B / ViT-L.
 
     Backbones the reference does not cover (ViT-g, bigG, SO400M, ...) get 3.0; set
     ``plugins: [{name: fsa, params: {lam: ...}}]`` for them.
     """
-    if vfm_family == "mae":
-        return 4.5
+    if vfm_lambda is not None:
+        return vfm_lambda
     size_tokens = set(clip_model.replace("/", "-").split("-"))
     return 2.3 if "H" in size_tokens else 3.0
 
@@ -229,7 +230,7 @@ class FsaPlugin:
     def __init__(self, params: FsaParams | None = None, *, backbone: Backbone | None = None) -> None:
         params = params or FsaParams()
         backbone = backbone or Backbone(clip_model="ViT-B-16")
-        lam = params.lam if params.lam is not None else default_lambda(backbone.clip_model, backbone.vfm_family)
+        lam = params.lam if params.lam is not None else default_lambda(backbone.clip_model, backbone.vfm_fsa_lambda)
         self.params = params.model_copy(update={"lam": lam})
 
     def __call__(self, head: Head, ctx: HeadContext, text_emb: Tensor, to_embed: ToEmbed) -> HeadOutput:

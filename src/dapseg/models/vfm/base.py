@@ -1,9 +1,10 @@
 """Vision foundation models (VFMs) that give ProxyCLIP-style proxy features.
 
 ``build_vfm(cfg, ...)`` returns a ``VisionFoundationModel``: an ``nn.Module`` whose ``forward`` takes
-images (B, 3, H, W) with values in [0, 1], applies ImageNet mean/std normalisation and the model's
-own resizing, and returns ``VfmOutput(feats (B, C, h', w'), attn (B, heads, N', N') | None)`` with
-N' = h'·w' patch tokens (CLS / register tokens dropped everywhere).
+images (B, 3, H, W) with values in [0, 1], applies its spec's mean/std normalisation (ImageNet's
+for the ViTs) and the model's own resizing, and returns
+``VfmOutput(feats (B, C, h', w'), attn (B, heads, N', N') | None)`` with N' = h'·w' patch tokens
+(CLS / register tokens dropped everywhere).
 
 Which features (facts read from the public reference mc-lan/ProxyCLIP, ``proxyclip_segmentor.py``):
 
@@ -20,6 +21,8 @@ Which features (facts read from the public reference mc-lan/ProxyCLIP, ``proxycl
 * SAM (``image_encoder(x)``): the neck output (B, 256, 64, 64) after bilinear resize to 1024×1024.
 * DINOv3 (beyond the reference): like DINOv2 — last block after the final norm, CLS and the
   4 storage tokens dropped; RoPE needs no interpolation.
+* Stable Diffusion (``sd.py``, ProxyCLIP Table 2): a UNet feature map at t = 0 of the window resized
+  to 672², VAE latents, empty-prompt conditioning (no attention).
 
 ``attn`` is the last block's attention softmax(q·kᵀ·scale [+ SAM's decomposed relative-position
 terms]) restricted to patch tokens: the prefix tokens are removed from both axes *before* the
@@ -28,13 +31,18 @@ softmax, so every row sums to 1 over the N' patches.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel
 from torch import nn
+
+from dapseg.registry import VFM_FAMILIES
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -59,11 +67,9 @@ class VfmSpec:
     pos_offset: float = 0.0  # official interpolation: scale_factor (h' + offset) / M when > 0
     pos_antialias: bool = False
     tiny: dict[str, Any] = field(default_factory=dict)  # overrides giving the tiny test variant
-
-    @property
-    def built_at_window_size(self) -> bool:
-        """MAE is built at the sliding-window size (the one place MAE is recognised: its family)."""
-        return self.family == "mae"
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # input normalisation: (x - mean) / std per channel
+    std: tuple[float, float, float] = IMAGENET_STD
+    arch_config: dict[str, Any] = field(default_factory=dict)  # architecture settings (families without timm)
 
 
 class VisionFoundationModel(nn.Module):
@@ -73,13 +79,14 @@ class VisionFoundationModel(nn.Module):
         super().__init__()
         self.spec = spec
         self.name = spec.name
-        self.family = spec.family
+        self.family = spec.family  # the family's name (for reports; never branched on outside models/vfm)
+        self.traits = FamilyTraits()  # set by ``loading.build_vfm`` from the family
         self.patch_size = spec.patch_size
         self.embed_dim = embed_dim  # C of ``feats``
         self.num_heads = num_heads  # heads of ``attn``
         self.checkpoint_extras: dict[str, torch.Tensor] = {}  # see VfmFamily.checkpoint_extras
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
 
     def input_size(self, height: int, width: int) -> tuple[int, int]:
         """The (H, W) the encoder sees for a (height, width) input (after this model's resize)."""
@@ -120,22 +127,59 @@ class VisionFoundationModel(nn.Module):
 
 
 @dataclass(frozen=True)
+class FamilyTraits:
+    """What the rest of the package may know about a family, declared instead of checked by name."""
+
+    built_at_window_size: bool = False  # the model is built for ``inference.crop`` (rebuilt when it changes)
+    sam_decoder: bool = False  # a segment-anything mask decoder can go around it (DAP's SAM regions, SAM refiners)
+    fsa_lambda: float | None = None  # the λ FSA takes by default with this VFM (None: FSA's CLIP-based default)
+
+
+class WeightsSource(Protocol):
+    """Where a family's pretrained weights come from and how they are cached (``sources.py``)."""
+
+    folder: bool  # True: the weights are a folder of files (``vfm.weights`` names a directory)
+
+    def describe(self, spec: VfmSpec) -> str: ...  # for messages: where the weights come from
+    def host(self, spec: VfmSpec) -> str: ...  # probed before downloading (offline check)
+    def cached(self, spec: VfmSpec, cache_dir: str | os.PathLike[str] | None) -> Path | None: ...
+    def download(self, spec: VfmSpec, cache_dir: str | os.PathLike[str] | None) -> Path: ...
+
+
+# (spec, random-init module, the family's validated ``vfm.params``, window size) -> the wrapped model
+Wrap = Callable[[VfmSpec, nn.Module, Any, int], VisionFoundationModel]
+
+
+@dataclass(frozen=True)
 class VfmFamily:
     """What a VFM family contributes (registered in ``dapseg.registry.VFM_FAMILIES``): its specs as
-    data, how to build its bare architecture, how to filter a checkpoint onto it, how to wrap it."""
+    data, how to build its bare architecture, where its weights come from and how they are read and
+    filtered onto it, how to wrap it, its ``vfm.params`` model and its traits."""
 
     name: str
     specs: tuple[VfmSpec, ...]
     make_module: Callable[[VfmSpec, bool], nn.Module]  # (spec, tiny) -> random-init architecture
     filter_checkpoint: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]
-    wrap: Callable[[VfmSpec, nn.Module, int], VisionFoundationModel]  # (spec, module, window size)
+    wrap: Wrap
+    weights: WeightsSource
     init_random: Callable[[nn.Module], None] | None = None  # extra init for random weights
-    weights_from_url: bool = False  # True: ``spec.hub`` is a URL; False: a timm hub tag
+    # Reads the weights (a file, or a folder when ``weights.folder``) into one state dict;
+    # None: ``dapseg.weights.load_state_dict_file``.
+    read_weights: Callable[[Path], dict[str, torch.Tensor]] | None = None
     # Tensors of the weights file kept beside the module (``VisionFoundationModel.checkpoint_extras``),
     # e.g. SAM's prompt encoder and mask decoder, so that the file is read once.
     checkpoint_extras: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    params: type[BaseModel] | None = None  # the model of ``vfm.params`` (None: the family takes none)
+    traits: FamilyTraits = FamilyTraits()
 
 
 def specs_from(family: str, rows: list[dict[str, Any]], **defaults: Any) -> tuple[VfmSpec, ...]:
     """VfmSpec entries of ``family`` from keyword rows (the family modules' data tables)."""
     return tuple(VfmSpec(family=family, **{**defaults, **row}) for row in rows)
+
+
+def register_family(family: VfmFamily, description: str) -> VfmFamily:
+    """Register ``family`` in ``VFM_FAMILIES`` with its params model (what ``vfm.params`` is checked
+    against when a config loads)."""
+    VFM_FAMILIES.register(family.name, params=family.params, description=description)(lambda *_: family)
+    return family

@@ -4,9 +4,9 @@ embeddings interpolated as official DINO does (bicubic, scale factor (h' + 0.1) 
 
 from __future__ import annotations
 
-from dapseg.models.vfm.base import VfmFamily, specs_from
+from dapseg.models.vfm.base import VfmFamily, register_family, specs_from
+from dapseg.models.vfm.sources import TimmHubFile
 from dapseg.models.vfm.vit import TINY_VIT, make_timm_vit, vit_checkpoint_filter, wrap_vit
-from dapseg.registry import VFM_FAMILIES
 
 SPECS = specs_from("dino", [
     {"name": "dino_vits8", "arch": "vit_small_patch8_224", "patch_size": 8,
@@ -23,5 +23,5 @@ SPECS = specs_from("dino", [
      "description": "DINO ViT-B/16", "tiny": {**TINY_VIT, "img_size": 64}},
 ], pos_offset=0.1)
 
-FAMILY = VfmFamily("dino", SPECS, make_timm_vit, vit_checkpoint_filter, wrap_vit)
-VFM_FAMILIES.register("dino", description="DINO ViT (ProxyCLIP's default family)")(lambda: FAMILY)
+FAMILY = register_family(VfmFamily("dino", SPECS, make_timm_vit, vit_checkpoint_filter, wrap_vit,
+                                    weights=TimmHubFile()), "DINO ViT (ProxyCLIP's default family)")

@@ -5,9 +5,9 @@ Official files load through timm's checkpoint filter (mask token dropped, regist
 
 from __future__ import annotations
 
-from dapseg.models.vfm.base import VfmFamily, specs_from
+from dapseg.models.vfm.base import VfmFamily, register_family, specs_from
+from dapseg.models.vfm.sources import TimmHubFile
 from dapseg.models.vfm.vit import TINY_VIT, make_timm_vit, vit_checkpoint_filter, wrap_vit
-from dapseg.registry import VFM_FAMILIES
 
 SPECS = specs_from("dinov2", [
     {"name": "dinov2_vitb14", "arch": "vit_base_patch14_dinov2", "patch_size": 14,
@@ -19,5 +19,5 @@ SPECS = specs_from("dinov2", [
      "tiny": {**TINY_VIT, "img_size": 56}},
 ])
 
-FAMILY = VfmFamily("dinov2", SPECS, make_timm_vit, vit_checkpoint_filter, wrap_vit)
-VFM_FAMILIES.register("dinov2", description="DINOv2 ViT")(lambda: FAMILY)
+FAMILY = register_family(VfmFamily("dinov2", SPECS, make_timm_vit, vit_checkpoint_filter, wrap_vit,
+                                    weights=TimmHubFile()), "DINOv2 ViT")

@@ -13,9 +13,16 @@ import torch.nn.functional as F
 from timm.layers import apply_rot_embed_cat
 from torch import nn
 
-from dapseg.models.vfm.base import VfmFamily, VfmOutput, VfmSpec, VisionFoundationModel, specs_from
+from dapseg.models.vfm.base import (
+    VfmFamily,
+    VfmOutput,
+    VfmSpec,
+    VisionFoundationModel,
+    register_family,
+    specs_from,
+)
+from dapseg.models.vfm.sources import TimmHubFile
 from dapseg.models.vfm.vit import patch_softmax, strip_prefixes
-from dapseg.registry import VFM_FAMILIES
 
 _TINY = {"embed_dim": 64, "depth": 2, "num_heads": 2}
 SPECS = specs_from("dinov3", [
@@ -103,6 +110,8 @@ def eva_checkpoint_filter(sd: dict[str, torch.Tensor], module: nn.Module) -> dic
     return checkpoint_filter_fn(strip_prefixes(sd), module)
 
 
-FAMILY = VfmFamily("dinov3", SPECS, make_eva, eva_checkpoint_filter,
-                   lambda spec, module, window_size: Dinov3Vfm(spec, module))
-VFM_FAMILIES.register("dinov3", description="DINOv3 ViT (RoPE, beyond the reference)")(lambda: FAMILY)
+FAMILY = register_family(
+    VfmFamily("dinov3", SPECS, make_eva, eva_checkpoint_filter,
+              lambda spec, module, params, window_size: Dinov3Vfm(spec, module), weights=TimmHubFile()),
+    "DINOv3 ViT (RoPE, beyond the reference)",
+)

@@ -12,6 +12,8 @@ Official release files and their conversion to the module keys:
   window grid the way MAE's ``interpolate_pos_embed`` does.
 * SAM ``sam_vit_b_01ec64.pth``: the whole SAM; the ``image_encoder.`` entries are kept, prefix stripped.
 * DINOv3 official ``.pth``: timm's Eva ``checkpoint_filter_fn``.
+* Stable Diffusion: a *folder* in the diffusers layout (``unet/``, ``vae/``, ``text_encoder/``
+  safetensors), read by the family (``sd.py``) into one state dict.
 
 Loading is strict; a file that does not fit raises ValueError naming it and the missing /
 unexpected keys. Files are read with ``torch.load(weights_only=True)`` or safetensors.
@@ -27,10 +29,8 @@ from torch import nn
 
 from dapseg import weights as W
 from dapseg.config import VfmConfig
-from dapseg.models.vfm.base import VfmFamily, VfmSpec, VisionFoundationModel
+from dapseg.models.vfm.base import FamilyTraits, VfmFamily, VfmSpec, VisionFoundationModel
 from dapseg.registry import VFM_FAMILIES
-
-_HUB_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def family_of(spec: VfmSpec) -> VfmFamily:
@@ -40,6 +40,11 @@ def family_of(spec: VfmSpec) -> VfmFamily:
 
 def _all_specs() -> dict[str, VfmSpec]:
     return {s.name: s for fam in VFM_FAMILIES.names() for s in VFM_FAMILIES.build(fam).specs}
+
+
+def vfm_traits(name: str) -> FamilyTraits:
+    """What the family of VFM ``name`` declares about itself (``FamilyTraits``)."""
+    return family_of(vfm_spec(name)).traits
 
 
 def list_vfms() -> list[str]:
@@ -58,69 +63,49 @@ def vfm_spec(name: str) -> VfmSpec:
 
 def how_to_get(spec: VfmSpec) -> str:
     """The instruction printed when ``spec``'s weights are missing."""
+    local = "folder" if family_of(spec).weights.folder else "file"
     return (
-        f"{W.how_to_fetch(None)} For {spec.name} (any preset whose vfm is {spec.name!r}) the local file "
+        f"{W.how_to_fetch(None)} For {spec.name} (any preset whose vfm is {spec.name!r}) the local {local} "
         f"is the official release {spec.official_file} (--vfm-weights PATH)."
     )
 
 
 def _what(spec: VfmSpec) -> str:
-    src = spec.hub if family_of(spec).weights_from_url else f"Hugging Face hub timm/{spec.hub}"
-    return f"{spec.description} ({spec.name}) pretrained weights from {src}"
-
-
-def _url_cache_path(spec: VfmSpec, cache_dir: str | os.PathLike | None) -> Path:
-    return W.torch_cache(cache_dir) / "checkpoints" / spec.hub.rsplit("/", 1)[-1]
+    return f"{spec.description} ({spec.name}) pretrained weights from {family_of(spec).weights.describe(spec)}"
 
 
 def cached_weights(name: str, cache_dir: str | os.PathLike | None = None) -> Path | None:
-    """The cached pretrained file of VFM ``name``, or None; never touches the network."""
+    """The cached pretrained file (or folder) of VFM ``name``, or None; never touches the network."""
     spec = vfm_spec(name)
-    if family_of(spec).weights_from_url:
-        path = _url_cache_path(spec, cache_dir)
-        return path if path.is_file() else None
-    return W.cached_hf_file(f"timm/{spec.hub}", list(_HUB_FILES), cache_dir)
+    return family_of(spec).weights.cached(spec, cache_dir)
 
 
 def fetch_weights(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    """The pretrained file of VFM ``name``: cached, else downloaded, else ``WeightsMissingError``.
+    """The pretrained file (or folder) of VFM ``name``: cached, else downloaded, else ``WeightsMissingError``.
 
     Offline-ness is checked (env HF_HUB_OFFLINE, then a short connection probe) before any download,
     so a machine without network fails at once instead of waiting out client retries.
     """
     spec = vfm_spec(name)
-    hit = cached_weights(name, cache_dir)
+    source = family_of(spec).weights
+    hit = source.cached(spec, cache_dir)
     if hit is not None:
         return hit
-    from_url = family_of(spec).weights_from_url
-    host = spec.hub.split("/")[2] if from_url else "huggingface.co"
-    if W.is_offline(host):
+    if W.is_offline(source.host(spec)):
         raise W.WeightsMissingError(_what(spec), how_to_get(spec), "no network and nothing in the cache")
     try:
-        if from_url:
-            return _download_url(spec.hub, _url_cache_path(spec, cache_dir))
-        from huggingface_hub import hf_hub_download
-
-        return Path(hf_hub_download(f"timm/{spec.hub}", _HUB_FILES[0], cache_dir=str(W.hf_cache(cache_dir))))
+        return source.download(spec, cache_dir)
     except Exception as err:  # hub / HTTP errors come in many types; the message names the weights
         raise W.WeightsMissingError(_what(spec), how_to_get(spec), str(err)) from err
 
 
-def _download_url(url: str, dest: Path) -> Path:
-    """Download ``url`` to ``dest`` atomically (a partial file is never taken for the checkpoint)."""
-    import torch.hub
-
-    from dapseg.files import atomic_write
-
-    return atomic_write(dest, lambda tmp: torch.hub.download_url_to_file(url, str(tmp), progress=True))
-
-
 def load_into(spec: VfmSpec, module: nn.Module, path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load the checkpoint ``path`` into ``module`` strictly; ValueError names the file and keys.
+    """Load the checkpoint ``path`` (a file, or a folder for folder families) into ``module`` strictly;
+    ValueError names the file and keys.
 
     Returns the tensors the family keeps beside the module (``VfmFamily.checkpoint_extras``)."""
-    raw = W.load_state_dict_file(path)
     family = family_of(spec)
+    raw = (family.read_weights or W.load_state_dict_file)(Path(path))
     missing, unexpected = module.load_state_dict(family.filter_checkpoint(raw, module), strict=False)
     if missing or unexpected:
         raise ValueError(
@@ -139,23 +124,27 @@ def build_with_weights(
     tiny: bool,
     cache_dir: str | os.PathLike | None,
     window_size: int,
+    params: dict | None = None,
 ) -> VisionFoundationModel:
     """Resolve the weights first (a missing file fails before any large allocation), then build."""
+    family = family_of(spec)
     path: Path | None = None
     if weights is not None:
         path = Path(weights)
-        if not path.is_file():
-            raise FileNotFoundError(f"VFM weights file not found: {path} (for {spec.name})")
+        if not (path.is_dir() if family.weights.folder else path.is_file()):
+            kind = "folder" if family.weights.folder else "file"
+            raise FileNotFoundError(f"VFM weights {kind} not found: {path} (for {spec.name})")
     elif not random_weights:
         path = fetch_weights(spec.name, cache_dir)
-    family = family_of(spec)
+    family_params = VFM_FAMILIES.get(family.name).parse_params(params)
     module = family.make_module(spec, tiny)
     extras: dict[str, torch.Tensor] = {}
     if path is not None:
         extras = load_into(spec, module, path)
     elif family.init_random is not None:
         family.init_random(module)
-    model = family.wrap(spec, module, window_size)
+    model = family.wrap(spec, module, family_params, window_size)
+    model.traits = family.traits
     model.checkpoint_extras = extras
     return model
 
@@ -177,7 +166,8 @@ def build_vfm(
     (``dapseg.weights.WeightsMissingError`` when offline and not cached). ``tiny`` builds a small
     variant of the same family for tests: random weights unless ``cfg.weights`` names a file of
     that tiny shape (no tiny checkpoints are published).
-    ``window_size`` matters only for MAE, which ProxyCLIP builds at the sliding-window size.
+    ``window_size`` matters only for families built at the window size (``FamilyTraits``; MAE, which
+    ProxyCLIP builds at the sliding-window size). ``cfg.params``: the family's own settings.
     """
     spec = vfm_spec(cfg.name)
     if window_size < spec.patch_size:
@@ -189,6 +179,7 @@ def build_vfm(
         tiny=tiny,
         cache_dir=cache_dir,
         window_size=window_size,
+        params=cfg.params,
     )
     model.eval().requires_grad_(False)
     return model.to(device) if device is not None else model
@@ -202,4 +193,5 @@ __all__ = [
     "how_to_get",
     "list_vfms",
     "vfm_spec",
+    "vfm_traits",
 ]

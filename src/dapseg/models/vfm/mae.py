@@ -1,15 +1,16 @@
 """MAE (He et al., 2022) on timm's ViT (``vit.py``), as ProxyCLIP runs it: built at the sliding-window
 size (the checkpoint's 14×14 position grid resized once, bicubic to the size, as MAE's
 ``interpolate_pos_embed``), every window bilinearly resized to window_size², features ``norm(x[:, 1:])``.
-MAE is recognised in one way only: its family (``VfmSpec.built_at_window_size``)."""
+The family declares it is built at the window size and the FSA λ it wants (``FamilyTraits``), so no
+other module needs to recognise MAE."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from dapseg.models.vfm.base import VfmFamily, VfmSpec, VisionFoundationModel, specs_from
-from dapseg.models.vfm.vit import TINY_VIT, make_timm_vit, resize_pos_embed_mae, vit_checkpoint_filter, wrap_vit
-from dapseg.registry import VFM_FAMILIES
+from dapseg.models.vfm.base import FamilyTraits, VfmFamily, VfmSpec, VisionFoundationModel, register_family, specs_from
+from dapseg.models.vfm.sources import TimmHubFile
+from dapseg.models.vfm.vit import TINY_VIT, TimmVitVfm, make_timm_vit, resize_pos_embed_mae, vit_checkpoint_filter
 
 SPECS = specs_from("mae", [
     {"name": "mae_vitb16", "arch": "vit_base_patch16_224", "patch_size": 16,
@@ -18,12 +19,16 @@ SPECS = specs_from("mae", [
 ])
 
 
-def wrap_mae(spec: VfmSpec, module: nn.Module, window_size: int) -> VisionFoundationModel:
+def wrap_mae(spec: VfmSpec, module: nn.Module, params: object, window_size: int) -> VisionFoundationModel:
     """Built at the window size: the (checkpoint's) position grid is resized once, MAE-style."""
     grid = window_size // spec.patch_size
     module.pos_embed = nn.Parameter(resize_pos_embed_mae(module.pos_embed.data, module.num_prefix_tokens, grid))
-    return wrap_vit(spec, module, window_size)
+    return TimmVitVfm(spec, module, window_size=window_size)
 
 
-FAMILY = VfmFamily("mae", SPECS, make_timm_vit, vit_checkpoint_filter, wrap_mae)
-VFM_FAMILIES.register("mae", description="MAE ViT, built at the window size")(lambda: FAMILY)
+# FSA's reference takes λ = 4.5 whenever the VFM is MAE, whatever the CLIP.
+FAMILY = register_family(
+    VfmFamily("mae", SPECS, make_timm_vit, vit_checkpoint_filter, wrap_mae, weights=TimmHubFile(),
+              traits=FamilyTraits(built_at_window_size=True, fsa_lambda=4.5)),
+    "MAE ViT, built at the window size",
+)

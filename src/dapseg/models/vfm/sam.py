@@ -25,8 +25,16 @@ from dapseg.models.sam.build import (
     make_image_encoder,
     randomize_position_terms,
 )
-from dapseg.models.vfm.base import VfmFamily, VfmOutput, VfmSpec, VisionFoundationModel, specs_from
-from dapseg.registry import VFM_FAMILIES
+from dapseg.models.vfm.base import (
+    FamilyTraits,
+    VfmFamily,
+    VfmOutput,
+    VfmSpec,
+    VisionFoundationModel,
+    register_family,
+    specs_from,
+)
+from dapseg.models.vfm.sources import UrlFile
 
 # The VFM entries of the released SAMs, from the one variant table (models/sam/build.py).
 SPECS = specs_from("sam", [
@@ -89,9 +97,12 @@ def _sam_filter(sd: dict[str, torch.Tensor], module: nn.Module) -> dict[str, tor
     return dict(sd)
 
 
-FAMILY = VfmFamily(
-    "sam", SPECS, lambda spec, tiny: make_image_encoder(spec.arch, tiny=tiny), _sam_filter,
-    lambda spec, module, window_size: SamVfm(spec, module),
-    init_random=randomize_position_terms, weights_from_url=True, checkpoint_extras=decoder_tensors,
+FAMILY = register_family(
+    VfmFamily(
+        "sam", SPECS, lambda spec, tiny: make_image_encoder(spec.arch, tiny=tiny), _sam_filter,
+        lambda spec, module, params, window_size: SamVfm(spec, module), weights=UrlFile(),
+        init_random=randomize_position_terms, checkpoint_extras=decoder_tensors,
+        traits=FamilyTraits(sam_decoder=True),
+    ),
+    "SAM image encoder (segment-anything)",
 )
-VFM_FAMILIES.register("sam", description="SAM image encoder (segment-anything)")(lambda: FAMILY)

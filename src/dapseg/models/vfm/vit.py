@@ -80,11 +80,12 @@ def patch_softmax(logits: torch.Tensor, num_prefix: int) -> torch.Tensor:
 class TimmVitVfm(VisionFoundationModel):
     """DINO / DINOv2 / MAE over a timm ``VisionTransformer`` (``self.vit``)."""
 
-    def __init__(self, spec: VfmSpec, vit: torch.nn.Module, *, window_size: int | None) -> None:
+    def __init__(self, spec: VfmSpec, vit: torch.nn.Module, *, window_size: int | None = None) -> None:
+        """``window_size``: the model is built at that size and every input is resized to it (MAE:
+        the reference resizes every window to slide_crop²); None: inputs are fed at their own size."""
         super().__init__(spec, embed_dim=vit.embed_dim, num_heads=vit.blocks[-1].attn.num_heads)
         self.vit = vit
-        # MAE is built at the window size (the reference resizes every window to slide_crop²)
-        self.window_size = window_size if spec.built_at_window_size else None
+        self.window_size = window_size
 
     def input_size(self, height: int, width: int) -> tuple[int, int]:
         if self.window_size is not None:
@@ -104,7 +105,7 @@ class TimmVitVfm(VisionFoundationModel):
         grid = (patches.shape[-2], patches.shape[-1])
         patches = vit.patch_embed.norm(patches.flatten(2).transpose(1, 2))  # (B, h·w, C)
         prefix_pos, patch_pos = self._pos_split()
-        if self.spec.built_at_window_size:
+        if self.window_size is not None:
             if patch_pos.shape[1] != grid[0] * grid[1]:
                 raise RuntimeError(f"{self.name}: built for {patch_pos.shape[1]} patches, got grid {grid}")
         else:
@@ -174,5 +175,6 @@ def vit_checkpoint_filter(sd: dict[str, torch.Tensor], module: nn.Module) -> dic
     return checkpoint_filter_fn(sd, module)
 
 
-def wrap_vit(spec: VfmSpec, module: nn.Module, window_size: int) -> VisionFoundationModel:
-    return TimmVitVfm(spec, module, window_size=window_size)
+def wrap_vit(spec: VfmSpec, module: nn.Module, params: object, window_size: int) -> VisionFoundationModel:
+    """A ViT fed at each window's own size (DINO, DINOv2)."""
+    return TimmVitVfm(spec, module)
