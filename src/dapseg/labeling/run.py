@@ -67,9 +67,10 @@ def label_collection(job: LabelingJob, find_inputs: Callable[[], list[Input]],
         progress = _Progress(job.out, info, len(plan.pending), job.progress and info.is_main, start)
         try:
             done, failed = _label_share(segmenter, job, mine, info.rank, progress) if mine else (0, [])
+            parts = dist.all_gather_objects((done, failed), info)  # every rank has finished here
+            progress.finish(sum(p[0] + len(p[1]) for p in parts))  # type: ignore[index]
         finally:
             progress.close()
-        parts = dist.all_gather_objects((done, failed), info)
         if info.is_main:
             records, _ = state.read_records(job.out)
             state.write_manifest(job.out, records)
@@ -162,6 +163,9 @@ class _Progress:
             return 0
         self.offsets[path] += len(chunk)
         return chunk.count(b"\n")
+
+    def finish(self, count: int) -> None:
+        self.bar.update(count - self.bar.n)
 
     def close(self) -> None:
         self.bar.close()
