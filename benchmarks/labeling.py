@@ -2,7 +2,7 @@
 
 1. images/s of 1 vs 2 processes (torchrun, gloo on CPU), timing the labeling loop only (process
    start-up and model building left out). Full-size CLIP ViT-B/16 (random weights), ``naclip``,
-   short side 224 (one window per image).
+   short side 224 (one window per image), one prompt per class.
 2. decode overlap: how long the model waits for the next image (idle) with decoding in the loop,
    in a background thread (``--workers 0``) and in 1 or 2 DataLoader worker processes, on large JPEGs.
 3. the cost per image of each ``--save`` kind (write time and file size), probs and rle included.
@@ -55,6 +55,7 @@ def loop_seconds(inputs: Path, out: Path, processes: int) -> float:
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else []
     cmd = [sys.executable, *launcher, "-m", "dapseg", "segment", str(inputs), "--classes", CLASSES,
            "--out", str(out), "--preset", "naclip", "--random-weights", "--set", "inference.short_side=224",
+           "--set", "templates=none",  # one prompt per class: the loop times images, not text embedding
            "--save", "labels", "--workers", "1"]
     subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": SRC}, capture_output=True)
     last = max(p.stat().st_mtime for p in (out / ".dapseg" / "journal").glob("rank-*.jsonl"))
@@ -136,6 +137,8 @@ def main() -> None:
         tmp = Path(d)
         if "processes" in sections:
             bench_processes(tmp, args.images)
+        if not sections & {"overlap", "outputs"}:
+            return
         seg = Segmenter.from_preset("naclip", random_weights=True, device="cpu",
                                     overrides={"inference.short_side": 224})
         if "overlap" in sections:
