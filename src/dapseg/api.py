@@ -74,6 +74,7 @@ class Segmenter:
             templates=config.templates,
             # Random weights differ from real ones: never share their text embeddings on disk.
             cache_root=None if random_weights or config.clip.weights else _text_cache(cache_dir),
+            dim=self.clip.embed_dim,
         )
 
     @property

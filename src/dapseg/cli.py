@@ -40,8 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, PermissionError, OSError, RuntimeError, KeyError) as e:
-        # Expected failures (bad input, missing weights) end with one clear line, not a traceback.
+    except (ValueError, FileNotFoundError, PermissionError, OSError, RuntimeError, KeyError, MemoryError) as e:
+        # Expected failures (bad input, missing weights, a memory estimate that cannot fit) end with one
+        # clear line, not a traceback.
         print(f"dapseg: error: {error_message(e)}", file=sys.stderr)
         return 2
 
@@ -60,4 +61,4 @@ def error_message(e: BaseException) -> str:
         return "; ".join(lines)
     if isinstance(e, KeyError) and len(e.args) == 1:
         return str(e.args[0])
-    return str(e)
+    return str(e) or type(e).__name__

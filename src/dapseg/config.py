@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from dapseg.registry import HEADS, PLUGINS, REFINERS, STRATEGIES, VFM_FAMILIES, Registry, vfm_family_name
 
@@ -46,7 +46,7 @@ class ComponentConfig(_Strict):
 
     _registry: ClassVar[Registry[Any]]
     name: str
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict, validate_default=True)
 
     @field_validator("name")
     @classmethod
@@ -55,10 +55,14 @@ class ComponentConfig(_Strict):
             cls._registry.get(v)  # an unknown name fails here, at ``<section>.name``, listing the known ones
         return v
 
-    @model_validator(mode="after")
-    def _check_params(self) -> ComponentConfig:
-        self.__dict__["params"] = self._registry.validate(self.name, self.params)
-        return self
+    @field_validator("params")
+    @classmethod
+    def _check_params(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        # A field validator (not a model one): an error inside the params is reported at
+        # ``<section>.params.<key>``, where the user wrote it.
+        if "name" not in info.data:  # the name itself failed, and says so
+            return v
+        return cls._registry.validate(info.data["name"], v)
 
 
 class HeadConfig(ComponentConfig):
@@ -82,7 +86,9 @@ class InferenceConfig(_Strict):
     stride: int = 112  # sliding-window stride (px)
     pad_multiple: int | None = None  # zero-pad each window to a multiple of this (ProxyCLIP: 56)
     max_batch: int = 16  # windows per forward pass
-    params: dict[str, Any] = Field(default_factory=dict)  # strategy-specific (e.g. splice affinity)
+    # strategy-specific (e.g. splice affinity); checked by a field validator, so that an error is
+    # reported at ``inference.params.<key>``
+    params: dict[str, Any] = Field(default_factory=dict, validate_default=True)
 
     @field_validator("mode")
     @classmethod
@@ -104,19 +110,26 @@ class InferenceConfig(_Strict):
             raise ValueError("must be >= 1 or null")
         return v
 
+    @field_validator("params")
+    @classmethod
+    def _check_params(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if "mode" not in info.data:  # the mode itself failed, and says so
+            return v
+        mode = info.data["mode"]
+        try:
+            return STRATEGIES.validate(mode, v)
+        except ValueError as e:
+            if v and STRATEGIES.get(mode).params is None:
+                raise ValueError(f"{e} (switching from another mode? also set inference.params={{}})") from e
+            raise
+
     @model_validator(mode="after")
-    def _check_params(self) -> InferenceConfig:
+    def _stride_within_crop(self) -> InferenceConfig:
         if self.stride > self.crop:  # every mode: a config must not turn invalid by switching mode
             raise ValueError(
                 f"inference.stride ({self.stride}) is larger than inference.crop ({self.crop}): pixels between "
                 "windows would be covered by no window; use a stride <= crop"
             )
-        try:
-            self.__dict__["params"] = STRATEGIES.validate(self.mode, self.params)
-        except ValueError as e:
-            if self.params and STRATEGIES.get(self.mode).params is None:
-                raise ValueError(f"{e} (switching from another mode? also set inference.params={{}})") from e
-            raise
         return self
 
 
@@ -258,8 +271,14 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> None:
 
 
 def parse_value(text: str) -> Any:
-    """A command-line value parsed as YAML: "0.5" -> 0.5, "none" stays a string, "null" -> None, "[8, 16]" -> a list."""
-    return yaml.safe_load(text)
+    """A command-line value parsed as YAML: "0.5" -> 0.5, "none" stays a string, "null" -> None, "[8, 16]" -> a list.
+
+    Safe YAML only: a tag such as ``!!python/object`` is refused with a ValueError (no traceback)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"value {text[:200]!r} is not a plain YAML value ({first})") from e
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -267,7 +286,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ValueError(f"override {text!r} is not of the form key=value")
     key, value = text.split("=", 1)
-    return key.strip(), parse_value(value.strip())
+    try:
+        return key.strip(), parse_value(value.strip())
+    except ValueError as e:
+        raise ValueError(f"override {key.strip()!r}: {e}") from e
 
 
 # ----------------------------------------------------------------------------- presets

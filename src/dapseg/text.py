@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,11 @@ class ClassSet:
         for i, syns in enumerate(self.synonyms):
             if not syns or any(not s for s in syns):
                 raise ValueError(f"class {i + 1} has an empty name")
+            for s in syns:  # a newline, CR or NUL would break the result files and the prompts
+                bad = next((ch for ch in s if unicodedata.category(ch) == "Cc"), None)
+                if bad is not None:
+                    raise ValueError(f"class {i + 1} ({s!r}) contains the control character {bad!r}; "
+                                     "class names must be plain text on one line")
             if self.allow_repeats:
                 continue
             for s in syns:
@@ -126,7 +132,9 @@ class TextEmbedder:
 
     For each query: embed every template, ℓ2-normalise each, average, ℓ2-normalise the mean.
     Results are cached in memory and on disk under ``<cache>/text/<key>.pt``, the key hashing the
-    model, its weights tag, the templates and the query, so a second run encodes nothing.
+    model, its weights tag, the templates and the query, so a second run encodes nothing. A cache file
+    is untrusted: loaded with ``weights_only=True`` and used only if it is a finite float32 unit
+    vector of the model's size; anything else is recomputed and overwritten.
     """
 
     def __init__(
@@ -135,13 +143,16 @@ class TextEmbedder:
         model_id: str,
         templates: str,
         cache_root: Path | None,
+        dim: int | None = None,
     ) -> None:
+        """``dim``: the embedding size, if known (a cache file of another size is then never used)."""
         self.encode = encode
         self.model_id = model_id
         self.templates = templates
         self.cache_root = cache_root
         self._template_texts = template_texts(templates)  # part of every cache key; computed once
         self._memory: dict[str, torch.Tensor] = {}
+        self._dim = dim  # embedding size; else known from the first query embedded
         self.encoded_queries = 0  # how many queries actually went through the text encoder
 
     def _key(self, query: str) -> str:
@@ -159,12 +170,21 @@ class TextEmbedder:
                 emb = torch.load(path, map_location="cpu", weights_only=True)
             except Exception:  # a torn or foreign cache file is recomputed, never trusted
                 emb = None
+            if emb is not None and not self._plausible(emb):  # e.g. NaN, a wrong size, not normalised
+                emb = None
         if emb is None:
             emb = self._compute(query)
             if path is not None:
                 _atomic_torch_save(emb, path)
+        self._dim = int(emb.shape[0])
         self._memory[key] = emb
         return emb
+
+    def _plausible(self, emb: object) -> bool:
+        """What ``_compute`` returns: a finite float32 vector of unit norm, as long as the others."""
+        return (isinstance(emb, torch.Tensor) and emb.dtype == torch.float32 and emb.ndim == 1
+                and emb.numel() > 0 and bool(torch.isfinite(emb).all())
+                and abs(float(emb.norm()) - 1.0) < 1e-3 and self._dim in (None, emb.shape[0]))
 
     def _compute(self, query: str) -> torch.Tensor:
         texts = [t(query) for t in get_templates(self.templates)]

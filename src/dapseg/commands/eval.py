@@ -10,8 +10,11 @@ from dapseg.commands.evalkit import (
     add_run_args,
     job_dir,
     preset_names,
+    print_job,
+    report_errors,
     run_options,
     setup_distributed,
+    write_tables,
 )
 from dapseg.data.spec import list_datasets, load_dataset_spec
 from dapseg.eval import dist
@@ -42,16 +45,21 @@ def run(args: argparse.Namespace) -> int:
     job = Job(preset, spec, args.data_root, job_dir(args.work_dir, preset, spec.name),
               overrides_from_args(args), limit=args.limit, skip_bad=args.skip_bad)
     record = run_job(job, SegmenterFactory(args), opts)
+    errors: list[str] = []
     if info.is_main:
-        paths = write_results(args.work_dir, [record], title=f"dapseg eval: {preset} on {spec.name}",
-                              note=_note(args))
-        print(f"{preset} on {spec.name} ({record['n_images']} images): mIoU {record['mIoU']:.2f}  "
-              f"mAcc {record['mAcc']:.2f}  aAcc {record['aAcc']:.2f}")
-        if record["n_bad"]:
-            print(f"skipped {record['n_bad']} unreadable image(s): {', '.join(record['bad'])}")
-        print(f"results: {paths['md']} (also .xlsx, .csv, .json)")
+        errors = print_job(record)  # the metrics first: a table that cannot be written must not hide them
+
+        def write(records: list[dict]) -> dict:
+            title = (f"dapseg eval: {preset} on {spec.name}" if len(records) == 1 else
+                     f"dapseg eval: every finished job in {args.work_dir}")
+            return write_results(args.work_dir, records, title=title, note=_note(args))
+
+        paths, table_errors = write_tables(args.work_dir, [record], write)
+        errors += table_errors
+        if paths:
+            print(f"results: {', '.join(str(p) for p in paths.values())}")
     dist.barrier(info)
-    return 0
+    return report_errors(errors)
 
 
 def _note(args: argparse.Namespace) -> str | None:

@@ -12,8 +12,11 @@ from dapseg.commands.evalkit import (
     add_run_args,
     job_dir,
     preset_names,
+    print_job,
+    report_errors,
     run_options,
     setup_distributed,
+    write_tables,
 )
 from dapseg.data import DataError, dataset_present
 from dapseg.data.spec import EXTRA, STANDARD, load_dataset_spec
@@ -50,24 +53,34 @@ def run(args: argparse.Namespace) -> int:
                         f"{specs[0].layout()}")
     info = setup_distributed(args)
     factory = SegmenterFactory(args)
-    records, failed = [], {}
+    records, failed, errors = [], {}, []
     for preset in presets:
         for spec in found:
             job = Job(preset, spec, args.data_root, job_dir(args.work_dir, preset, spec.name),
                       overrides_from_args(args), limit=args.limit, skip_bad=args.skip_bad)
             try:
-                records.append(run_job(job, factory, opts))
+                record = run_job(job, factory, opts)
             except DataError as e:  # a broken dataset must not lose the others
                 failed[f"{preset}/{spec.name}"] = str(e)
                 if info.is_main:
                     print(f"dapseg: {preset} on {spec.name} failed: {e}", file=sys.stderr)
+                continue
+            if info.is_main:
+                errors += print_job(record)
+            records.append(record)
     if info.is_main:
         if missing:
             print(f"not found under {args.data_root} (skipped): {', '.join(missing)}")
         if records:
-            paths = write_results(args.work_dir, records, title="dapseg eval-all", note=_note(args),
-                                  extra={"skipped_not_found": missing, "failed": failed})
-            print(paths["md"].read_text(encoding="utf-8"))
-            print(f"results: {paths['xlsx']}, {paths['csv']}, {paths['md']}, {paths['json']}")
+            def write(every: list[dict]) -> dict:
+                return write_results(args.work_dir, every, title="dapseg eval-all", note=_note(args),
+                                     extra={"skipped_not_found": missing, "failed": failed})
+
+            paths, table_errors = write_tables(args.work_dir, records, write)
+            errors += table_errors
+            if "md" in paths:
+                print(paths["md"].read_text(encoding="utf-8"))
+            if paths:
+                print(f"results: {', '.join(str(p) for p in paths.values())}")
     dist.barrier(info)
-    return 1 if failed else 0
+    return report_errors(errors) or (1 if failed else 0)

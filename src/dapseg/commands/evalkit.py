@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dapseg.eval import dist
+from dapseg.eval.collect import finished_records, tables_lock
 from dapseg.eval.harness import BuiltPredictor
+from dapseg.eval.report import TablesNotWritten
 from dapseg.eval.runner import RunOptions
+from dapseg.files import resolve_inside
 from dapseg.pool import SegmenterPool
 
 
@@ -25,7 +30,8 @@ def add_run_args(parser: argparse.ArgumentParser, default_work_dir: str) -> None
     g.add_argument("--checkpoint-every", type=int, default=20, metavar="N",
                    help="save partial results every N images (per process)")
     g.add_argument("--skip-bad", action="store_true",
-                   help="count and list unreadable images instead of stopping at the first")
+                   help="count and list bad images (unreadable, label of the wrong size or mode, label values "
+                   "outside the classes) instead of stopping at the first")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -105,4 +111,43 @@ def preset_names(args: argparse.Namespace) -> list[str]:
 
 
 def job_dir(work_dir: str | Path, *parts: str) -> Path:
-    return Path(work_dir).joinpath(*parts)
+    """The folder of one job under the work dir; a preset or dataset name that would lead outside it
+    (``..``, an absolute name, a symlink out) is refused."""
+    if not parts:
+        return Path(work_dir)
+    name = "/".join(parts)
+    return resolve_inside(work_dir, name, what=f"job folder {name!r} (preset / dataset name)")
+
+
+def print_job(record: dict[str, Any]) -> list[str]:
+    """Rank 0: the job's metrics line and its skipped images, printed before any table is written;
+    returns the job's write errors (taken out of the record)."""
+    print(f"{record['preset']} on {record['dataset']} ({record['n_images']} images): mIoU {record['mIoU']:.2f}  "
+          f"mAcc {record['mAcc']:.2f}  aAcc {record['aAcc']:.2f}", flush=True)
+    if record["n_bad"]:
+        print(f"skipped {record['n_bad']} bad image(s) (--skip-bad):")
+        for name, why in record["bad"].items():
+            print(f"  {name}: {why}")
+    return list(record.pop("write_errors", []))
+
+
+def write_tables(work_dir: str | Path, records: list[dict[str, Any]], write: Callable[[list[dict[str, Any]]],
+                 dict[str, Path]], *, sweep: bool = False) -> tuple[dict[str, Path], list[str]]:
+    """Rank 0: the top-level tables of every finished job in ``work_dir`` (this run's ``records`` first),
+    written by ``write(all_records)`` each on its own; returns (written paths, errors). Warnings about
+    result files left out go to stderr."""
+    with tables_lock(work_dir):
+        every, warnings = finished_records(work_dir, records, sweep=sweep)
+        for w in warnings:
+            print(f"dapseg: warning: {w}", file=sys.stderr)
+        try:
+            return write(every), []
+        except TablesNotWritten as e:
+            return e.written, e.errors
+
+
+def report_errors(errors: list[str]) -> int:
+    """Print each write error on its own line; the exit code (2 if any)."""
+    for e in errors:
+        print(f"dapseg: error: {e}", file=sys.stderr)
+    return 2 if errors else 0

@@ -1,8 +1,13 @@
-"""`dapseg sweep`: every combination of a settings grid on one dataset, sorted by mIoU; resumable."""
+"""`dapseg sweep`: every combination of a settings grid on one dataset, sorted by mIoU; resumable.
+
+The sweep tables list every finished combination of this preset and dataset in the work dir (earlier
+sweeps with other grids included; their missing axes are blank)."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import Any
 
 from dapseg.commands.common import add_model_args, overrides_from_args
 from dapseg.commands.evalkit import (
@@ -10,15 +15,18 @@ from dapseg.commands.evalkit import (
     add_run_args,
     job_dir,
     preset_names,
+    print_job,
+    report_errors,
     run_options,
     setup_distributed,
+    write_tables,
 )
 from dapseg.config import load_config_file, load_preset
 from dapseg.data.spec import load_dataset_spec
 from dapseg.eval import dist
 from dapseg.eval.checkpoint import ensure_writable
 from dapseg.eval.harness import Job, run_job
-from dapseg.eval.report import dumps_json, markdown_table, require_eval_extras, write_xlsx
+from dapseg.eval.report import dumps_json, markdown_table, require_eval_extras, write_each, write_xlsx
 from dapseg.eval.sweep import combinations, combo_slug, parse_grid
 from dapseg.files import atomic_write_text
 
@@ -47,29 +55,41 @@ def run(args: argparse.Namespace) -> int:
     ensure_writable(job_dir(args.work_dir))
     info = setup_distributed(args)
     factory = SegmenterFactory(args)
-    rows = []
+    records, errors = [], []
     for k, combo in enumerate(combos, 1):
         if info.is_main:
             print(f"[{k}/{len(combos)}] {combo_slug(combo)}")
         job = Job(preset, spec, args.data_root, job_dir(args.work_dir, combo_slug(combo), spec.name),
-                  {**user, **combo}, limit=args.limit, skip_bad=args.skip_bad)
+                  {**user, **combo}, limit=args.limit, skip_bad=args.skip_bad, sweep=combo)
         record = run_job(job, factory, opts)
-        rows.append({**combo, "mIoU": record["mIoU"], "mAcc": record["mAcc"], "aAcc": record["aAcc"],
-                     "n_images": record["n_images"], "_record": record})
+        if info.is_main:
+            errors += print_job(record)
+        records.append(record)
     if info.is_main:
-        import pandas as pd
+        import pandas as pd  # the `eval` extra, checked before any work
 
-        table = pd.DataFrame([{k: v for k, v in r.items() if k != "_record"} for r in rows])
-        table = table.sort_values("mIoU", ascending=False, kind="stable", na_position="last")
         out = job_dir(args.work_dir)
-        atomic_write_text(out / "sweep.csv", table.to_csv(index=False))
-        md = (f"# dapseg sweep: {preset} on {spec.name}\n\nGrid: `{' '.join(args.grid)}`"
-              f"{', first ' + str(args.limit) + ' images' if args.limit else ''}; sorted by mIoU.\n\n"
-              + markdown_table(table.astype({c: str for c in axes}), index=False))
-        atomic_write_text(out / "sweep.md", md)
-        write_xlsx(out / "sweep.xlsx", {"sweep": table.set_index(list(axes))})
-        atomic_write_text(out / "sweep.json", dumps_json({"preset": preset, "dataset": spec.name,
-                                                          "grid": axes, "results": [r["_record"] for r in rows]}))
-        print(md)
+
+        def write(every: list[dict[str, Any]]) -> dict[str, Path]:
+            mine = [r for r in every if r["preset"] == preset and r["dataset"] == spec.name]
+            keys = list(dict.fromkeys([*axes, *(k for r in mine for k in r["sweep"])]))
+            table = pd.DataFrame([{**{k: r["sweep"].get(k, "") for k in keys}, "mIoU": r["mIoU"],
+                                   "mAcc": r["mAcc"], "aAcc": r["aAcc"], "n_images": r["n_images"]} for r in mine])
+            table = table.sort_values("mIoU", ascending=False, kind="stable", na_position="last")
+            md = (f"# dapseg sweep: {preset} on {spec.name}\n\nGrid: `{' '.join(args.grid)}`"
+                  f"{', first ' + str(args.limit) + ' images' if args.limit else ''}; every finished combination "
+                  f"in the work dir, sorted by mIoU.\n\n" + markdown_table(table.astype({c: str for c in keys}),
+                                                                          index=False))
+            print(md)
+            payload = {"preset": preset, "dataset": spec.name, "grid": axes, "results": mine}
+            return write_each({
+                "csv": (out / "sweep.csv", lambda p: atomic_write_text(p, table.to_csv(index=False))),
+                "md": (out / "sweep.md", lambda p: atomic_write_text(p, md)),
+                "xlsx": (out / "sweep.xlsx", lambda p: write_xlsx(p, {"sweep": table.set_index(keys)})),
+                "json": (out / "sweep.json", lambda p: atomic_write_text(p, dumps_json(payload))),
+            })
+
+        _, table_errors = write_tables(args.work_dir, records, write, sweep=True)
+        errors += table_errors
     dist.barrier(info)
-    return 0
+    return report_errors(errors)

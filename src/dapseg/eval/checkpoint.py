@@ -9,13 +9,20 @@ Rank 0 reads the base and every part with gen >= base gen, sums them, folds them
 generation max+1, deletes the old parts, and tells the other ranks which images are done. Parts older
 than the base are ignored, so a crash between writing the base and deleting the parts never counts
 anything twice, and a run resumed with a different number of processes still sums to the right matrix.
+
+Work dirs are shared and copied between machines, so every file here is untrusted when read back:
+checkpoints are loaded with ``weights_only=True`` (plain tensors, ints, strings, lists and dicts; a
+pickle that would run code is refused) and validated (keys, types, shapes, dtype, values, class count)
+before use; a bad file raises ``CorruptCheckpointError`` naming it and saying how to recover.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,13 +30,17 @@ from typing import Any
 
 import torch
 
-from dapseg.files import atomic_write, atomic_write_text
+from dapseg.files import atomic_write_bytes, atomic_write_text
 
 _PART = re.compile(r"state-g(\d+)-r(\d+)\.pt$")
 
 
 class SettingsChangedError(RuntimeError):
     """The work dir holds partial results of different settings."""
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint or fingerprint file in the work dir cannot be used; the message names it."""
 
 
 @dataclass
@@ -54,13 +65,58 @@ class State:
         return State(cm=d["cm"].long(), done=set(d["done"]), bad={int(k): v for k, v in d["bad"].items()})
 
 
+_KEYS = {"gen", "cm", "done", "bad"}
+
+
+def validate_state(d: object, num_classes: int) -> None:
+    """Raise ValueError saying what is wrong unless ``d`` is what ``State.to_dict`` writes for
+    ``num_classes`` classes: {gen: int >= 0, cm: (C, C) int64 >= 0, done: [int >= 0], bad: {int: str}}."""
+    if not isinstance(d, dict) or set(d) != _KEYS:
+        keys = sorted(map(str, d)) if isinstance(d, dict) else type(d).__name__
+        raise ValueError(f"expected the keys {sorted(_KEYS)}, found {keys}")
+    if not _is_int(d["gen"]) or d["gen"] < 0:
+        raise ValueError(f"gen must be an integer >= 0, found {d['gen']!r}")
+    cm = d["cm"]
+    if not isinstance(cm, torch.Tensor) or cm.dtype != torch.int64:
+        raise ValueError(f"cm must be an int64 tensor, found {getattr(cm, 'dtype', type(cm).__name__)}")
+    if tuple(cm.shape) != (num_classes, num_classes):
+        raise ValueError(f"cm has shape {tuple(cm.shape)}: a matrix of {cm.shape[0] if cm.ndim else 0} "
+                         f"classes, this dataset has {num_classes}")
+    if cm.numel() and int(cm.min()) < 0:
+        raise ValueError("cm has negative counts")
+    done = d["done"]
+    if not isinstance(done, list) or not all(_is_int(i) and i >= 0 for i in done) or len(set(done)) != len(done):
+        raise ValueError("done must be a list of distinct image indices >= 0")
+    bad = d["bad"]
+    if not isinstance(bad, dict) or not all(_is_int(k) and isinstance(v, str) for k, v in bad.items()):
+        raise ValueError("bad must map image indices to messages")
+    if not set(bad) <= set(done):
+        raise ValueError("bad lists images that are not done")
+
+
+def _first_line(e: BaseException) -> str:
+    """The telling line of a (often long) torch error: the refused global if named, else the first."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    telling = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else type(e).__name__)
+    return telling[:300]
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def fingerprint(settings: dict[str, Any]) -> str:
     text = json.dumps(settings, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    # Serialised in memory first: torch's own file writer reports a full disk or a file-size limit as
+    # "enforce fail at inline_container.cc"; a Python write raises the OSError (ENOSPC, EFBIG) that
+    # atomic_write turns into "cannot write <path>: <reason>".
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def ensure_writable(path: Path, what: str = "work dir") -> None:
@@ -79,7 +135,13 @@ def check_fingerprint(work_dir: Path, settings: dict[str, Any], *, write: bool) 
     path = work_dir / "fingerprint.json"
     fp = fingerprint(settings)
     if path.exists():
-        old = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(old, dict) or not isinstance(old.get("settings", {}), dict):
+                raise ValueError("not a fingerprint object")
+        except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise CorruptCheckpointError(
+                f"{path} cannot be used ({e}); delete the work dir {work_dir} to start over") from e
         if old.get("fingerprint") != fp:
             diff = _diff(old.get("settings", {}), json.loads(json.dumps(settings, default=str)))
             raise SettingsChangedError(
@@ -115,7 +177,7 @@ class Checkpointer:
         state, base_gen = self._empty(), 0
         base = self.dir / "state-base.pt"
         if base.exists():
-            d = torch.load(base, map_location="cpu", weights_only=False)
+            d = self._read(base, f"delete the work dir {self.dir} to start over")
             state, base_gen = State.from_dict(d), int(d["gen"])
         max_gen = base_gen
         for p in sorted(self.dir.glob("state-g*-r*.pt")):
@@ -125,11 +187,23 @@ class Checkpointer:
             gen = int(m.group(1))
             max_gen = max(max_gen, gen)
             if gen >= base_gen:
-                state.merge(State.from_dict(torch.load(p, map_location="cpu", weights_only=False)))
-        if state.cm.shape != (self.num_classes, self.num_classes):
-            raise SettingsChangedError(f"{self.dir}: checkpoint has {state.cm.shape[0]} classes, "
-                                       f"expected {self.num_classes}")
+                state.merge(State.from_dict(self._read(p, "delete that file: the images it holds are computed "
+                                                          "again on the next run")))
         return state, max_gen + 1
+
+    def _read(self, path: Path, recover: str) -> dict[str, Any]:
+        """A checkpoint file, loaded without running code and validated; else CorruptCheckpointError."""
+        try:
+            d = torch.load(path, map_location="cpu", weights_only=True)
+            validate_state(d, self.num_classes)
+        except pickle.UnpicklingError as e:  # torch's text suggests weights_only=False: not for a work dir
+            raise CorruptCheckpointError(
+                f"checkpoint {path} holds Python objects other than tensors, numbers and strings; it was not "
+                f"loaded, since loading it could run code ({_first_line(e)}); {recover}") from e
+        except Exception as e:  # a torn zip, an OS error, a wrong shape: all name the file
+            reason = _first_line(e)
+            raise CorruptCheckpointError(f"checkpoint {path} cannot be used ({reason}); {recover}") from e
+        return d
 
     def consolidate(self, state: State, gen: int) -> None:
         """Rank 0: fold everything into the base of generation ``gen``; drop older parts."""

@@ -18,7 +18,7 @@ from dapseg.data.dataset import SegDataset
 from dapseg.data.spec import DatasetSpec
 from dapseg.eval import dist
 from dapseg.eval.provenance import provenance
-from dapseg.eval.runner import EvalResult, Predictor, RunOptions, evaluate
+from dapseg.eval.runner import EvalResult, Predictor, RunOptions, evaluate, hold_job_folder
 
 
 @dataclass
@@ -42,6 +42,7 @@ class Job:
     overrides: dict[str, Any] = field(default_factory=dict)
     limit: int | None = None
     skip_bad: bool = False
+    sweep: dict[str, Any] | None = None  # the grid values of a sweep job (recorded with its result)
 
     def resolved_overrides(self) -> dict[str, Any]:
         return {**self.spec.overrides_for(self.preset), **self.overrides}
@@ -52,7 +53,14 @@ def _file_sha(path: Path) -> str:
 
 
 def run_job(job: Job, factory: PredictorFactory, options: RunOptions | None = None) -> dict[str, Any]:
-    """Evaluate one (preset, dataset); returns the record for the reports."""
+    """Evaluate one (preset, dataset); returns the record for the reports (also the job's
+    ``result.json``). ``record["write_errors"]`` lists files that could not be written (absent if none).
+    The job folder is locked before any model is built: a second run into it stops at once."""
+    with hold_job_folder(job.work_dir):
+        return _run_job(job, factory, options)
+
+
+def _run_job(job: Job, factory: PredictorFactory, options: RunOptions | None) -> dict[str, Any]:
     dataset = SegDataset(job.spec, job.data_root, limit=job.limit, skip_bad=job.skip_bad)
     classes = job.spec.class_names()
     built = factory(job.preset, job.resolved_overrides(), classes)
@@ -69,9 +77,13 @@ def run_job(job: Job, factory: PredictorFactory, options: RunOptions | None = No
     opts = options or RunOptions()
     if opts.desc is None:
         opts = RunOptions(**{**opts.__dict__, "desc": f"{job.preset}/{job.spec.name}"})
-    result: EvalResult = evaluate(dataset, built.predict, job.work_dir, settings, opts)
-    record = result.to_dict()
-    record["preset"] = job.preset
-    record["data_root"] = str(dataset.root)
-    record["provenance"] = provenance(built.device, built.dtype, dist.current().world_size)
+    extra: dict[str, Any] = {"preset": job.preset, "data_root": str(dataset.root),
+                             "provenance": provenance(built.device, built.dtype, dist.current().world_size)}
+    if job.sweep is not None:
+        extra["sweep"] = job.sweep
+    result: EvalResult = evaluate(dataset, built.predict, job.work_dir, settings, opts, record_extra=extra,
+                                  hold_lock=False)
+    record = {**result.to_dict(), **extra}
+    if result.write_errors:
+        record["write_errors"] = list(result.write_errors)
     return record

@@ -1,13 +1,16 @@
 """Results tables: results.xlsx (summary + per-class sheets), results.csv, results.md, results.json.
 
 A *record* is one (preset, dataset) evaluation: ``EvalResult.to_dict()`` plus ``preset`` and
-``provenance``. Every file is written atomically (temp file + rename).
+``provenance``. Every file is written atomically (temp file + rename), each on its own: one that
+fails (full disk, file-size limit, a missing writer) does not stop the others; ``TablesNotWritten``
+then names every file that failed and why.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -105,12 +108,39 @@ def write_xlsx(path: Path, sheets: dict[str, pd.DataFrame]) -> None:
     atomic_write(path, write)
 
 
+class TablesNotWritten(OSError):
+    """Some result tables could not be written; ``written`` holds the paths of those that were."""
+
+    def __init__(self, errors: list[str], written: dict[str, Path]) -> None:
+        super().__init__("; ".join(errors))
+        self.errors = errors
+        self.written = written
+
+
+def write_each(writers: dict[str, tuple[Path, Callable[[Path], object]]]) -> dict[str, Path]:
+    """Call every ``write(path)``, each on its own; raise ``TablesNotWritten`` after the last if any
+    failed (an OSError names the file and the OS error; any other error is named with the file)."""
+    written: dict[str, Path] = {}
+    errors: list[str] = []
+    for key, (path, write) in writers.items():
+        try:
+            write(path)
+            written[key] = path
+        except OSError as e:  # atomic_write's "cannot write <path>: <reason>"
+            errors.append(str(e) if str(path) in str(e) else f"cannot write {path}: {e}")
+        except Exception as e:  # a table library's own failure must not lose the other tables
+            errors.append(f"cannot write {path}: {type(e).__name__}: {e}")
+    if errors:
+        raise TablesNotWritten(errors, written)
+    return written
+
+
 def write_results(out_dir: str | Path, records: list[dict[str, Any]], *, title: str = "dapseg results",
                   note: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Path]:
-    """Write results.{xlsx,csv,md,json} for ``records``; returns the paths."""
+    """Write results.{xlsx,csv,md,json} for ``records``, each on its own; returns the paths (or raises
+    ``TablesNotWritten`` naming each file that failed, after writing the others)."""
     pd = _pandas()
     out_dir = Path(out_dir)
-    paths = {k: out_dir / f"results.{k}" for k in ("xlsx", "csv", "md", "json")}
     summary = summary_table(records)
     datasets = [c for c in summary.columns if c != "average"]
     sheets = {"summary": summary}
@@ -118,12 +148,8 @@ def write_results(out_dir: str | Path, records: list[dict[str, Any]], *, title: 
         sheets[f"summary {metric}"] = summary_table(records, metric)
     for d in datasets:
         sheets[d] = per_class_table(records, d)
-    write_xlsx(paths["xlsx"], sheets)
-
     long = pd.DataFrame([{k: r.get(k) for k in ("preset", "dataset", "mIoU", "mAcc", "aAcc", "n_images",
                                                   "n_bad")} for r in records])
-    atomic_write_text(paths["csv"], long.to_csv(index=False))
-
     md = [f"# {title}\n"]
     if note:
         md.append(f"{note}\n")
@@ -131,12 +157,14 @@ def write_results(out_dir: str | Path, records: list[dict[str, Any]], *, title: 
     md.append(markdown_table(summary))
     md.append("\nDetails (mIoU / mAcc / aAcc, images):\n")
     md.append(markdown_table(long.set_index("preset")))
-    atomic_write_text(paths["md"], "\n".join(md))
-
     payload = {"title": title, "note": note, "summary_mIoU": json.loads(summary.to_json(orient="index")),
                "results": records, **(extra or {})}
-    atomic_write_text(paths["json"], dumps_json(payload))
-    return paths
+    return write_each({
+        "xlsx": (out_dir / "results.xlsx", lambda p: write_xlsx(p, sheets)),
+        "csv": (out_dir / "results.csv", lambda p: atomic_write_text(p, long.to_csv(index=False))),
+        "md": (out_dir / "results.md", lambda p: atomic_write_text(p, "\n".join(md))),
+        "json": (out_dir / "results.json", lambda p: atomic_write_text(p, dumps_json(payload))),
+    })
 
 
 def _clean(obj: Any) -> Any:

@@ -24,7 +24,7 @@ from dapseg.inference.strategies import engine_padding, image_affinity_mean
 from dapseg.inference.windows import GridAverage, crop_windows, window_grid
 from dapseg.models.sam.build import image_encoder_of
 from dapseg.models.sam.encoder import encode_image, reference_sam_image
-from dapseg.models.sam.memory import check_encode_memory
+from dapseg.models.sam.memory import available_bytes, check_encode_memory
 from dapseg.registry import STRATEGIES, Need
 
 
@@ -127,6 +127,8 @@ def global_aggregate(sam: object, image: Tensor | np.ndarray, spliced: Tensor, p
     enc_module = image_encoder_of(sam)
     sam_patch = enc_module.patch_embed.proj.stride[0]
     w = image.shape[1] if isinstance(image, np.ndarray) else image.shape[-1]
+    most = enc_module.img_size // sam_patch  # SAM shrinks the long side to img_size: a side more than
+    # this many times shorter would vanish below one SAM patch (or to 0 px: "height and width must be > 0")
     gw = spliced.shape[-1]
     k = min(p.sam_splits, w, gw)
     parts = []
@@ -134,13 +136,53 @@ def global_aggregate(sam: object, image: Tensor | np.ndarray, spliced: Tensor, p
         x0, x1 = i * w // k, (i + 1) * w // k
         c0, c1 = i * gw // k, (i + 1) * gw // k
         strip = np.ascontiguousarray(image[:, x0:x1]) if isinstance(image, np.ndarray) else image[:, :, x0:x1]
-        enc = encode_image(enc_module, strip, chunk=p.chunk)
+        enc = encode_image(enc_module, _at_most_thin(strip, most), chunk=p.chunk)
         aff = GlobalAffinity(enc.last, valid_grid(enc.input_size, sam_patch), p)
         parts.append(aggregate_map(spliced[:, :, c0:c1], aff))
     vh = parts[0].shape[1]
     parts = [t if t.shape[1] == vh else F.interpolate(t[None], (vh, t.shape[2]), mode="bilinear",
                                                        align_corners=False)[0] for t in parts]
     return torch.cat(parts, dim=-1)
+
+
+def splice_bytes(h: int, w: int, cfg: InferenceConfig, *, patch: int, width: int, heads: int) -> int:
+    """A rough upper estimate (×1.25) of the memory splicing an (h, w) working image takes, fp32: the
+    image and its resized copy, one batch of windows through the last block (attention logits and
+    probabilities, token activations), every window's features and the spliced map."""
+    windows = window_grid(h, w, cfg.crop, cfg.stride)
+    tokens = -(-cfg.crop // patch) ** 2 + 1
+    batch = min(cfg.max_batch, len(windows))
+    images = 2 * 3 * h * w * 4
+    attn = 3 * batch * heads * tokens * tokens * 4
+    acts = 12 * batch * tokens * width * 4
+    feats = len(windows) * tokens * width * 4 + 3 * width * (-(-h // patch)) * (-(-w // patch)) * 4
+    return int(1.25 * (images + attn + acts + feats))
+
+
+def check_splice_memory(engine: DenseEngine, h: int, w: int, cfg: InferenceConfig) -> None:
+    """Fail before any window when splicing clearly will not fit (as SAM's memory check does)."""
+    block = engine.clip.last_block
+    need = splice_bytes(h, w, cfg, patch=engine.clip.patch_size, width=int(block.attn.embed_dim),
+                        heads=int(block.attn.num_heads))
+    have = available_bytes(engine.device)
+    if have is not None and need > have:
+        raise MemoryError(
+            f"splicing a {w}x{h} working image with inference.crop={cfg.crop} needs about {need / 2**30:.1f} GiB "
+            f"on {engine.device} but only {have / 2**30:.1f} GiB is free; use a smaller inference.crop (or "
+            f"inference.max_batch), or a device with more memory")
+
+
+def _at_most_thin(image: Tensor | np.ndarray, most: int) -> Tensor | np.ndarray:
+    """A very thin image (long side more than ``most`` times the short one) stretched along its short
+    side to that ratio; SAM's affinity grid then has at least one row / column, and the spliced map is
+    resized onto it as for any other image. Others are returned unchanged (the reference's path)."""
+    h, w = image.shape[:2] if isinstance(image, np.ndarray) else image.shape[-2:]
+    th, tw = max(h, -(-w // most)), max(w, -(-h // most))
+    if (th, tw) == (h, w):
+        return image
+    if isinstance(image, np.ndarray):
+        return resize_image(image, (th, tw))
+    return F.interpolate(image[None], (th, tw), mode="bilinear", align_corners=False)[0]
 
 
 def _splice_needs(p: SpliceParams) -> frozenset[Need]:
@@ -170,8 +212,9 @@ class SpliceStrategy:
         """
         p = self.params
         _, H, W = image01.shape
-        image01 = image01.to(engine.device)
         h, w = splice_size(H, W, engine.clip.patch_size, cfg.crop) if p.align else (H, W)
+        check_splice_memory(engine, h, w, cfg)  # before the working image is made (it may be huge)
+        image01 = image01.to(engine.device)
         img = image01 if (h, w) == (H, W) else F.interpolate(
             image01[None], (h, w), mode="bilinear", align_corners=False)[0]
         feats, boxes, cell = window_features(engine, img, text, cfg)
