@@ -86,7 +86,10 @@ def test_images_that_do_not_decode_are_named_and_leave_no_files(images, capsys, 
         assert why in line, err
         assert output_files(out, Path(name).stem) == []
     assert output_files(out, "good") == ["good.json", "good_labels.png", "good_overlay.png"]
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+    # no temporary files left (the lock and the journal folder are the job's own)
+    assert not [p for p in out.rglob(".*.tmp*")]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".dapseg", ".dapseg.lock",
+                                                                                ".dapseg.lock.json"]
 
 
 ODD_IMAGES = ["one_pixel.png", "wide.png", "deep16.png", "rgba.png", "black.jpg"]

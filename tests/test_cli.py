@@ -114,10 +114,13 @@ def test_segment_folder_writes_three_outputs_per_image(folder_run) -> None:
     for name, img in photos.items():
         _check_outputs(out, Path(name).stem, img.shape[:2], ["person", "sky; clouds", "cup"])
     assert "segmented 3/5 images" in proc.stdout
-    # Atomic writes leave no temporaries behind; the failed images leave no outputs.
+    # Atomic writes leave no temporaries behind; the failed images leave no outputs. Besides the
+    # outputs: the job's settings, its manifest, and the hidden lock and journal.
     written = sorted(p.name for p in out.iterdir())
-    assert written == sorted(f"{s}{suffix}" for s in ("astronaut", "coffee", "chelsea")
-                             for suffix in ("_labels.png", "_overlay.png", ".json"))
+    assert written == sorted([f"{s}{suffix}" for s in ("astronaut", "coffee", "chelsea")
+                              for suffix in ("_labels.png", "_overlay.png", ".json")]
+                             + ["labeling-job.json", "manifest.jsonl", ".dapseg", ".dapseg.lock", ".dapseg.lock.json"])
+    assert sorted(p.name for p in (out / ".dapseg" / "journal").iterdir()) == ["rank-0.jsonl"]
 
 
 def test_segment_missing_image_is_named_and_exit_code_nonzero(folder_run) -> None:
@@ -161,14 +164,21 @@ def test_segment_glob_and_classes_file_with_synonyms(cli, tmp_path: Path) -> Non
     assert "segmented 2/2 images" in proc.stdout
 
 
-def test_output_stems_never_collide() -> None:
-    from dapseg.commands.segment import unique_stems
+def test_output_names_mirror_the_input_path_alone(tmp_path: Path) -> None:
+    """Names never depend on the order or on the other inputs (issue 19); clashes are errors
+    (tests/test_labeling.py)."""
+    from dapseg.labeling.inputs import collect_inputs
 
-    paths = [Path("x/a.png"), Path("x/a.jpg"), Path("x/a_1.png"), Path("y/a.png"), Path("b.png")]
-    stems = unique_stems(paths)
-    assert len(set(stems)) == len(paths)  # no image's outputs overwrite another's
-    assert stems[0] == "a" and stems[4] == "b"
-    assert all(s.startswith(p.stem) for s, p in zip(stems, paths, strict=True))
+    for rel in ("x/a.png", "x/a_1.png", "x/sub/a.png", "b.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / rel)
+    folder = {i.rel for i in collect_inputs([str(tmp_path / "x")], recursive=True)}
+    assert folder == {"a.png", "a_1.png", "sub/a.png"}
+    alone = collect_inputs([str(tmp_path / "x" / "a_1.png"), str(tmp_path / "b.png")])
+    assert [i.rel for i in alone] == ["a_1.png", "b.png"]
+    globbed = collect_inputs([str(tmp_path / "x" / "*" / "a.png")])
+    assert [i.rel for i in globbed] == ["sub/a.png"]
+    assert [i.stem for i in globbed] == ["sub/a"]
 
 
 # ----------------------------------------------------------------------------- bad class lists

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ from PIL import Image
 
 from dapseg.bundle import ModelBundle, PrebuiltModels
 from dapseg.config import SegmenterConfig, load_preset
+from dapseg.decoding import Decoded, ImageSource, decode_ahead
 from dapseg.images import load_image
 from dapseg.inference.engine import DenseEngine, HeadPlugin, autocast_dtype
 from dapseg.inference.preprocess import resize_image, short_side_size, to_tensor01
@@ -192,6 +193,32 @@ class Segmenter:
                                        post.prob_thd)
         return SegmentationResult(img, class_set, coarse, labels, post.logit_scale,
                                   full_logits=logits, full_probs=probs)
+
+    def predict_many(
+        self,
+        images: Iterable[ImageSource],
+        classes: ClassSet | Sequence[str] | str,
+        *,
+        batch: int = 2,
+        workers: int = 0,
+    ) -> Iterator[SegmentationResult]:
+        """Segment each image into ``classes``; results are yielded in input order while the next
+        ``batch`` images are decoded ahead (in a background thread, or in ``workers`` DataLoader
+        processes). Images are segmented one at a time: the windows of one image already fill the
+        device in batches of ``inference.max_batch``.
+
+        An image that cannot be read raises its error (naming the file) when its turn comes.
+        """
+        if batch < 1 or workers < 0:
+            raise ValueError(f"predict_many: need batch >= 1 and workers >= 0, got {batch} and {workers}")
+        return self._predict_decoded(decode_ahead(list(images), workers=workers, ahead=batch),
+                                     ClassSet.coerce(classes))  # bad arguments fail here, not at next()
+
+    def _predict_decoded(self, decoded: Iterator[Decoded], classes: ClassSet) -> Iterator[SegmentationResult]:
+        for item in decoded:
+            if item.error is not None:
+                raise item.error
+            yield self.predict(item.image, classes)
 
 
 def with_weight_files(

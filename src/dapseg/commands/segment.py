@@ -1,108 +1,80 @@
-"""`dapseg segment`: label every pixel of images with a list of class names."""
+"""`dapseg segment`: label every pixel of images with a list of class names (torchrun-ready, resumable)."""
 
 from __future__ import annotations
 
 import argparse
-import errno
-import glob
 import os
 import sys
-import tempfile
 from pathlib import Path
 
-from tqdm import tqdm
-
-from dapseg.commands.common import add_model_args, build_segmenter
+from dapseg.commands.common import add_model_args, build_segmenter, config_from_args
+from dapseg.commands.evalkit import setup_distributed
 from dapseg.config import default_preset
+from dapseg.labeling.inputs import Input, collect_inputs
+from dapseg.labeling.outputs import DEFAULT_SAVE, SUFFIXES, parse_save
+from dapseg.labeling.run import LabelingJob, Summary, label_collection
 from dapseg.text import ClassSet
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("segment", help="segment images into the given classes")
-    p.add_argument("inputs", nargs="+", help="image files, folders and glob patterns")
+    p = sub.add_parser("segment", help="segment images into the given classes (torchrun-ready, resumable)")
+    p.add_argument("inputs", nargs="*", help="image files, folders and glob patterns")
     c = p.add_mutually_exclusive_group(required=True)
     c.add_argument("--classes", help='classes separated by ",", synonyms by ";" (e.g. "horse, sky; clouds")')
     c.add_argument("--classes-file", help="one class per line, synonyms separated by '; '")
-    p.add_argument("--out", default="out", help="output directory (default: out/)")
+    p.add_argument("--out", default="out", help="output directory (default: out/); outputs mirror the "
+                   "inputs' paths, a rerun skips the images already done")
+    g = p.add_argument_group("labeling")
+    g.add_argument("--input-list", metavar="FILE", help="one image path per line ('-': stdin), relative to "
+                   "--input-root or absolute inside it")
+    g.add_argument("--input-root", metavar="DIR", help="the folder the --input-list paths are relative to "
+                   "and that outputs mirror (default: the list's folder; the current folder for stdin)")
+    g.add_argument("--recursive", action="store_true", help="also the images in sub-folders of a folder")
+    g.add_argument("--save", default=",".join(DEFAULT_SAVE),
+                   help=f"what to write per image, comma-separated from {', '.join(SUFFIXES)} "
+                   f"(default: {','.join(DEFAULT_SAVE)})")
+    g.add_argument("--workers", type=int, default=2, help="decoding processes per rank (default: 2; 0: a thread)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="redo every image, also where OUT holds labels of other settings")
     add_model_args(p, default_preset=None, preset_note="default: dap, or naclip where dap is absent")
     p.set_defaults(run=run)
 
 
-def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files, folders (their images, sorted) and globs -> image paths, in order, without repeats."""
-    paths: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            paths += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
-        elif any(ch in item for ch in "*?["):
-            matches = sorted(Path(m) for m in glob.glob(item, recursive=True))
-            if not matches:
-                raise FileNotFoundError(f"no files match {item!r}")
-            paths += [m for m in matches if m.is_file()]
-        else:
-            paths.append(p)  # a missing file is reported per image, with the others still processed
-    seen: set[Path] = set()
-    return [p for p in paths if not (p in seen or seen.add(p))]
-
-
-def unique_stems(paths: list[Path]) -> list[str]:
-    """Output stems, one per path: a stem already taken gets _1, _2, ... (never one that is taken)."""
-    used: set[str] = set()
-    stems = []
-    for p in paths:
-        stem, n = p.stem, 0
-        while stem in used:  # a.png, a.jpg, a_1.png -> a, a_1, a_1_1 (not a_1 twice)
-            n += 1
-            stem = f"{p.stem}_{n}"
-        used.add(stem)
-        stems.append(stem)
-    return stems
-
-
-def check_writable(out: Path) -> None:
-    """Fail early (before any model is built) where ``out`` cannot be written. Creates nothing: the
-    folder is made when the first result is saved, so a run that fails leaves no empty folder."""
-    existing = out
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
-    try:
-        if not existing.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, f"{existing} is not a directory")
-        if existing == out:
-            with tempfile.NamedTemporaryFile(dir=out, prefix=".dapseg-write-test"):
-                pass
-        elif not os.access(existing, os.W_OK | os.X_OK):
-            raise PermissionError(errno.EACCES, f"cannot create folders in {existing}")
-    except OSError as e:
-        raise PermissionError(f"output directory {out} is not writable: {e.strerror or e}") from e
-
-
 def run(args: argparse.Namespace) -> int:
+    if not args.inputs and not args.input_list:
+        raise ValueError("give images, folders or globs, or --input-list FILE")
+    if args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
     classes = ClassSet.from_file(args.classes_file) if args.classes_file else ClassSet.parse(args.classes)
+    save = parse_save(args.save)
     if not args.preset and not args.config:
         args.preset = default_preset()
+    config = config_from_args(args)  # settings errors before anything else
     out = Path(args.out)
-    check_writable(out)
-    paths = expand_inputs(args.inputs)
-    if not paths:
-        raise FileNotFoundError(f"no images found in {' '.join(args.inputs)}")
-    segmenter = build_segmenter(args)
-    failures: list[tuple[Path, str]] = []
-    for path, stem in tqdm(list(zip(paths, unique_stems(paths), strict=True)), desc="segment", unit="img",
-                           disable=not sys.stderr.isatty() and "DAPSEG_PROGRESS" not in os.environ):
-        try:
-            result = segmenter.predict(path, classes)
-            result.save(out, stem, extra={"image": str(path), "preset": segmenter.config.name})
-        except (OSError, ValueError, RuntimeError) as e:  # one bad image must not lose the others
-            failures.append((path, str(e)))
-    done = len(paths) - len(failures)
-    print(f"segmented {done}/{len(paths)} images into {out}/")
-    if failures:
-        print(f"{len(failures)} failed:", file=sys.stderr)
-        for path, msg in failures:
+    info = setup_distributed(args)
+    settings = {"config": config.model_dump(mode="json"), "classes": classes.names, "save": list(save),
+                "random_weights": bool(args.random_weights), "tiny": bool(args.tiny)}
+    job = LabelingJob(out, classes, save, settings, extra={"preset": config.name}, workers=args.workers,
+                      overwrite=args.overwrite,
+                      progress=sys.stderr.isatty() or "DAPSEG_PROGRESS" in os.environ)
+
+    def find_inputs() -> list[Input]:
+        found = collect_inputs(args.inputs, recursive=args.recursive, input_list=args.input_list,
+                               input_root=args.input_root, exclude=out)
+        if not found:
+            raise FileNotFoundError(f"no images found in {' '.join(args.inputs or [args.input_list])}")
+        return found
+
+    summary = label_collection(job, find_inputs, lambda: build_segmenter(args), info)
+    if info.is_main:
+        report(summary, out)
+    return 1 if summary.failed else 0
+
+
+def report(summary: Summary, out: Path) -> None:
+    print(f"segmented {summary.done + summary.skipped}/{summary.total} images into {out}/: "
+          f"{summary.done} done, {summary.skipped} skipped (done before), {len(summary.failed)} failed")
+    if summary.failed:
+        print(f"{len(summary.failed)} failed:", file=sys.stderr)
+        for path, msg in summary.failed:
             print(f"  {path}: {msg}", file=sys.stderr)
-        return 1
-    return 0

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -84,3 +88,26 @@ def all_gather_objects(obj: object, info: DistInfo) -> list[object]:
     out: list[object] = [None] * info.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+class MainRankError(RuntimeError):
+    """Raised on the other ranks when rank 0's part of ``on_main`` failed (rank 0 raises the original)."""
+
+
+def on_main(fn: Callable[[], T], info: DistInfo) -> T:
+    """``fn()`` run on rank 0 only; its value on every rank. When it fails, rank 0 raises the error and
+    every other rank a ``MainRankError`` with its message, instead of waiting for a value forever."""
+    if not info.enabled:
+        return fn()
+    value: object = None
+    error: str | None = None
+    if info.is_main:
+        try:
+            value = fn()
+        except Exception as e:
+            broadcast_object((None, f"{type(e).__name__} on rank 0: {e}"), info)
+            raise
+    value, error = broadcast_object((value, None), info)  # type: ignore[misc]
+    if error is not None:
+        raise MainRankError(error)
+    return value  # type: ignore[return-value]
