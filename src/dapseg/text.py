@@ -180,6 +180,10 @@ class TextEmbedder:
             return None
         if not self._plausible(emb):  # e.g. NaN, a wrong size, not normalised
             return None
+        return self._remember(key, emb)
+
+    def _remember(self, key: str, emb: torch.Tensor) -> torch.Tensor:
+        """Keep ``emb`` (E,) in memory; its size is the one every later embedding must have."""
         self._dim = int(emb.shape[0])
         self._memory[key] = emb
         return emb
@@ -196,13 +200,13 @@ class TextEmbedder:
     def embed_queries(self, queries: Sequence[str]) -> list[torch.Tensor]:
         """One (E,) embedding per query; the uncached ones encoded in few large calls."""
         keys = [self._key(q) for q in queries]
-        missing = list(dict.fromkeys(q for q, k in zip(queries, keys, strict=True) if self._cached(k) is None))
-        for start in range(0, len(missing), self.queries_per_call):
-            chunk = missing[start : start + self.queries_per_call]
-            for query, emb in zip(chunk, self._compute(chunk), strict=True):
-                key = self._key(query)
-                self._memory[key] = emb
-                self._dim = int(emb.shape[0])
+        # key -> query of each query neither in memory nor on disk, first occurrence first
+        missing = {k: q for q, k in zip(queries, keys, strict=True) if self._cached(k) is None}
+        todo = list(missing.items())
+        for start in range(0, len(todo), self.queries_per_call):
+            chunk = todo[start : start + self.queries_per_call]
+            for (key, _), emb in zip(chunk, self._compute([q for _, q in chunk]), strict=True):
+                self._remember(key, emb)
                 path = self._path(key)
                 if path is not None:
                     _atomic_torch_save(emb, path)

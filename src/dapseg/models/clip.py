@@ -132,24 +132,21 @@ class DenseClip(nn.Module):
         so the padding after it changes nothing (up to float rounding). Models where that does not
         hold (no causal mask, another pooling) get the full context.
         """
+        if not texts:
+            raise ValueError("encode_text needs at least one text")
         device = self.visual.proj.device
         tokens = self.tokenizer(texts)  # (N, context) on the CPU
         lengths = self._token_lengths(tokens)  # (N,) or None: cannot trim
         order = torch.argsort(lengths, stable=True) if lengths is not None else torch.arange(len(texts))
-        out: Tensor | None = None
+        parts = []  # (≤ batch_size, E) each, in ``order``
         for start in range(0, len(texts), batch_size):
             rows = order[start : start + batch_size]
             batch = tokens[rows]
             if lengths is not None:
-                emb = self._encode_trimmed(batch[:, : int(lengths[rows].max())].to(device))
+                parts.append(self._encode_trimmed(batch[:, : int(lengths[rows].max())].to(device)).float())
             else:
-                emb = self.model.encode_text(batch.to(device))
-            if out is None:
-                out = torch.empty(len(texts), emb.shape[-1], device=device)
-            out[rows.to(device)] = emb.float()
-        if out is None:
-            raise ValueError("encode_text needs at least one text")
-        return out
+                parts.append(self.model.encode_text(batch.to(device)).float())
+        return torch.cat(parts)[torch.argsort(order).to(device)]  # back to the texts' order
 
     def _token_lengths(self, tokens: Tensor) -> Tensor | None:
         """Tokens up to and including the pooled one, per text (N,); None where trimming is not exact."""
