@@ -116,3 +116,40 @@ def test_random_weights_repeat_and_leave_the_callers_rng_alone() -> None:
     second = Segmenter.from_preset("naclip", random_weights=True, tiny=True)
     for p, q in zip(first.clip.parameters(), second.clip.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_tokens_entering_blocks_chain_the_blocks_and_reach_the_engine() -> None:
+    """layers[i + 1] = blocks[i](layers[i]); layers[-1] is the head's x; a head declaring
+    Need.CLIP_LAYERS receives them (and the blocks), a head that does not gets None."""
+    from dapseg.heads.base import Head, HeadOutput
+    from dapseg.inference.engine import DenseEngine
+    from dapseg.registry import Need
+
+    torch.manual_seed(0)
+    clip = build_clip(ClipConfig(), random_weights=True, tiny=True)
+    images = torch.rand(2, 3, 32, 48)
+    layers, grid = clip.tokens_entering_blocks(images)
+    assert len(layers) == len(clip.blocks) and grid == (2, 3)
+    for i in range(len(layers) - 1):
+        torch.testing.assert_close(clip.blocks[i](layers[i]), layers[i + 1], rtol=0, atol=0)
+    last, _ = clip.tokens_before_last_block(images)
+    torch.testing.assert_close(last, layers[-1], rtol=0, atol=0)
+
+    seen: list[HeadContext] = []
+
+    class Spy(Head):
+
+        def forward(self, ctx: HeadContext) -> HeadOutput:
+            seen.append(ctx)
+            return HeadOutput(tokens=ctx.x[:, 1:], grid=ctx.grid)
+
+    for needs, expect in (({Need.CLIP_LAYERS}, True), (set(), False)):
+        seen.clear()
+        engine = DenseEngine(clip, Spy(), needs=needs)
+        engine.head_output(images * 0.5 + 0.25, torch.randn(3, clip.embed_dim))
+        ctx = seen[0]
+        if expect:
+            assert ctx.layers is not None and ctx.blocks is clip.blocks and len(ctx.layers) == len(layers)
+            torch.testing.assert_close(ctx.layers[-1], ctx.x, rtol=0, atol=0)
+        else:
+            assert ctx.layers is None and ctx.blocks is None

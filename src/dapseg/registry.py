@@ -45,6 +45,7 @@ class Need(str, Enum):
     CLASS_TEXT = "class_text"  # the query text embeddings at run time (e.g. FSA)
     AFFINITY_MEAN = "affinity_mean"  # HeadContext.affinity_mean: mean(S) over every window of the image
     ORIGINAL_IMAGE = "original_image"  # the image as loaded, keyword ``original`` of a strategy call
+    CLIP_LAYERS = "clip_layers"  # HeadContext.layers / .blocks: the tokens entering every CLIP block
 
 
 # Needs handed to a builder as keyword arguments (the others configure the engine at run time).

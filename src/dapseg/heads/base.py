@@ -36,6 +36,12 @@ class HeadContext:
     # mean(S) of the VFM patch similarity over every window of the image, a scalar: given by the
     # strategy to heads with mean_scope="image" (Trident); None for per-window means.
     affinity_mean: Tensor | None = None
+    # The tokens entering every CLIP block, batch first: layers[i] (B, 1 + N, D) enters blocks[i];
+    # layers[-1] is ``x``. Given to heads that declare Need.CLIP_LAYERS (multi-level features,
+    # re-running blocks with other tokens); None otherwise. ``blocks`` are open_clip's residual blocks
+    # (batch first: open_clip >= 2.24 runs its transformer batch first).
+    layers: tuple[Tensor, ...] | None = None
+    blocks: nn.ModuleList | None = None
 
 
 @dataclass

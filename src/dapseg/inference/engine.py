@@ -110,13 +110,18 @@ class DenseEngine(nn.Module):
         if vfm_out is None:
             vfm_out = self.vfm_output(windows01)
         with self.autocast():
-            x, grid = self.clip.tokens_before_last_block(normalize(windows01, self.clip.mean, self.clip.std))
+            keep_all = Need.CLIP_LAYERS in self.needs
+            layers, grid = self.clip.tokens_entering_blocks(
+                normalize(windows01, self.clip.mean, self.clip.std), keep_all=keep_all
+            )
+            x = layers[-1]
             vfm_feats = vfm_attn = None
             if vfm_out is not None:
                 vfm_feats, vfm_attn = vfm_out.feats, vfm_out.attn
             ctx = HeadContext(
                 x=x, grid=grid, block=self.clip.last_block, vfm_feats=vfm_feats, vfm_attn=vfm_attn, images=windows01,
-                affinity_mean=affinity_mean,
+                affinity_mean=affinity_mean, layers=tuple(layers) if keep_all else None,
+                blocks=self.clip.blocks if keep_all else None,
             )
             to_embed = self.clip.head_tokens_to_embeddings
             return self.plugin(self.head, ctx, text, to_embed) if self.plugin is not None else self.head(ctx)

@@ -101,6 +101,21 @@ class DenseClip(nn.Module):
 
     def tokens_before_last_block(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """CLIP-normalised images (B, 3, H, W) -> tokens entering the last block (B, 1 + N, D), grid."""
+        layers, grid = self.tokens_entering_blocks(images, keep_all=False)
+        return layers[-1], grid
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The vision tower's residual blocks (open_clip ``ResidualAttentionBlock``), in order."""
+        return self.visual.transformer.resblocks
+
+    def tokens_entering_blocks(self, images: Tensor, keep_all: bool = True) -> tuple[list[Tensor], tuple[int, int]]:
+        """CLIP-normalised images (B, 3, H, W) -> the tokens entering each block, batch first, and the grid.
+
+        ``layers[i]`` (B, 1 + N, D) enters block i: ``layers[0]`` is the output of ln_pre and
+        ``layers[L - 1]`` enters the last block. With ``keep_all=False`` only that last one is kept
+        (the other L - 2 are not held in memory).
+        """
         v = self.visual
         ps = self.patch_size
         grid = (images.shape[-2] // ps, images.shape[-1] // ps)
@@ -112,11 +127,13 @@ class DenseClip(nn.Module):
         batch_first = getattr(v.transformer, "batch_first", True)
         if not batch_first:
             x = x.transpose(0, 1)
+        layers = [x]
         for block in v.transformer.resblocks[:-1]:
             x = block(x)
+            layers = [*layers, x] if keep_all else [x]
         if not batch_first:
-            x = x.transpose(0, 1)
-        return x, grid
+            layers = [t.transpose(0, 1) for t in layers]
+        return layers, grid
 
     def head_tokens_to_embeddings(self, tokens: Tensor) -> Tensor:
         """(B, n, D) head output -> (B, n, E) in the joint space (LN_post, proj)."""
