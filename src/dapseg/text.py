@@ -105,9 +105,11 @@ class ClassSet:
         """One class per line; synonyms separated by ';' (ProxyCLIP files) or ',' (NACLIP files)."""
         path = Path(path)
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte-order mark is not a name
         except OSError as e:
             raise FileNotFoundError(f"cannot read class file {path}: {e.strerror}") from e
+        except UnicodeDecodeError as e:
+            raise ValueError(f"class file {path} is not UTF-8 text ({e})") from e
         lines = [line for line in lines if line.strip()]
         try:
             return cls(tuple(_split_synonyms(line) for line in lines))
