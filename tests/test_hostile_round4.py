@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hostile_files import png_declaring, truncated_png
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from dapseg import images
 from dapseg.cli import main
+from hostile_files import png_declaring, truncated_png
 
 CLASSES = "person, sky, cup"
 MODEL = ["--random-weights", "--tiny", "--preset", "naclip"]
@@ -87,7 +87,7 @@ def test_load_image_refuses_before_decoding_and_names_the_file_and_limit(tmp_pat
     assert images.load_image(small, max_pixels=1600).shape == (40, 40, 3)
     assert images.load_image(small, max_pixels=0).shape == (40, 40, 3)  # 0: no limit
     images.check_pixels((40, 40), "x", 1600)  # the check other readers call: at the limit is fine
-    with pytest.raises(images.ImageTooLargeError, match="upload.png"):
+    with pytest.raises(images.ImageTooLargeError, match=r"upload\.png"):
         images.check_pixels((41, 40), "upload.png", 1600)
 
 
@@ -166,7 +166,7 @@ def test_analyze_skip_bad_skips_a_bomb(tmp_path: Path, capsys) -> None:
     make_dataset(data, "voc21", n=3, seed=1)
     label = data / "VOCdevkit" / "VOC2012" / "SegmentationClass" / "img_002.png"
     png_declaring(label, 50000, 50000)  # a label map can be a bomb too
-    rc, out, err = _run(capsys, "analyze", "--dataset", "voc21", "--data-root", str(data), "--out",
+    rc, _, err = _run(capsys, "analyze", "--dataset", "voc21", "--data-root", str(data), "--out",
                         str(tmp_path / "o"), "--random-weights", "--tiny", "--workers", "0", "--no-progress",
                         "--device", "cpu", "--window", "32", "--skip-bad")
     assert rc == 0 and "Traceback" not in err, err
@@ -259,7 +259,7 @@ def test_the_journal_refuses_a_link_planted_after_the_checks(tmp_path: Path) -> 
     victim.write_text("precious\n")
     (out / ".dapseg" / "journal" / "rank-3.jsonl").symlink_to(victim)
     journal = Journal(out, 3)
-    with pytest.raises(ValueError, match="rank-3.jsonl is a symlink"):
+    with pytest.raises(ValueError, match=r"rank-3\.jsonl is a symlink"):
         journal.append(Record(name="x.png", input="x.png", outputs=[], status="failed", seconds=0.0))
     assert victim.read_text() == "precious\n"
 
@@ -427,7 +427,7 @@ def test_one_symlink_rule_for_folder_scans_globs_and_input_lists(tmp_path: Path,
     out = tmp_path / "out"
     for inputs in ([str(src)], [str(src / "*.png")], ["--input-list", str(listing)]):
         rc, _, err = _run(capsys, "segment", *inputs, "--classes", CLASSES, "--out", str(out), *FAST)
-        assert rc == 2 and str(src / "link.png") in err or "'link.png'" in err, (inputs, err)
+        assert rc == 2 and (str(src / "link.png") in err or "'link.png'" in err), (inputs, err)
         assert "leads outside" in err and "symlinks leading out are refused" in err, err
         assert not out.exists()  # before any work
     inside = src / "sub"

@@ -9,6 +9,7 @@ declares more pixels than the pixel limit before a byte of it is decoded (a smal
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -84,10 +85,15 @@ def open_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> I
         img = Image.open(path)
     except Image.DecompressionBombError as e:  # above twice Pillow's own limit: refused while opening
         limit = pixel_limit(max_pixels)
+        declared = re.search(r"\((\d+) pixels\)", str(e))
+        n = int(declared.group(1)) if declared else None
+        if n is not None and limit is not None and n > limit:
+            why = f"declares {n:,} pixels, more than the limit of {limit:,} pixels"
+        else:  # a limit above Pillow's was asked for without raising Pillow's (set_pixel_limit does)
+            why = f"declares more pixels than Pillow opens ({e})"
         raise ImageTooLargeError(
-            f"image {path}: {e} Not decoded; the limit is {f'{limit:,}' if limit else 'off'} pixels here, and "
-            "Pillow refuses twice PIL.Image.MAX_IMAGE_PIXELS; raise both (--max-pixels N sets both) if the "
-            "image is genuine") from e
+            f"image {path} {why} (a decompression bomb?); not decoded. Raise the limit with --max-pixels N "
+            "(Python: images.set_pixel_limit(N), which also raises Pillow's own) if the image is genuine") from e
     except PermissionError as e:
         raise PermissionError(f"cannot read image {path}: permission denied") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:

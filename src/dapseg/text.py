@@ -162,6 +162,7 @@ class TextEmbedder:
         self._memory: dict[str, torch.Tensor] = {}
         self._dim = dim  # embedding size; else known from the first query embedded
         self.encoded_queries = 0  # how many queries actually went through the text encoder
+        self._last: tuple[ClassSet, torch.Tensor] | None = None  # the last class set and its (Q, E) matrix
 
     def _key(self, query: str) -> str:
         blob = json.dumps([self.model_id, self._template_texts, query])
@@ -226,8 +227,14 @@ class TextEmbedder:
         return mean / mean.norm(dim=-1, keepdim=True)
 
     def __call__(self, classes: ClassSet) -> torch.Tensor:
-        """(Q, E) normalised embeddings of every query of ``classes``."""
-        return torch.stack(self.embed_queries(classes.queries))
+        """(Q, E) normalised embeddings of every query of ``classes`` (a copy: callers may change it).
+
+        The last class set's matrix is kept: a job segments every image with one class list, and
+        looking up a large vocabulary query by query (a hash each) would cost per image what a
+        small model spends on the image (2000 classes: tens of milliseconds)."""
+        if self._last is None or self._last[0] != classes:
+            self._last = (classes, torch.stack(self.embed_queries(classes.queries)))
+        return self._last[1].clone()
 
 
 def _atomic_torch_save(obj: torch.Tensor, path: Path) -> None:
