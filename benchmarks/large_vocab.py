@@ -57,6 +57,15 @@ def main() -> None:
     print(f"{args.classes} classes x {len(get_templates(args.templates))} templates = {len(prompts)} prompts; "
           f"image {args.size}x{args.size}")
 
+    if args.templates != "openai_imagenet":  # fewer templates: prompts per encoder call, as before and now
+        from dapseg.text import TextEmbedder
+
+        calls = {}
+        for label, per_call in (("64 queries per call (before)", 64), ("5120 prompts per call (now)", None)):
+            embedder = TextEmbedder(seg._encode_text, "bench", args.templates, cache_root=None,
+                                    queries_per_call=per_call)
+            calls[label], _ = timed(lambda embedder=embedder: embedder(classes))
+        print("encoding, " + ", ".join(f"{k}: {v:.1f} s" for k, v in calls.items()))
     tokenize, _ = timed(lambda: seg.clip.tokenizer(prompts))
     encode, _ = timed(lambda: seg.text_embeddings(classes))
     print(f"first encoding of the class list: {encode:.1f} s, of which tokenizing {tokenize:.1f} s "

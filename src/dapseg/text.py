@@ -129,6 +129,9 @@ def _split_synonyms(item: str) -> tuple[str, ...]:
     return tuple(s.strip() for s in _SYNONYM_SPLIT.split(item.strip()))
 
 
+PROMPTS_PER_CALL = 64 * 80  # prompts per call of the text encoder (it batches them by length inside)
+
+
 class TextEmbedder:
     """Per-query text embeddings averaged over templates, as the references compute them.
 
@@ -148,9 +151,13 @@ class TextEmbedder:
         templates: str,
         cache_root: Path | None,
         dim: int | None = None,
-        queries_per_call: int = 64,
+        queries_per_call: int | None = None,
     ) -> None:
-        """``dim``: the embedding size, if known (a cache file of another size is then never used)."""
+        """``dim``: the embedding size, if known (a cache file of another size is then never used).
+        ``queries_per_call``: default ``PROMPTS_PER_CALL`` prompts' worth (64 queries of the 80
+        ImageNet templates; 5120 with one template, whose calls would otherwise be 64 prompts each)."""
+        if queries_per_call is None:
+            queries_per_call = max(1, PROMPTS_PER_CALL // len(get_templates(templates)))
         if queries_per_call < 1:
             raise ValueError(f"queries_per_call must be >= 1, got {queries_per_call}")
         self.encode = encode
