@@ -526,7 +526,9 @@ def test_skip_bad_skips_and_lists_every_label_fault(faulty, tmp_path, capsys):
         assert len(lines) == 1 and why in lines[0], err
         assert re.search(rf"^  {name}: .*{re.escape(why)}", out, re.M), out
     rec = json.loads((work / "naclip" / "voc21" / "result.json").read_text())
-    assert rec["n_bad"] == 4 and sorted(rec["bad"]) == sorted(faults) and rec["n_images"] == 6
+    # n_images: the images actually evaluated (issue 24: it said 6 with 4 of 6 skipped)
+    assert rec["n_bad"] == 4 and sorted(rec["bad"]) == sorted(faults) and rec["n_images"] == 2
+    assert "voc21 (2 images evaluated, 4 skipped)" in out, out
     labelled = sum(int((stored[n] != 255).sum()) for n in ("img_000", "img_005"))
     assert int(Checkpointer(work / "naclip" / "voc21", 21, 0).load()[0].cm.sum()) == labelled
 
@@ -573,7 +575,7 @@ def test_a_table_that_cannot_be_written_does_not_lose_the_others(data, tmp_path,
     (work / "results.xlsx").mkdir(parents=True)  # stands in for any failure of that one file
     rc, out, err = run_main(capsys, eval_args(data, work, "--workers", "0", "--limit", "2"))
     assert rc == 2 and f"cannot write {work / 'results.xlsx'}" in err and "Traceback" not in err
-    assert "naclip on voc21 (2 images): mIoU" in out  # the metrics are printed first
+    assert "naclip on voc21 (2 images evaluated): mIoU" in out  # the metrics are printed first
     for name in ("results.csv", "results.md", "results.json"):
         assert (work / name).is_file()
     assert json.loads((work / "results.json").read_text())["results"][0]["preset"] == "naclip"

@@ -24,7 +24,7 @@ def test_eval_subprocess_end_to_end(run_cli, data, tmp_path):
     r = run_cli("eval", "--preset", "naclip", "--dataset", "voc21", "--data-root", str(data), "--work-dir",
                 str(work), "--limit", "2", "--save-pred", "--show", "1", *FAST)
     assert r.returncode == 0, r.stderr
-    assert "naclip on voc21 (2 images): mIoU" in r.stdout
+    assert "naclip on voc21 (2 images evaluated): mIoU" in r.stdout
     rec = json.loads((work / "results.json").read_text())["results"][0]
     assert rec["n_images"] == 2 and len(rec["per_class"]) == 21 and 0 <= rec["mIoU"] <= 100
     prov = rec["provenance"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from dapseg.models.clip import DenseClip
 from dapseg.postprocess import class_probs, labels_banded, labels_from_probs
 from dapseg.refine import RefineInput, Refiner
 from dapseg.registry import HEADS, PLUGINS, REFINERS, STRATEGIES, Need, Registry
-from dapseg.result import SegmentationResult
+from dapseg.result import ImageFailure, SegmentationResult
 from dapseg.text import ClassSet, TextEmbedder
 from dapseg.weights import cache_dir
 
@@ -45,9 +45,13 @@ class Segmenter:
         tiny: bool = False,
         cache_dir: PathLike | None = None,
         models: PrebuiltModels | None = None,
+        max_pixels: int | None = None,
     ) -> None:
-        """``models``: models already built (``PrebuiltModels``), used instead of building them."""
+        """``models``: models already built (``PrebuiltModels``), used instead of building them.
+        ``max_pixels``: an image file declaring more pixels is refused before decoding
+        (``images.ImageTooLargeError``); default: the process's limit (``images.pixel_limit``)."""
         self.config = config
+        self.max_pixels = max_pixels
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.random_weights = random_weights
         self.tiny = tiny
@@ -138,7 +142,7 @@ class Segmenter:
         same = {key: getattr(config, key) == getattr(self.config, key) for key in ("clip", "vfm", "sam")}
         if not same["clip"]:
             return Segmenter(config, device=self.device, random_weights=self.random_weights, tiny=self.tiny,
-                             cache_dir=self.cache_dir)
+                             cache_dir=self.cache_dir, max_pixels=self.max_pixels)
         if config.inference.crop != self.config.inference.crop and _built_at_window_size(config.vfm):
             same["vfm"] = False  # e.g. MAE is built at the window size
         keep_sam = same["sam"] and same["vfm"]
@@ -152,7 +156,7 @@ class Segmenter:
             == (self.config.templates, self.config.inference.precision) else None,
         )
         return Segmenter(config, device=self.device, random_weights=self.random_weights, tiny=self.tiny,
-                         cache_dir=self.cache_dir, models=models)
+                         cache_dir=self.cache_dir, models=models, max_pixels=self.max_pixels)
 
     # ------------------------------------------------------------------ inference
     def text_embeddings(self, classes: ClassSet) -> torch.Tensor:
@@ -174,7 +178,7 @@ class Segmenter:
     ) -> SegmentationResult:
         """Segment ``image`` into ``classes`` (see ``ClassSet``: synonyms with ';')."""
         class_set = ClassSet.coerce(classes)
-        img = load_image(image)
+        img = load_image(image, max_pixels=self.max_pixels)
         coarse = self.coarse_logits(img, class_set)
         post = self.config.postprocess
         q2c = class_set.query_to_class
@@ -201,24 +205,39 @@ class Segmenter:
         *,
         batch: int = 2,
         workers: int = 0,
-    ) -> Iterator[SegmentationResult]:
+        on_error: Literal["raise", "yield"] = "raise",
+    ) -> Iterator[SegmentationResult | ImageFailure]:
         """Segment each image into ``classes``; results are yielded in input order while the next
         ``batch`` images are decoded ahead (in a background thread, or in ``workers`` DataLoader
         processes). Images are segmented one at a time: the windows of one image already fill the
         device in batches of ``inference.max_batch``.
 
-        An image that cannot be read raises its error (naming the file) when its turn comes.
+        An image that cannot be read or segmented (missing, corrupt, above the pixel limit: an
+        ``OSError`` or ``ValueError`` naming the file) raises its error when its turn comes
+        (``on_error="raise"``), or is yielded in its place as an ``ImageFailure`` and the next images
+        follow (``on_error="yield"``).
         """
         if batch < 1 or workers < 0:
             raise ValueError(f"predict_many: need batch >= 1 and workers >= 0, got {batch} and {workers}")
-        return self._predict_decoded(decode_ahead(list(images), workers=workers, ahead=batch),
-                                     ClassSet.coerce(classes))  # bad arguments fail here, not at next()
+        if on_error not in ("raise", "yield"):
+            raise ValueError(f"predict_many: on_error must be 'raise' or 'yield', got {on_error!r}")
+        sources = list(images)
+        decoded = decode_ahead(sources, workers=workers, ahead=batch, max_pixels=self.max_pixels)
+        # bad arguments fail here, not at next()
+        return self._predict_decoded(decoded, sources, ClassSet.coerce(classes), on_error == "yield")
 
-    def _predict_decoded(self, decoded: Iterator[Decoded], classes: ClassSet) -> Iterator[SegmentationResult]:
+    def _predict_decoded(self, decoded: Iterator[Decoded], sources: list[ImageSource], classes: ClassSet,
+                         yield_errors: bool) -> Iterator[SegmentationResult | ImageFailure]:
         for item in decoded:
-            if item.error is not None:
-                raise item.error
-            yield self.predict(item.image, classes)
+            try:
+                if item.error is not None:
+                    raise item.error
+                result: SegmentationResult | ImageFailure = self.predict(item.image, classes)
+            except (OSError, ValueError) as e:
+                if not yield_errors:
+                    raise
+                result = ImageFailure(item.index, sources[item.index], e)
+            yield result
 
 
 def with_weight_files(

@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     sigterm_interrupts()  # a scheduler's SIGTERM saves progress exactly as Ctrl-C does
     try:
+        _apply_pixel_limit(args)
         return int(args.run(args) or 0)
     except BrokenPipeError:  # output piped into `head` and closed: not an error
         sys.stderr.close()
@@ -45,6 +46,21 @@ def main(argv: list[str] | None = None) -> int:
         # clear line, not a traceback.
         print(f"dapseg: error: {error_message(e)}", file=sys.stderr)
         return 2
+
+
+def _apply_pixel_limit(args: argparse.Namespace) -> None:
+    """--max-pixels: the limit of every image this process (and its decoding workers) reads. dapseg
+    checks each image's declared size itself before decoding, so Pillow's warning below its own hard
+    limit would only repeat that check."""
+    import warnings
+
+    from PIL import Image
+
+    from dapseg.images import set_pixel_limit
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    if getattr(args, "max_pixels", None) is not None:
+        set_pixel_limit(args.max_pixels)
 
 
 def error_message(e: BaseException) -> str:

@@ -20,7 +20,8 @@ from dapseg.registry import HEADS, PLUGINS, REFINERS, STRATEGIES, VFM_FAMILIES, 
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # every float setting finite, as every component parameter (``registry.check_finite``)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ClipConfig(_Strict):

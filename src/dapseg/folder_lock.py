@@ -33,7 +33,11 @@ class FolderBusyError(RuntimeError):
 def describe_holder(folder: Path) -> str:
     """What the holder file says, as one line (or a note that it cannot be read)."""
     try:
-        info = json.loads((folder / HOLDER_NAME).read_text(encoding="utf-8")[:4096])
+        text = (folder / HOLDER_NAME).read_text(encoding="utf-8")[:4096]
+        try:
+            info = json.loads(text)
+        except RecursionError:
+            raise ValueError("nested too deeply") from None
         if not isinstance(info, dict):
             raise ValueError("not an object")
         fields = {k: str(info.get(k, "?"))[:200] for k in ("host", "pid", "command", "started")}

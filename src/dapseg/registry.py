@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -82,12 +83,15 @@ class Entry(Generic[T]):
     def parse_params(self, params: Mapping[str, Any] | BaseModel | None) -> BaseModel | None:
         """The validated params object; a component without a params model accepts none."""
         if isinstance(params, BaseModel):
+            check_finite(params)
             return params
         if self.params is None:
             if params:
                 raise ValueError(f"{self.kind} {self.name!r} takes no params, got {sorted(params)}")
             return None
-        return self.params(**(params or {}))
+        p = self.params(**(params or {}))
+        check_finite(p)
+        return p
 
     def needs_for(self, params: Mapping[str, Any] | BaseModel | None = None) -> frozenset[Need]:
         """The needs of this component with ``params`` (some needs depend on a parameter)."""
@@ -101,6 +105,29 @@ class Entry(Generic[T]):
         declared = {n.value for n in self.needs_for(p) if n in BUILDER_NEEDS}
         kwargs = {k: v for k, v in provided.items() if k in declared}
         return self.builder(p, **kwargs) if self.params is not None else self.builder(**kwargs)
+
+
+def check_finite(params: BaseModel, where: str = "") -> None:
+    """One rule for every float parameter of every component: finite (no nan, inf or -inf), unless its
+    field says otherwise with ``Field(allow_inf_nan=True)``. Looks into nested models, lists, tuples
+    and dicts; ``ValueError`` names the parameter. Applied by ``Entry.parse_params`` to every params
+    object, so a component registered from outside gets the rule without writing it."""
+    for name, info in type(params).model_fields.items():
+        if not any(getattr(m, "allow_inf_nan", None) is True for m in info.metadata):
+            _check_finite_value(getattr(params, name), f"{where}{name}")
+
+
+def _check_finite_value(value: Any, where: str) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where} = {value}: must be a finite number (nan and infinity are not allowed)")
+    if isinstance(value, BaseModel):
+        check_finite(value, f"{where}.")
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            _check_finite_value(v, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite_value(v, f"{where}.{k}")
 
 
 class Registry(Generic[T]):

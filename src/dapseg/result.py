@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,20 @@ from dapseg.text import ClassSet
 from dapseg.viz import heatmap, label_image, overlay
 
 PathLike = str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class ImageFailure:
+    """An image that could not be segmented, in its result's place (``predict_many(on_error="yield")``):
+    its position in the input, the source as given, and the error (its message names the file)."""
+
+    index: int
+    source: Any
+    error: Exception
+
+    @property
+    def message(self) -> str:
+        return str(self.error)
 
 
 class SegmentationResult:

@@ -105,9 +105,11 @@ class ClassSet:
         """One class per line; synonyms separated by ';' (ProxyCLIP files) or ',' (NACLIP files)."""
         path = Path(path)
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte-order mark is not a name
         except OSError as e:
             raise FileNotFoundError(f"cannot read class file {path}: {e.strerror}") from e
+        except UnicodeDecodeError as e:
+            raise ValueError(f"class file {path} is not UTF-8 text ({e})") from e
         lines = [line for line in lines if line.strip()]
         try:
             return cls(tuple(_split_synonyms(line) for line in lines))
@@ -125,6 +127,9 @@ class ClassSet:
 
 def _split_synonyms(item: str) -> tuple[str, ...]:
     return tuple(s.strip() for s in _SYNONYM_SPLIT.split(item.strip()))
+
+
+PROMPTS_PER_CALL = 64 * 80  # prompts per call of the text encoder (it batches them by length inside)
 
 
 class TextEmbedder:
@@ -146,9 +151,13 @@ class TextEmbedder:
         templates: str,
         cache_root: Path | None,
         dim: int | None = None,
-        queries_per_call: int = 64,
+        queries_per_call: int | None = None,
     ) -> None:
-        """``dim``: the embedding size, if known (a cache file of another size is then never used)."""
+        """``dim``: the embedding size, if known (a cache file of another size is then never used).
+        ``queries_per_call``: default ``PROMPTS_PER_CALL`` prompts' worth (64 queries of the 80
+        ImageNet templates; 5120 with one template, whose calls would otherwise be 64 prompts each)."""
+        if queries_per_call is None:
+            queries_per_call = max(1, PROMPTS_PER_CALL // len(get_templates(templates)))
         if queries_per_call < 1:
             raise ValueError(f"queries_per_call must be >= 1, got {queries_per_call}")
         self.encode = encode
@@ -160,6 +169,7 @@ class TextEmbedder:
         self._memory: dict[str, torch.Tensor] = {}
         self._dim = dim  # embedding size; else known from the first query embedded
         self.encoded_queries = 0  # how many queries actually went through the text encoder
+        self._last: tuple[ClassSet, torch.Tensor] | None = None  # the last class set and its (Q, E) matrix
 
     def _key(self, query: str) -> str:
         blob = json.dumps([self.model_id, self._template_texts, query])
@@ -224,8 +234,14 @@ class TextEmbedder:
         return mean / mean.norm(dim=-1, keepdim=True)
 
     def __call__(self, classes: ClassSet) -> torch.Tensor:
-        """(Q, E) normalised embeddings of every query of ``classes``."""
-        return torch.stack(self.embed_queries(classes.queries))
+        """(Q, E) normalised embeddings of every query of ``classes`` (a copy: callers may change it).
+
+        The last class set's matrix is kept: a job segments every image with one class list, and
+        looking up a large vocabulary query by query (a hash each) would cost per image what a
+        small model spends on the image (2000 classes: tens of milliseconds)."""
+        if self._last is None or self._last[0] != classes:
+            self._last = (classes, torch.stack(self.embed_queries(classes.queries)))
+        return self._last[1].clone()
 
 
 def _atomic_torch_save(obj: torch.Tensor, path: Path) -> None:

@@ -44,18 +44,33 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
+LEGEND_ROWS = 40  # a longer class list shows only the classes present (largest first), up to this many
+
+
+def legend_rows(n_classes: int, shares: list[float] | None) -> tuple[list[int], int]:
+    """(class indices shown, classes left out): every class of a list up to ``LEGEND_ROWS`` long; of a
+    longer one (a large vocabulary) the classes present, largest share first, at most ``LEGEND_ROWS``."""
+    if n_classes <= LEGEND_ROWS or shares is None:
+        return list(range(n_classes)), 0
+    present = sorted((i for i in range(n_classes) if shares[i] > 0), key=lambda i: (-shares[i], i))
+    return sorted(present[:LEGEND_ROWS]), n_classes - min(len(present), LEGEND_ROWS)
+
+
 def legend(names: list[str], shares: list[float] | None = None, width: int = 260) -> Image.Image:
-    """A legend panel: one colour swatch and name (with pixel share) per class."""
+    """A legend panel: one colour swatch and name (with pixel share) per class (see ``legend_rows``)."""
     font = _font(14)
     row = 22
-    img = Image.new("RGB", (width, row * len(names) + 10), (255, 255, 255))
+    shown, left_out = legend_rows(len(names), shares)
+    img = Image.new("RGB", (width, row * (len(shown) + (left_out > 0)) + 10), (255, 255, 255))
     draw = ImageDraw.Draw(img)
     colours = display_palette(len(names))
-    for i, name in enumerate(names):
-        y = 5 + i * row
+    for k, i in enumerate(shown):
+        y = 5 + k * row
         draw.rectangle([6, y + 2, 24, y + 18], fill=tuple(int(c) for c in colours[i]), outline=(0, 0, 0))
-        text = name if shares is None else f"{name}  {100 * shares[i]:.1f}%"
+        text = names[i] if shares is None else f"{names[i]}  {100 * shares[i]:.1f}%"
         draw.text((32, y + 2), text, fill=(0, 0, 0), font=font)
+    if left_out:
+        draw.text((32, 5 + len(shown) * row + 2), f"+ {left_out} classes not shown", fill=(90, 90, 90), font=font)
     return img
 
 

@@ -36,6 +36,9 @@ def add_machine_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--clip-weights", default=None, help="local CLIP weights: OpenAI .pt or open_clip .bin/.safetensors")
     g.add_argument("--vfm-weights", default=None,
                    help="local VFM weights: the official DINO/DINOv2/MAE/SAM file, or an SD diffusers folder")
+    g.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                   help="refuse (before decoding) an image declaring more than N pixels: it fails alone, named "
+                   "(default: Pillow's PIL.Image.MAX_IMAGE_PIXELS, 89478485; 0: no limit)")
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -70,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
         raise RuntimeError("the web demo needs Gradio: pip install 'dapseg[demo]'") from e
     from dapseg.api import Segmenter
     from dapseg.demo import serve
+    from dapseg.images import check_pixels_before_pillow
+
+    check_pixels_before_pillow()  # an oversized upload gets dapseg's clear refusal, not Gradio's error
 
     catalog = make_catalog(args)
 

@@ -122,7 +122,9 @@ def job_dir(work_dir: str | Path, *parts: str) -> Path:
 def print_job(record: dict[str, Any]) -> list[str]:
     """Rank 0: the job's metrics line and its skipped images, printed before any table is written;
     returns the job's write errors (taken out of the record)."""
-    print(f"{record['preset']} on {record['dataset']} ({record['n_images']} images): mIoU {record['mIoU']:.2f}  "
+    skipped = f", {record['n_bad']} skipped" if record["n_bad"] else ""
+    print(f"{record['preset']} on {record['dataset']} ({record['n_images']} images evaluated{skipped}): "
+          f"mIoU {record['mIoU']:.2f}  "
           f"mAcc {record['mAcc']:.2f}  aAcc {record['aAcc']:.2f}", flush=True)
     if record["n_bad"]:
         print(f"skipped {record['n_bad']} bad image(s) (--skip-bad):")

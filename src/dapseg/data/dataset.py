@@ -83,7 +83,7 @@ class SegDataset(Dataset):
                     f"dataset {spec.name!r}: split file {split} not found.\nExpected layout:\n{spec.layout()}"
                 )
             try:
-                lines = split.read_text(encoding="utf-8").splitlines()
+                lines = split.read_text(encoding="utf-8-sig").splitlines()  # a BOM is not a name
             except (OSError, UnicodeDecodeError) as e:
                 raise DataError(f"dataset {spec.name!r}: cannot read split file {split}: {e}") from e
             for k, line in enumerate(lines, 1):

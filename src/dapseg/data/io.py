@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from dapseg.files import atomic_write
-from dapseg.images import load_image
+from dapseg.images import load_image, open_image
 
 
 class DataError(ValueError):
@@ -30,7 +30,7 @@ def read_image(path: Path) -> np.ndarray:
 def read_label(path: Path) -> np.ndarray:
     """(H, W) int64 class indices exactly as stored (palette PNG indices, 8/16-bit grey, 16-bit TIFF)."""
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:  # refused before decoding above the pixel limit
             if im.mode not in ("P", "L", "I;16", "I;16B", "I;16L", "I", "1"):
                 raise DataError(
                     f"label {path} has mode {im.mode}: expected a single-channel map of class indices "
@@ -39,7 +39,7 @@ def read_label(path: Path) -> np.ndarray:
             arr = np.asarray(im)
     except DataError:
         raise
-    except (OSError, UnidentifiedImageError, SyntaxError) as e:
+    except (OSError, ValueError, UnidentifiedImageError, SyntaxError) as e:
         raise UnreadableFileError(f"cannot read label {path}: {e}") from e
     return arr.astype(np.int64)
 

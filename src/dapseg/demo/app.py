@@ -87,8 +87,10 @@ def build_app(session: DemoSession, catalog: Catalog, examples: Sequence[Path] =
                     "(comma-separated, synonyms with `;`), choose a preset and press **Segment**.")
         with gr.Row():
             with gr.Column(scale=1):
-                image_in = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"],
-                                    buttons=["fullscreen"], elem_id="input-image", height=360)
+                # image_mode=None: Gradio hands the upload on undecoded (dapseg checks its size first)
+                image_in = gr.Image(type="filepath", image_mode=None, label="Image",
+                                    sources=["upload", "clipboard"], buttons=["fullscreen"], elem_id="input-image",
+                                    height=360)
                 classes_in = gr.Textbox(label="Classes", elem_id="classes", lines=1,
                                         placeholder="person, sky; clouds, grass, building")
                 preset_in = gr.Dropdown(catalog.names, value=catalog.initial, label="Preset",

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from dapseg.files import atomic_write_bytes, atomic_write_text
+from dapseg.files import atomic_write_bytes, atomic_write_text, read_json
 
 _PART = re.compile(r"state-g(\d+)-r(\d+)\.pt$")
 
@@ -136,7 +136,7 @@ def check_fingerprint(work_dir: Path, settings: dict[str, Any], *, write: bool) 
     fp = fingerprint(settings)
     if path.exists():
         try:
-            old = json.loads(path.read_text(encoding="utf-8"))
+            old = read_json(path)
             if not isinstance(old, dict) or not isinstance(old.get("settings", {}), dict):
                 raise ValueError("not a fingerprint object")
         except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors

@@ -15,6 +15,8 @@ from typing import Any
 
 from filelock import FileLock
 
+from dapseg.files import read_json
+
 TABLES_LOCK_NAME = ".dapseg.tables.lock"
 RESULT_NAME = "result.json"
 _MAX_BYTES = 64 * 1024 * 1024  # a result record is kilobytes; anything this large is not one
@@ -52,7 +54,7 @@ def read_record(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     try:
         if path.stat().st_size > _MAX_BYTES:
             return None, "too large to be a result record"
-        rec = json.loads(path.read_text(encoding="utf-8"))
+        rec = read_json(path)
     except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return None, str(e)
     why = check_record(rec)

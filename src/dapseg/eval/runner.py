@@ -47,7 +47,7 @@ class EvalResult:
     dataset: str
     classes: list[str]
     cm: torch.Tensor  # (C, C) int64, summed over all ranks and all runs
-    n_images: int  # images in the evaluated set (after --limit)
+    n_images: int  # images evaluated: the set (after --limit) less the skipped ones (``bad``)
     bad: dict[str, str] = field(default_factory=dict)  # skipped image name -> error
     seconds: float = 0.0  # wall time of this run's loop (resumed runs: this part only)
     settings: dict[str, Any] = field(default_factory=dict)
@@ -205,7 +205,7 @@ def _evaluate(dataset: SegDataset, predictor: Predictor, work_dir: Path, setting
         bad = dict(base.bad)
         for b in bad_parts:
             bad.update(b)  # type: ignore[arg-type]
-        result = EvalResult(spec.name, classes, cm, len(dataset),
+        result = EvalResult(spec.name, classes, cm, len(dataset) - len(bad),
                             {dataset.names[i]: msg for i, msg in sorted(bad.items())}, seconds, settings)
         try:
             atomic_write_text(work_dir / "result.json", dumps_json({**result.to_dict(), **record_extra}))

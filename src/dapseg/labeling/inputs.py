@@ -5,6 +5,12 @@ An image's *name* is its path relative to its input root, ``/``-separated, e.g. 
 a folder is the folder, of a glob the folder before its first wildcard, of a single file its own
 folder, of an input list ``--input-root`` (default: the list's folder; the current folder for stdin).
 So a name depends on the input's path alone, never on the order or on the other inputs.
+
+One rule for every input found or listed (folder scans, globs, input lists): it must stay inside its
+root. A file symlink in a scanned folder that leads out of it is refused like an input-list line that
+does, before any work, naming the file (``files.resolve_inside``). A file named on the command line
+is read where it is (the user named it). A directory named like an image (``x.jpg``) is not a folder
+to scan: it is an input that fails alone, named in the manifest.
 """
 
 from __future__ import annotations
@@ -41,11 +47,11 @@ def collect_inputs(items: list[str], *, recursive: bool = False, input_list: str
     found: list[Input] = []
     for item in items:
         path = Path(item)
-        if path.is_dir():
+        if path.is_dir() and path.suffix.lower() not in IMAGE_SUFFIXES:
             found += _folder(path, recursive, exclude)
         elif glob.has_magic(item):
             found += _glob(item)
-        else:  # a missing file is reported per image, the others are still labeled
+        else:  # a missing file (or a folder named x.jpg) is reported per image, the others are still labeled
             found.append(Input(path, path.name))
     if input_list is not None:
         found += read_input_list(input_list, input_root, stdin or sys.stdin)
@@ -65,7 +71,10 @@ def _folder(folder: Path, recursive: bool, exclude: Path | None) -> list[Input]:
             continue
         for name in sorted(filenames):
             if Path(name).suffix.lower() in IMAGE_SUFFIXES and not name.startswith("."):
-                found.append(Input(here / name, (here / name).relative_to(folder).as_posix()))
+                rel = (here / name).relative_to(folder).as_posix()
+                if (here / name).is_symlink():  # (os.walk does not enter linked folders)
+                    _confined(folder, rel, f"file {here / name} found in folder {folder}")
+                found.append(Input(here / name, rel))
     return sorted(found, key=lambda i: i.rel)
 
 
@@ -81,7 +90,19 @@ def _glob(pattern: str) -> list[Input]:
     matches = sorted(Path(m) for m in glob.glob(pattern, recursive=True))
     if not matches:
         raise FileNotFoundError(f"no files match {pattern!r}")
-    return [Input(m, m.relative_to(root).as_posix()) for m in matches if m.is_file()]
+    found = [Input(m, m.relative_to(root).as_posix()) for m in matches if m.is_file()]
+    for item in found:  # a match may lie under a linked folder, or be a link itself
+        _confined(root, item.rel, f"file {item.source} matched by {pattern!r}")
+    return found
+
+
+def _confined(root: Path, rel: str, what: str) -> Path:
+    try:
+        return resolve_inside(root, rel, what=what)
+    except ValueError as e:
+        raise ValueError(f"{e}; an input found in a folder or listed in --input-list must stay inside its "
+                         "root (symlinks leading out are refused): give the target's folder instead, or an "
+                         "--input-list whose --input-root holds both") from e
 
 
 def read_input_list(input_list: str, input_root: str | None, stdin: TextIO) -> list[Input]:
@@ -92,7 +113,7 @@ def read_input_list(input_list: str, input_root: str | None, stdin: TextIO) -> l
         root = Path(input_root or ".")
     else:
         try:
-            lines = Path(input_list).read_text(encoding="utf-8").splitlines()
+            lines = Path(input_list).read_text(encoding="utf-8-sig").splitlines()  # a BOM is not a path
         except (OSError, UnicodeDecodeError) as e:
             raise FileNotFoundError(f"cannot read --input-list {input_list}: {e}") from e
         where, root = input_list, Path(input_root or Path(input_list).parent)
@@ -109,6 +130,6 @@ def read_input_list(input_list: str, input_root: str | None, stdin: TextIO) -> l
             if rel == os.pardir or rel.startswith(os.pardir + os.sep):
                 raise ValueError(f"{what}: {text!r} is outside the input root {root} (set --input-root)")
             text = rel
-        source = resolve_inside(root, text, what=what)
+        source = _confined(root, text, what)
         found.append(Input(source, PurePosixPath(os.path.normpath(text)).as_posix()))
     return found

@@ -16,12 +16,13 @@ import errno
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from dapseg.files import atomic_write_text
+from dapseg.files import atomic_write_text, open_append_in_place, read_json, refuse_links
 
 JOB_FILE = "labeling-job.json"
 MANIFEST = "manifest.jsonl"
@@ -51,6 +52,14 @@ class SettingsChangedError(ValueError):
     """The out dir holds labels made with other settings."""
 
 
+def check_own_files(out: Path) -> None:
+    """The job's own folders and files in OUT (state folder, journals, settings, manifest) must not be
+    symlinks: a planted link would lead the writes (or --overwrite's deletions) out of OUT."""
+    journals = [f"{JOURNALS}/{p.name}" for p in (out / JOURNALS).glob("rank-*.jsonl")] \
+        if (out / JOURNALS).is_dir() and not (out / STATE_DIR).is_symlink() else []
+    refuse_links(out, [JOURNALS, JOB_FILE, MANIFEST, *journals], what="out dir")
+
+
 def check_writable(out: Path) -> None:
     """Fail early (before any model is built) where ``out`` cannot be written. Creates nothing: a run
     that fails before its first image leaves no empty folder."""
@@ -76,11 +85,12 @@ def check_settings(out: Path, settings: dict[str, Any]) -> bool:
     if not path.exists():
         return False
     try:
-        old = json.loads(path.read_text(encoding="utf-8"))
+        old = read_json(path)
         if not isinstance(old, dict):
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as e:
-        raise SettingsChangedError(f"cannot read {path} ({e}); use --overwrite to start over") from e
+        raise SettingsChangedError(f"cannot use {path} ({e}); delete it or rerun with --overwrite to start "
+                                   "over") from e
     new = json.loads(json.dumps(settings))  # as it would read back
     if old == new:
         return True
@@ -109,13 +119,16 @@ class Journal:
     """Rank ``rank``'s journal, opened on the first line written."""
 
     def __init__(self, out: Path, rank: int) -> None:
+        self.out = out
         self.path = out / JOURNALS / f"rank-{rank}.jsonl"
         self._file: Any = None
 
     def append(self, record: Record) -> None:
         if self._file is None:
+            refuse_links(self.out, [JOURNALS], what="out dir")  # .dapseg and its journal folder: real folders
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "ab")  # noqa: SIM115 (kept open for the run; closed by close())
+            # kept open for the run (closed by close()); a symlink at the journal itself is refused
+            self._file = os.fdopen(open_append_in_place(self.path), "ab")
             if self._file.tell() and not _ends_with_newline(self.path):
                 self._file.write(b"\n")  # end a line cut short by a kill, so ours stays whole
         self._file.write(record.model_dump_json().encode("utf-8") + b"\n")
@@ -134,9 +147,10 @@ def _ends_with_newline(path: Path) -> bool:
         return f.read(1) == b"\n"
 
 
-def read_records(out: Path) -> tuple[dict[str, Record], int]:
+def read_records(out: Path, accept: Callable[[Record], bool] | None = None) -> tuple[dict[str, Record], int]:
     """Every image's record from all journals (a done line beats a failed one), and the number of
-    lines that did not parse (cut short by a kill, or damaged)."""
+    lines that did not parse (cut short by a kill, or damaged). With ``accept``, a line it rejects (a
+    name that is not an input of this job, outputs other than the input's) counts as not parsed."""
     records: dict[str, Record] = {}
     bad = 0
     for path in journal_paths(out):
@@ -144,6 +158,8 @@ def read_records(out: Path) -> tuple[dict[str, Record], int]:
             for line in f:
                 try:
                     rec = Record.model_validate_json(line)
+                    if accept is not None and not accept(rec):
+                        raise ValueError("not a line of this job")
                 except (ValidationError, ValueError):
                     bad += line.strip() != b""
                     continue

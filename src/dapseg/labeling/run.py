@@ -25,7 +25,7 @@ from dapseg.eval import dist
 from dapseg.folder_lock import hold_folder
 from dapseg.labeling import job as state
 from dapseg.labeling.inputs import Input
-from dapseg.labeling.outputs import check_unique_outputs, write_outputs
+from dapseg.labeling.outputs import check_unique_outputs, output_names, write_outputs
 from dapseg.text import ClassSet
 
 
@@ -59,7 +59,8 @@ class _Plan:
 def label_collection(job: LabelingJob, find_inputs: Callable[[], list[Input]],
                      build_segmenter: Callable[[], Segmenter], info: dist.DistInfo) -> Summary:
     """Label ``find_inputs()`` into ``job.out``; every rank returns the same summary."""
-    plan = dist.on_main(lambda: _plan(job, find_inputs), info)
+    mine_to_merge: dict[str, Input] = {}  # rank 0: the inputs by name (only their lines are the job's)
+    plan = dist.on_main(lambda: _plan(job, find_inputs, mine_to_merge), info)
     segmenter = build_segmenter() if plan.pending else None
     with ExitStack() as held:
         start = dist.on_main(lambda: _claim(job, plan, held), info)
@@ -72,7 +73,7 @@ def label_collection(job: LabelingJob, find_inputs: Callable[[], list[Input]],
         finally:
             progress.close()
         if info.is_main:
-            records, _ = state.read_records(job.out)
+            records, _ = state.read_records(job.out, _this_jobs_line(job, mine_to_merge))
             state.write_manifest(job.out, records)
         dist.barrier(info)  # the manifest is written before any rank returns
     done = sum(p[0] for p in parts)  # type: ignore[index]
@@ -80,14 +81,28 @@ def label_collection(job: LabelingJob, find_inputs: Callable[[], list[Input]],
     return Summary(plan.total, done, plan.total - len(plan.pending), failures)
 
 
-def _plan(job: LabelingJob, find_inputs: Callable[[], list[Input]]) -> _Plan:
+def _this_jobs_line(job: LabelingJob, by_name: dict[str, Input]) -> Callable[[state.Record], bool]:
+    """Whether a journal line is about an input of this run, and (when done) names exactly the outputs
+    that input has: a line planted or left by another run for another name is not copied to the
+    manifest, nor does it make an image count as done."""
+
+    def accept(rec: state.Record) -> bool:
+        item = by_name.get(rec.name)
+        return item is not None and (rec.status != "done" or rec.outputs == list(output_names(item, job.save).values()))
+
+    return accept
+
+
+def _plan(job: LabelingJob, find_inputs: Callable[[], list[Input]], by_name: dict[str, Input]) -> _Plan:
     state.check_writable(job.out)
+    state.check_own_files(job.out)  # before --overwrite deletes journals or anything is written
     known = False if job.overwrite else state.check_settings(job.out, job.settings)
     inputs = find_inputs()
     check_unique_outputs(inputs, job.save, state.is_reserved)
+    by_name.update((i.rel, i) for i in inputs)
     done: set[str] = set()
     if known:
-        records, _ = state.read_records(job.out)
+        records, _ = state.read_records(job.out, _this_jobs_line(job, by_name))
         done = {name for name, rec in records.items() if rec.status == "done"}
     return _Plan(len(inputs), [i for i in inputs if i.rel not in done], known)
 
@@ -108,7 +123,8 @@ def _label_share(segmenter: Segmenter | None, job: LabelingJob, mine: list[Input
     journal = state.Journal(job.out, rank)
     done, failed = 0, []
     try:
-        for item in decode_ahead([i.source for i in mine], workers=job.workers, ahead=2):
+        for item in decode_ahead([i.source for i in mine], workers=job.workers, ahead=2,
+                                 max_pixels=segmenter.max_pixels):
             image = mine[item.index]
             t0 = time.perf_counter()
             try:
