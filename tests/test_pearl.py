@@ -459,3 +459,16 @@ def test_segment_runs_end_to_end(preset: str, extra: list[str], photo: Path, tmp
     assert rc == 0
     labels = np.asarray(Image.open(out / "chelsea_labels.png"))
     assert labels.shape == (100, 151) and labels.max() < 3
+
+
+def test_bench_times_the_propagation_as_its_own_stage() -> None:
+    from dapseg.bench.runner import BenchSettings, run_bench
+
+    image = (np.random.default_rng(2).random((48, 80, 3)) * 255).astype(np.uint8)
+    settings = BenchSettings(
+        device="cpu", random_weights=True, tiny=True, warmup=0, repeats=1, compare_batching=False,
+        count_flops=False, overrides={"inference.short_side": 64, "inference.crop": 64, "inference.stride": 32},
+    )
+    (row,) = run_bench(["pearl"], image, ["cat", "sky", "grass"], settings, probe_size=64)["presets"]
+    assert row["stages_s"]["propagation"] > 0 and "refinement" in row["stages_s"]
+    assert row["stage_paths_unresolved"] == []

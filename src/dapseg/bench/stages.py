@@ -37,6 +37,8 @@ FUNCTION_STAGES: dict[str, tuple[str, ...]] = {
     "regions": ("dapseg.heads.dap:DapHead.region_labels",),
     "sam": ("dapseg.inference.splice:encode_image",),
     "global_affinity": ("dapseg.inference.splice:aggregate_map",),
+    # PEARL's Laplacian propagation (pooling, edges, CG solve, upsampling), inside the refinement stage
+    "propagation": ("dapseg.refine.pearl_prop:propagate",),
     "text": ("dapseg.api:Segmenter.text_embeddings",),
     "stitching": ("dapseg.api:Segmenter.coarse_logits",),
     "postprocess": ("dapseg.api:Segmenter.predict",),
