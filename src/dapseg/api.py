@@ -188,13 +188,16 @@ class Segmenter:
         text = self.text_embeddings(class_set) if Need.CLASS_TEXT in self.refiner_needs else None
         with self.engine.autocast():  # SAM's prompt decoder at the configured precision
             out = self.refiner(RefineInput(img, full, q2c, post.logit_scale, post.prob_thd, text=text))
-        logits = out.logits.float().cpu() if out.logits is not None else None
-        probs = out.probs.float().cpu() if out.probs is not None else None
+        logits = out.logits.float() if out.logits is not None else None
+        probs = out.probs.float() if out.probs is not None else None
         if out.labels is not None:
-            labels = out.labels.cpu()
-        else:
+            labels = out.labels
+        else:  # on the refiner's device, before the full-size tensors move to the CPU
             labels = labels_from_probs(probs if probs is not None else class_probs(logits, post.logit_scale, q2c),
                                        post.prob_thd)
+        logits = logits.cpu() if logits is not None else None
+        probs = probs.cpu() if probs is not None else None
+        labels = labels.cpu()
         return SegmentationResult(img, class_set, coarse, labels, post.logit_scale,
                                   full_logits=logits, full_probs=probs)
 

@@ -27,7 +27,9 @@ from dapseg.bench.probe import synchronize
 
 # stage -> the functions whose (exclusive) time is that stage's, in the order of the table printed.
 FUNCTION_STAGES: dict[str, tuple[str, ...]] = {
-    "clip_blocks": ("dapseg.models.clip:DenseClip.tokens_before_last_block",),
+    # the engine calls tokens_entering_blocks directly (tokens_before_last_block wraps it)
+    "clip_blocks": ("dapseg.models.clip:DenseClip.tokens_before_last_block",
+                    "dapseg.models.clip:DenseClip.tokens_entering_blocks"),
     "vfm": ("dapseg.models.vfm.base:VisionFoundationModel.forward",),
     "head": (
         "dapseg.inference.engine:DenseEngine.head_output",

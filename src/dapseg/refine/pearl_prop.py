@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, field_validator
@@ -171,15 +172,16 @@ def propagate(image: Tensor, logits: Tensor, text: Tensor | None, p: PearlPropPa
                    description="PEARL: text-aware Laplacian propagation of the logits (CG on a coarse grid)")
 def build_pearl_prop(p: PearlPropParams) -> Refiner:
     def refine(inp: RefineInput) -> Refined:
-        from dapseg.inference.preprocess import normalize, to_tensor01
+        from dapseg.inference.preprocess import normalize
         from dapseg.models.clip import OPENAI_MEAN, OPENAI_STD
 
         if inp.text is None:
             raise ValueError("refine.name=pearl_prop needs the query text embeddings (RefineInput.text)")
-        device = inp.logits.device
-        # The reference computes the edges on the CLIP-normalised network input (per-channel
-        # scales do not cancel in the grey level): the same here. (3, H, W) -> (1, 3, H, W).
-        img = normalize(to_tensor01(inp.image)[None].to(device), OPENAI_MEAN, OPENAI_STD)
+        # (H, W, 3) uint8 -> (1, 3, H, W) in [0, 1], converted on the logits' device. The reference
+        # computes the edges on the CLIP-normalised network input (per-channel scales do not cancel
+        # in the grey level): the same here.
+        pixels = torch.from_numpy(np.ascontiguousarray(inp.image, dtype=np.uint8)).to(inp.logits.device)
+        img = normalize(pixels.permute(2, 0, 1)[None].float().div_(255.0), OPENAI_MEAN, OPENAI_STD)
         return Refined(logits=propagate(img, inp.logits[None], inp.text, p)[0])
 
     return refine
