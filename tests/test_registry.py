@@ -177,7 +177,9 @@ def test_refiner_returns_what_it_decides_in_the_right_shapes(name, sam):
     image = rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)
     q2c = [0, 1, 1, 2]
     logits = torch.from_numpy(rng.normal(0, 0.05, (4, 40, 56))).float()
-    out = refiner(RefineInput(image, logits, q2c, logit_scale=40.0, prob_thd=0.0))
+    text = (torch.nn.functional.normalize(torch.randn(4, E, generator=torch.Generator().manual_seed(0)), dim=-1)
+            if Need.CLASS_TEXT in entry.needs_for({}) else None)  # the query embeddings, when declared
+    out = refiner(RefineInput(image, logits, q2c, logit_scale=40.0, prob_thd=0.0, text=text))
     assert isinstance(out, Refined) and (out.logits is not None or out.probs is not None)
     if out.logits is not None:
         assert out.logits.shape == logits.shape and torch.isfinite(out.logits).all()

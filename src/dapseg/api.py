@@ -69,8 +69,9 @@ class Segmenter:
             self.strategy, self.strategy_needs = self._build(STRATEGIES, config.inference.mode,
                                                              config.inference.params)
             self.refiner: Refiner | None = None
+            self.refiner_needs: frozenset[Need] = frozenset()
             if config.refine.name != REFINERS.none_name:
-                self.refiner, _ = self._build(REFINERS, config.refine.name, config.refine.params)
+                self.refiner, self.refiner_needs = self._build(REFINERS, config.refine.name, config.refine.params)
         self.engine = DenseEngine(self.clip, self.head, self.vfm, plugin, needs=head_needs | plugin_needs,
                                   precision=config.inference.precision)
         dtype = autocast_dtype(self.device, config.inference.precision)
@@ -185,16 +186,22 @@ class Segmenter:
         if self.refiner is None:
             labels = labels_banded(coarse, img.shape[:2], post.logit_scale, q2c, post.prob_thd)
             return SegmentationResult(img, class_set, coarse, labels, post.logit_scale)
-        full = F.interpolate(coarse[None], size=img.shape[:2], mode="bilinear", align_corners=False)[0]
+        # upsampled on the models' device: the refiners run there (the full-size logits never
+        # pass through the CPU on a GPU run)
+        full = F.interpolate(coarse[None].to(self.device), size=img.shape[:2], mode="bilinear", align_corners=False)[0]
+        text = self.text_embeddings(class_set) if Need.CLASS_TEXT in self.refiner_needs else None
         with self.engine.autocast():  # SAM's prompt decoder at the configured precision
-            out = self.refiner(RefineInput(img, full, q2c, post.logit_scale, post.prob_thd))
-        logits = out.logits.float().cpu() if out.logits is not None else None
-        probs = out.probs.float().cpu() if out.probs is not None else None
+            out = self.refiner(RefineInput(img, full, q2c, post.logit_scale, post.prob_thd, text=text))
+        logits = out.logits.float() if out.logits is not None else None
+        probs = out.probs.float() if out.probs is not None else None
         if out.labels is not None:
-            labels = out.labels.cpu()
-        else:
+            labels = out.labels
+        else:  # on the refiner's device, before the full-size tensors move to the CPU
             labels = labels_from_probs(probs if probs is not None else class_probs(logits, post.logit_scale, q2c),
                                        post.prob_thd)
+        logits = logits.cpu() if logits is not None else None
+        probs = probs.cpu() if probs is not None else None
+        labels = labels.cpu()
         return SegmentationResult(img, class_set, coarse, labels, post.logit_scale,
                                   full_logits=logits, full_probs=probs)
 

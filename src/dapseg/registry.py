@@ -217,7 +217,7 @@ def _origin(obj: Any) -> str:
 
 HEADS: Registry[Any] = Registry(
     "head",
-    builtins=[f"dapseg.heads.{m}" for m in ("vanilla", "maskclip", "sclip", "naclip", "proxy", "dap")],
+    builtins=[f"dapseg.heads.{m}" for m in ("vanilla", "maskclip", "sclip", "naclip", "proxy", "dap", "pearl")],
 )
 STRATEGIES: Registry[Any] = Registry(
     "inference mode",
@@ -225,7 +225,7 @@ STRATEGIES: Registry[Any] = Registry(
 )
 REFINERS: Registry[Any] = Registry(
     "refiner",
-    builtins=["dapseg.refine.pamr", "dapseg.refine.sam_prompt", "dapseg.refine.sam_vote"],
+    builtins=["dapseg.refine.pamr", "dapseg.refine.sam_prompt", "dapseg.refine.sam_vote", "dapseg.refine.pearl_prop"],
     none_name="none",
 )
 PLUGINS: Registry[Any] = Registry("plug-in", builtins=["dapseg.plugins.fsa"])

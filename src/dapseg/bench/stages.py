@@ -27,7 +27,9 @@ from dapseg.bench.probe import synchronize
 
 # stage -> the functions whose (exclusive) time is that stage's, in the order of the table printed.
 FUNCTION_STAGES: dict[str, tuple[str, ...]] = {
-    "clip_blocks": ("dapseg.models.clip:DenseClip.tokens_before_last_block",),
+    # the engine calls tokens_entering_blocks directly (tokens_before_last_block wraps it)
+    "clip_blocks": ("dapseg.models.clip:DenseClip.tokens_before_last_block",
+                    "dapseg.models.clip:DenseClip.tokens_entering_blocks"),
     "vfm": ("dapseg.models.vfm.base:VisionFoundationModel.forward",),
     "head": (
         "dapseg.inference.engine:DenseEngine.head_output",
@@ -37,6 +39,8 @@ FUNCTION_STAGES: dict[str, tuple[str, ...]] = {
     "regions": ("dapseg.heads.dap:DapHead.region_labels",),
     "sam": ("dapseg.inference.splice:encode_image",),
     "global_affinity": ("dapseg.inference.splice:aggregate_map",),
+    # PEARL's Laplacian propagation (pooling, edges, CG solve, upsampling), inside the refinement stage
+    "propagation": ("dapseg.refine.pearl_prop:propagate",),
     "text": ("dapseg.api:Segmenter.text_embeddings",),
     "stitching": ("dapseg.api:Segmenter.coarse_logits",),
     "postprocess": ("dapseg.api:Segmenter.predict",),

@@ -1,3 +1,3 @@
 """Last-block heads, registered by name (see ``base.py``)."""
 
-from dapseg.heads import dap, maskclip, naclip, proxy, sclip, vanilla  # noqa: F401  (registration)
+from dapseg.heads import dap, maskclip, naclip, pearl, proxy, sclip, vanilla  # noqa: F401  (registration)

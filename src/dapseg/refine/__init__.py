@@ -24,10 +24,13 @@ class RefineInput:
     """What a refiner sees: the image and the coarse result upsampled to it."""
 
     image: np.ndarray  # (H, W, 3) uint8
-    logits: Tensor  # (Q, H, W) cosine logits per query, before the logit scale
+    logits: Tensor  # (Q, H, W) cosine logits per query, before the logit scale, on the models' device
     query_to_class: list[int]  # query index -> class index
     logit_scale: float
     prob_thd: float
+    # (Q, E) normalised query text embeddings, on the logits' device; given to refiners that declare
+    # Need.CLASS_TEXT (e.g. pearl_prop), None for the others
+    text: Tensor | None = None
 
     @cached_property
     def probs(self) -> Tensor:
