@@ -190,7 +190,7 @@ def _origin(obj: Any) -> str:
 
 HEADS: Registry[Any] = Registry(
     "head",
-    builtins=[f"dapseg.heads.{m}" for m in ("vanilla", "maskclip", "sclip", "naclip", "proxy", "dap")],
+    builtins=[f"dapseg.heads.{m}" for m in ("vanilla", "maskclip", "sclip", "naclip", "proxy", "dap", "scclip")],
 )
 STRATEGIES: Registry[Any] = Registry(
     "inference mode",
