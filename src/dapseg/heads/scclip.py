@@ -56,8 +56,8 @@ class ScclipAttention(Attention):
 
 
 def cosine_similarity_matrix(tokens: Tensor) -> Tensor:
-    """(B, N, C) -> (B, N, N) cosine similarities, float32 (autocast off); a zero token gives 0."""
-    t = F.normalize(tokens.float(), dim=-1)
+    """(B, N, C) -> (B, N, N) cosine similarities, at least float32 (autocast off); a zero token gives 0."""
+    t = F.normalize(tokens.to(torch.promote_types(tokens.dtype, torch.float32)), dim=-1)
     with torch.autocast(t.device.type, enabled=False):
         return torch.bmm(t, t.transpose(1, 2))
 
