@@ -27,7 +27,8 @@ from dapseg.bench.probe import synchronize
 
 # stage -> the functions whose (exclusive) time is that stage's, in the order of the table printed.
 FUNCTION_STAGES: dict[str, tuple[str, ...]] = {
-    "clip_blocks": ("dapseg.models.clip:DenseClip.tokens_before_last_block",),
+    # tokens_before_last_block goes through it too; the engine calls it directly
+    "clip_blocks": ("dapseg.models.clip:DenseClip.tokens_entering_blocks",),
     "vfm": ("dapseg.models.vfm.base:VisionFoundationModel.forward",),
     "head": (
         "dapseg.inference.engine:DenseEngine.head_output",
@@ -35,6 +36,8 @@ FUNCTION_STAGES: dict[str, tuple[str, ...]] = {
     ),
     # DAP's region maps (SLIC, k-means or SAM masks, pooled onto the VFM grid), per window and stitched
     "regions": ("dapseg.heads.dap:DapHead.region_labels",),
+    # SC-CLIP's outlier score over the patch tokens of each window (its anomaly tokens)
+    "outliers": ("dapseg.heads.scclip:ScclipHead.outliers",),
     "sam": ("dapseg.inference.splice:encode_image",),
     "global_affinity": ("dapseg.inference.splice:aggregate_map",),
     "text": ("dapseg.api:Segmenter.text_embeddings",),
