@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from dapseg.heads.affinity import adaptive_normalize, proxy_softmax
-from dapseg.heads.base import Attention, Head, HeadContext, HeadOutput, merge_heads, qkv, register_head
+from dapseg.heads.base import Attention, Head, HeadContext, HeadOutput, merge_heads, register_head, split_heads
 from dapseg.heads.outliers import OutlierScore, outlier_mask, replace_by_neighbour_mean
 from dapseg.registry import Need
 
@@ -140,7 +140,10 @@ class ScclipHead(Head):
 
     def reduced_block(self, ctx: HeadContext, patches: Tensor, sim_attn: Tensor) -> tuple[Tensor, Tensor]:
         """Step 3's attention over ``patches`` (B, N, D): ((B, heads, N, N) attention, (B, heads, N, d) v)."""
-        _, k, v = qkv(ctx.block, patches)
+        attn = ctx.block.attn
+        d = attn.embed_dim  # k and v only: q is not used (a third of the in-projection saved)
+        kv = F.linear(ctx.block.ln_1(patches), attn.in_proj_weight[d:], attn.in_proj_bias[d:])
+        k, v = (split_heads(t, attn.num_heads) for t in kv.chunk(2, dim=-1))
         kk = torch.softmax(k @ k.transpose(-1, -2) * k.shape[-1] ** -0.5, dim=-1)
         return (sim_attn.to(kk.dtype) + kk) / 2, v
 
