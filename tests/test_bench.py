@@ -73,15 +73,15 @@ def test_stage_timer_is_exclusive_and_restores_the_functions() -> None:
     import dapseg.api
     from dapseg.models.clip import DenseClip
 
-    before = (DenseClip.__dict__["tokens_before_last_block"], dapseg.api.Segmenter.__dict__["predict"])
+    before = (DenseClip.__dict__["tokens_entering_blocks"], dapseg.api.Segmenter.__dict__["predict"])
     timer = StageTimer()
     # a stage called inside another: the inner call's time goes to the inner stage only
     outer = timer.wrap("stitching", lambda f: f())
     inner = timer.wrap("head", lambda: time.sleep(0.02))
     with timer.active():
-        assert DenseClip.__dict__["tokens_before_last_block"] is not before[0]
+        assert DenseClip.__dict__["tokens_entering_blocks"] is not before[0]
         outer(inner)
-    assert (DenseClip.__dict__["tokens_before_last_block"], dapseg.api.Segmenter.__dict__["predict"]) == before
+    assert (DenseClip.__dict__["tokens_entering_blocks"], dapseg.api.Segmenter.__dict__["predict"]) == before
     assert timer.calls == {"stitching": 1, "head": 1}
     assert timer.seconds["head"] >= 0.02 and timer.seconds["stitching"] >= 0
     # the outer stage's own time excludes the inner sleep (an inclusive timer would give it >= 0.02 s)
@@ -198,3 +198,16 @@ def test_dap_report_shows_regions_and_text_encoding_as_their_own_stages() -> Non
     assert row["text_encoding_s"] > 0
     text = format_report(report)
     assert "regions" in text and "text enc s" in text
+
+
+def test_scclip_report_shows_the_outlier_score_as_its_own_stage() -> None:
+    image = (np.random.default_rng(3).random((48, 80, 3)) * 255).astype(np.uint8)
+    settings = BenchSettings(
+        device="cpu", random_weights=True, tiny=True, warmup=0, repeats=1, compare_batching=False,
+        count_flops=False, overrides={"inference.short_side": 64, "inference.crop": 64, "inference.stride": 32},
+    )
+    report = run_bench(["scclip"], image, ["cat", "sky", "grass"], settings, probe_size=64)
+    (row,) = report["presets"]
+    assert row["stages_s"]["outliers"] > 0 and row["stages_s"]["clip_blocks"] > 0
+    assert row["stage_paths_unresolved"] == []
+    assert "outliers" in format_report(report)

@@ -503,6 +503,9 @@ def _check_fsa_on(preset: str, windows: torch.Tensor, text: torch.Tensor, overri
     to_embed = seg.clip.head_tokens_to_embeddings
     want, _ = naive_fsa(a, ctx.block.attn.out_proj, to_embed, text.double(),
                         lam=expected_lambda(seg.config), p=0.45, head_tokens=own.tokens)
+    if seg.config.head.name == "scclip":  # FSA's reduced block, then SC-CLIP's CLS residual, post-adjustment, fusion
+        cls = seg.config.head.params["cls_residual"] * a.cls.double()
+        want = a.post_weights.double() @ (want + cls) + a.fused.double()
     torch.testing.assert_close(got, _as_map(want, to_embed, own.grid).float(), atol=1e-5, rtol=1e-5)
     # FSA really changes the result.
     plain = Segmenter(load_preset(preset, overrides), random_weights=True, tiny=True, device="cpu",

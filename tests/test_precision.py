@@ -56,7 +56,7 @@ def test_every_model_runs_at_the_precision(monkeypatch):
     from dapseg.models.clip import DenseClip
     from dapseg.models.vfm.base import VisionFoundationModel
 
-    monkeypatch.setattr(DenseClip, "tokens_before_last_block", spy("clip", DenseClip.tokens_before_last_block))
+    monkeypatch.setattr(DenseClip, "tokens_entering_blocks", spy("clip", DenseClip.tokens_entering_blocks))
     monkeypatch.setattr(DenseClip, "encode_text", spy("text", DenseClip.encode_text))
     monkeypatch.setattr(VisionFoundationModel, "forward", spy("vfm", VisionFoundationModel.forward))
     monkeypatch.setattr(splice, "encode_image", spy("sam", splice.encode_image))

@@ -56,10 +56,20 @@ def make_ctx(needs: frozenset[Need], batch: int = 2, seed: int = 0) -> HeadConte
     torch.manual_seed(seed)
     block = ResidualAttentionBlock(d_model=D, n_head=N_HEADS, batch_first=True).eval()
     grid, vgrid = (3, 4), (5, 6)
+    x = torch.randn(batch, 1 + grid[0] * grid[1], D, generator=g)
+    layers = blocks = None
+    if Need.CLIP_LAYERS in needs:  # three blocks: x enters the last, after two others
+        blocks = torch.nn.ModuleList([ResidualAttentionBlock(d_model=D, n_head=N_HEADS, batch_first=True).eval()
+                                      for _ in range(2)] + [block])
+        with torch.no_grad():
+            layers = (x, blocks[0](x), blocks[1](blocks[0](x)))
+        x = layers[-1]
     return HeadContext(
-        x=torch.randn(batch, 1 + grid[0] * grid[1], D, generator=g),
+        x=x,
         grid=grid,
         block=block,
+        layers=layers,
+        blocks=blocks,
         vfm_feats=torch.randn(batch, 8, *vgrid, generator=g) if Need.VFM_FEATURES in needs else None,
         vfm_attn=(torch.rand(batch, 2, vgrid[0] * vgrid[1], vgrid[0] * vgrid[1], generator=g).softmax(-1)
                   if Need.VFM_ATTENTION in needs else None),
@@ -70,7 +80,8 @@ def make_ctx(needs: frozenset[Need], batch: int = 2, seed: int = 0) -> HeadConte
 def _one(ctx: HeadContext, b: int) -> HeadContext:
     pick = (lambda t: None if t is None else t[b : b + 1])
     return HeadContext(x=ctx.x[b : b + 1], grid=ctx.grid, block=ctx.block, vfm_feats=pick(ctx.vfm_feats),
-                       vfm_attn=pick(ctx.vfm_attn), images=pick(ctx.images))
+                       vfm_attn=pick(ctx.vfm_attn), images=pick(ctx.images), blocks=ctx.blocks,
+                       layers=None if ctx.layers is None else tuple(t[b : b + 1] for t in ctx.layers))
 
 
 # ----------------------------------------------------------------------------- every registry
@@ -134,7 +145,7 @@ def test_head_needs_are_declared_honestly(name, sam):
     needs = HEADS.get(name).needs_for({})
     head = HEADS.build(name, {}, **provided_for(needs, sam))
     for need in needs - set(BUILDER_NEEDS):
-        with pytest.raises(ValueError, match=r"vfm|VFM|images|pixels"):
+        with pytest.raises(ValueError, match=r"vfm|VFM|images|pixels|layers"):
             head(make_ctx(needs - {need}))
 
 

@@ -37,6 +37,8 @@ FUNCTION_STAGES: dict[str, tuple[str, ...]] = {
     ),
     # DAP's region maps (SLIC, k-means or SAM masks, pooled onto the VFM grid), per window and stitched
     "regions": ("dapseg.heads.dap:DapHead.region_labels",),
+    # SC-CLIP's outlier score over the patch tokens of each window (its anomaly tokens)
+    "outliers": ("dapseg.heads.scclip:ScclipHead.outliers",),
     "sam": ("dapseg.inference.splice:encode_image",),
     "global_affinity": ("dapseg.inference.splice:aggregate_map",),
     # PEARL's Laplacian propagation (pooling, edges, CG solve, upsampling), inside the refinement stage
