@@ -217,7 +217,9 @@ def _origin(obj: Any) -> str:
 
 HEADS: Registry[Any] = Registry(
     "head",
-    builtins=[f"dapseg.heads.{m}" for m in ("vanilla", "maskclip", "sclip", "naclip", "proxy", "dap", "pearl", "scclip")],
+    builtins=[
+        f"dapseg.heads.{m}" for m in ("vanilla", "maskclip", "sclip", "naclip", "proxy", "dap", "pearl", "scclip")
+    ],
 )
 STRATEGIES: Registry[Any] = Registry(
     "inference mode",
