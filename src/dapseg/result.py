@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dapseg.files import atomic_write
-from dapseg.postprocess import class_probs
+from dapseg.postprocess import class_probs, upsample_rows
 from dapseg.text import ClassSet
 from dapseg.viz import heatmap, label_image, overlay
 
@@ -63,6 +63,25 @@ class SegmentationResult:
     def probs(self) -> torch.Tensor:
         """(C, H, W) class probabilities after softmax and synonym merge."""
         return class_probs(self.logits, self.logit_scale, self.class_set.query_to_class)
+
+    def mean_top_probability(self, max_elements: int = 1 << 24) -> float:
+        """The mean over pixels of the top class probability (a confidence score in [1/C, 1]).
+
+        From the full-resolution probabilities or logits where a refiner gave them, else from the coarse
+        logits upsampled in row bands of about ``max_elements`` floats (``labels`` is computed alike)."""
+        if "probs" in self.__dict__:
+            return float(self.probs.max(dim=0).values.double().mean())
+        if "logits" in self.__dict__:
+            return float(class_probs(self.logits, self.logit_scale, self.class_set.query_to_class)
+                         .max(dim=0).values.double().mean())
+        out_h, out_w = self.image.shape[:2]
+        rows = max(1, max_elements // max(1, self.coarse_logits.shape[0] * out_w))
+        total = 0.0
+        for r0 in range(0, out_h, rows):
+            band = upsample_rows(self.coarse_logits, (out_h, out_w), r0, min(out_h, r0 + rows))
+            probs = class_probs(band, self.logit_scale, self.class_set.query_to_class)
+            total += float(probs.max(dim=0).values.double().sum())
+        return total / (out_h * out_w)
 
     def pixel_shares(self) -> dict[str, float]:
         counts = torch.bincount(self.labels.flatten(), minlength=len(self.classes)).double()
