@@ -272,7 +272,7 @@ def test_label_studio_shows_the_pre_annotation_in_the_browser(label_studio, pred
             page.fill("input[name=email]", ls.user)
             page.fill("input[name=password]", ls.password)
             page.click("button[type=submit]")
-            page.wait_for_url("**/projects/**")
+            page.wait_for_url(lambda u: "/user/login" not in u)  # logged in: the home page
             page.goto(f"{ls.url}/projects/{predicted.setup['project']}/data?task={task_id}")
             page.wait_for_selector("canvas")
             for label in labels:  # the regions list names every class dapseg found
