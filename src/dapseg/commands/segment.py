@@ -33,6 +33,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--save", default=",".join(DEFAULT_SAVE),
                    help=f"what to write per image, comma-separated from {', '.join(SUFFIXES)} "
                    f"(default: {','.join(DEFAULT_SAVE)})")
+    g.add_argument("--unlabeled-classes", metavar="NAMES", default="",
+                   help="classes of the list whose pixels are left unlabeled, comma-separated (e.g. a "
+                   "'background' class added to absorb what is none of the others); pixels below "
+                   "postprocess.prob_thd are always left unlabeled")
     g.add_argument("--workers", type=int, default=2, help="decoding processes per rank (default: 2; 0: a thread)")
     g.add_argument("--overwrite", action="store_true",
                    help="redo every image, also where OUT holds labels of other settings")
@@ -46,13 +50,15 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
     classes = ClassSet.from_file(args.classes_file) if args.classes_file else ClassSet.parse(args.classes)
+    classes = classes.leave_unlabeled([n for n in args.unlabeled_classes.split(",") if n.strip()])
     save = parse_save(args.save)
     if not args.preset and not args.config:
         args.preset = default_preset()
     config = config_from_args(args)  # settings errors before anything else
     out = Path(args.out)
     info = setup_distributed(args)
-    settings = {"config": config.model_dump(mode="json"), "classes": classes.names, "save": list(save),
+    settings = {"config": config.model_dump(mode="json"), "classes": classes.names,
+                "unlabeled_classes": [classes.names[i] for i in classes.unlabeled_classes], "save": list(save),
                 "random_weights": bool(args.random_weights), "tiny": bool(args.tiny)}
     job = LabelingJob(out, classes, save, settings, extra={"preset": config.name}, workers=args.workers,
                       overwrite=args.overwrite,
