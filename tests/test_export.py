@@ -219,3 +219,24 @@ def test_export_refuses_a_non_job_a_busy_dest_and_a_bad_png(job: Path, tmp_path:
     err = capsys.readouterr().err
     assert "b_labels.png" in err and "pixel value 7" in err
     assert not (tmp_path / "o2").exists() and not list(tmp_path.glob(".o2*"))  # nothing half-written
+
+
+RLE_ONLY = """
+import json, sys
+import numpy as np
+from label_studio_sdk.converter.brush import decode_rle
+p = json.load(sys.stdin)
+print(json.dumps([(decode_rle(r).reshape(h, w, 4) > 0).tolist() for r, (h, w) in zip(p["rles"], p["shapes"])]))
+"""
+
+
+def test_brush_rle_edge_cases_decode_with_label_studio() -> None:
+    from dapseg.labeling.labelstudio import mask_to_rle
+
+    rng = np.random.default_rng(0)
+    masks = [np.ones((1, 1), bool), np.zeros((3, 5), bool), np.ones((130, 130), bool),  # 67600 values: > 2**16
+             rng.random((9, 11)) > 0.5, np.pad(np.ones((3, 70), bool), ((1, 1), (1, 1)))]  # runs of every size
+    got = run_tool("label-studio-sdk", RLE_ONLY, {"rles": [mask_to_rle(m) for m in masks],
+                                                  "shapes": [m.shape for m in masks]})
+    for mask, rgba in zip(masks, got, strict=True):
+        assert (np.array(rgba) == mask[:, :, None]).all()  # all four channels painted where the mask is
