@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dapseg.files import atomic_write
-from dapseg.postprocess import class_probs, upsample_rows
+from dapseg.postprocess import UNLABELED, class_probs, upsample_rows
 from dapseg.text import ClassSet
 from dapseg.viz import heatmap, label_image, overlay
 
@@ -25,6 +25,9 @@ class SegmentationResult:
     """One image's segmentation. Full-resolution tensors are computed on first access.
 
     ``labels`` (H, W) int64 is computed eagerly, in row bands, so images of any size fit in memory;
+    it holds class indices, and ``postprocess.UNLABELED`` (-1) where a pixel was left unlabeled
+    (below ``postprocess.prob_thd``, or in one of ``ClassSet.unlabeled_classes``); the saved label
+    PNG has 255 there (65535 in the 16-bit PNG of lists over 255 classes).
     ``logits`` (Q, H, W) and ``probs`` (C, H, W) are upsampled on demand (large for big images).
     A refiner may give refined full-resolution logits or probabilities instead.
     """
@@ -84,9 +87,15 @@ class SegmentationResult:
         return total / (out_h * out_w)
 
     def pixel_shares(self) -> dict[str, float]:
-        counts = torch.bincount(self.labels.flatten(), minlength=len(self.classes)).double()
-        shares = counts / counts.sum()
+        """Each class's share of the image's pixels (the unlabeled pixels' share is ``unlabeled_share``)."""
+        flat = self.labels.flatten()
+        counts = torch.bincount(flat[flat != UNLABELED], minlength=len(self.classes)).double()
+        shares = counts / max(1, flat.numel())
         return {name: float(s) for name, s in zip(self.classes, shares, strict=True)}
+
+    def unlabeled_share(self) -> float:
+        """The share of pixels left unlabeled (``postprocess.UNLABELED``)."""
+        return float((self.labels == UNLABELED).double().mean()) if self.labels.numel() else 0.0
 
     def label_image(self) -> Image.Image:
         return label_image(self.labels.numpy(), len(self.classes))
@@ -101,7 +110,8 @@ class SegmentationResult:
 
     def summary(self) -> dict[str, Any]:
         h, w = self.image.shape[:2]
-        return {"size": [h, w], "classes": self.classes, "pixel_share": self.pixel_shares()}
+        return {"size": [h, w], "classes": self.classes, "pixel_share": self.pixel_shares(),
+                "unlabeled_share": self.unlabeled_share()}
 
     def save(self, out_dir: PathLike, stem: str, extra: dict[str, Any] | None = None) -> dict[str, Path]:
         """Write <stem>_labels.png, <stem>_overlay.png and <stem>.json atomically into ``out_dir``."""
