@@ -17,3 +17,6 @@ make_venv datumaro "datumaro==1.13.12"
 # fiftyone-db builds by downloading mongod from mongodb.org; offline it installs without one, and the
 # test reads the export with FiftyOne's own importer class (no database needed).
 make_venv fiftyone "fiftyone==1.22.1"
+# The Label Studio server for tests/test_labelstudio.py (dapseg serve as its ML backend); it pins Django
+# and the SDK's numpy/opencv. sentry-sdk 3 makes it die at start ("Unknown option 'send_default_pii'").
+make_venv label-studio "label-studio==1.23.2" "sentry-sdk<3"

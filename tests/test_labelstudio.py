@@ -9,9 +9,9 @@ equal `dapseg segment`'s labels of the same images with the same classes; the sc
 top-class probability of `segment --save probs`.
 
 Label Studio pins packages the project does not take (Django, numpy, opencv), so it lives in its own
-virtual environment: `.venv-labelstudio/bin/label-studio` (made by .ci/run) or $DAPSEG_LABEL_STUDIO.
-Without it the tests skip with the reason, unless CI=true or DAPSEG_REQUIRE_LABEL_STUDIO=1: then they
-fail. Run them alone with `pytest -m labelstudio`. The browser test also needs Chromium (as
+virtual environment, `.venv-tools/label-studio` (made by `bash .ci/tools.sh`, as .ci/run does; found as
+tests/tools.py finds the export tests' tools). Without it the tests skip with the command that makes
+it, or fail under CI=true. Run them alone with `pytest -m labelstudio`. The browser test also needs Chromium (as
 tests/test_demo_browser.py); DAPSEG_UPDATE_SCREENSHOT=1 writes docs/labelstudio.png.
 """
 
@@ -33,6 +33,8 @@ import pytest
 import skimage.data
 from PIL import Image
 
+from tools import tool_python
+
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = Path(__file__).resolve().parent / "labelstudio_driver.py"
 LS_START_S = 420.0  # a fresh database migrates first: ~40 s on an idle 2-core machine, ~200 s under load
@@ -42,26 +44,17 @@ CHROMIUM = Path(os.environ.get("DAPSEG_CHROMIUM", "/usr/bin/chromium"))
 pytestmark = pytest.mark.labelstudio
 
 # Label order = the classes' order; "Person" and "Rocket" take their synonyms from the classes file,
-# "Sky" and "Cat" have no line there and are their own prompt.
+# "Sky" and "Cat" have no line there and are their own prompt; serve's --unlabeled-classes adds
+# "background; wall" after them, whose pixels belong to no region (255 in segment's label PNG).
 LABELS = ["Person", "Sky", "Rocket", "Cat"]
 CLASSES_FILE = "person; astronaut\nrocket; missile\n"
-SEGMENT_CLASSES = "person; astronaut, Sky, rocket; missile, Cat"
+SEGMENT_CLASSES = "person; astronaut, Sky, rocket; missile, Cat, background; wall"
+UNLABELED_PNG = 255
 CONFIG = ('<View><Image name="image" value="$image" zoom="true"/>'
           '<BrushLabels name="tag" toName="image">'
           + "".join(f'<Label value="{v}"/>' for v in LABELS)
           + "</BrushLabels></View>")
 BAD_URL = "http://images.example.invalid/photo.png"  # not Label Studio's host: refused by dapseg serve
-
-
-def _label_studio() -> Path | None:
-    explicit = os.environ.get("DAPSEG_LABEL_STUDIO")
-    exe = Path(explicit) if explicit else REPO / ".venv-labelstudio" / "bin" / "label-studio"
-    return exe if exe.is_file() else None
-
-
-def _required() -> bool:
-    return (os.environ.get("CI", "").lower() in ("1", "true")
-            or os.environ.get("DAPSEG_REQUIRE_LABEL_STUDIO", "") not in ("", "0"))
 
 
 def _free_port() -> int:
@@ -105,14 +98,8 @@ def _save_photo(path: Path, img: np.ndarray) -> Path:
 
 @pytest.fixture(scope="module")
 def label_studio(tmp_path_factory):
-    exe = _label_studio()
-    if exe is None:
-        msg = ("Label Studio not found at .venv-labelstudio/bin/label-studio: make it with `python -m venv "
-               ".venv-labelstudio && .venv-labelstudio/bin/pip install label-studio 'sentry-sdk<3'` (as .ci/run "
-               "does) or point DAPSEG_LABEL_STUDIO at a label-studio executable")
-        if _required():
-            pytest.fail(f"{msg}; CI=true / DAPSEG_REQUIRE_LABEL_STUDIO=1 make this test mandatory")
-        pytest.skip(f"{msg}; set DAPSEG_REQUIRE_LABEL_STUDIO=1 to make this a failure")
+    python = tool_python("label-studio")  # skips (fails under CI) with the command that makes it
+    exe = python.parent / "label-studio"
     tmp = tmp_path_factory.mktemp("labelstudio")
     root = tmp / "files"  # LOCAL_FILES_DOCUMENT_ROOT and dapseg serve's --local-files-root
     photos = {
@@ -144,7 +131,7 @@ def label_studio(tmp_path_factory):
         _wait_for(f"{url}/health", proc, log, "label-studio", LS_START_S)
         print(f"label-studio answered /health after {time.monotonic() - t0:.0f} s")
         yield SimpleNamespace(url=url, token=token, password=env["LABEL_STUDIO_PASSWORD"],
-                              user=env["LABEL_STUDIO_USERNAME"], python=exe.parent / "python", root=root,
+                              user=env["LABEL_STUDIO_USERNAME"], python=python, root=root,
                               photos=photos, upload=upload, log=log, tmp=tmp)
     finally:
         _stop(proc)
@@ -172,7 +159,8 @@ def predicted(label_studio, tmp_path_factory, cli_env):
     env = {**cli_env, "DAPSEG_CACHE": str(tmp / "cache"), "NO_PROXY": "127.0.0.1,localhost",
            "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": setup["pat"]}  # a personal access token
     cmd = [sys.executable, "-m", "dapseg", "serve", "--random-weights", "--tiny", "--device", "cpu",
-           "--classes-file", str(classes_file), "--local-files-root", str(ls.root), "--max-tasks", "2",
+           "--classes-file", str(classes_file), "--unlabeled-classes", "background; wall",
+           "--local-files-root", str(ls.root), "--max-tasks", "2",
            "--host", "127.0.0.1", "--port", str(port)]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -225,8 +213,9 @@ def test_label_studio_stores_dapseg_masks_equal_to_segment(label_studio, predict
 
     # dapseg segment on the same files with the same classes
     out = tmp_path / "segment"
+    unlabeled_pixels = 0
     r = run_cli("segment", *map(str, files.values()), "--classes", SEGMENT_CLASSES, "--random-weights", "--tiny",
-                "--device", "cpu", "--save", "labels,probs", "--out", str(out))
+                "--device", "cpu", "--unlabeled-classes", "background", "--save", "labels,probs", "--out", str(out))
     assert r.returncode == 0, r.stderr
     for task_id, path in files.items():
         expected = np.asarray(Image.open(out / f"{path.stem}_labels.png"))
@@ -235,17 +224,19 @@ def test_label_studio_stores_dapseg_masks_equal_to_segment(label_studio, predict
         regions = prediction["regions"]
         present = [LABELS[c] for c in np.unique(expected) if c < len(LABELS)]
         assert [reg["label"] for reg in regions] == present  # one result per class present, in label order
-        decoded = np.full(expected.shape, 255, dtype=np.uint8)  # 255: no region covers the pixel
+        decoded = np.full(expected.shape, UNLABELED_PNG, dtype=np.uint8)  # no region covers the pixel
         for reg in regions:
             assert (reg["type"], reg["from_name"], reg["to_name"]) == ("brushlabels", "tag", "image")
             assert (reg["height"], reg["width"]) == expected.shape
             mask = np.load(reg["mask"])
-            assert not (mask & (decoded != 255)).any(), "two regions cover one pixel"
+            assert not (mask & (decoded != UNLABELED_PNG)).any(), "two regions cover one pixel"
             decoded[mask] = LABELS.index(reg["label"])
         np.testing.assert_array_equal(decoded, expected, err_msg=f"task {task_id} ({path.name})")
+        unlabeled_pixels += int((expected == UNLABELED_PNG).sum())
         # score: the mean over pixels of the top class probability
         probs = np.load(out / f"{path.stem}_probs.npz")["probs"].astype(np.float64)  # (C, H, W) float16
         assert prediction["score"] == pytest.approx(probs.max(axis=0).mean(), abs=2e-3)
+    assert unlabeled_pixels > 0, "no pixel went to the unlabeled class: the comparison did not cover them"
 
 
 @pytest.mark.usefixtures("predicted")

@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 
-from dapseg.commands.common import add_model_args, build_segmenter, config_from_args
+from dapseg.commands.common import add_model_args, add_threads_arg, apply_threads, build_segmenter, config_from_args
 from dapseg.config import default_preset
 
 MB = 1 << 20
@@ -20,6 +20,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "'Sky; clouds'); a line whose first name is a label's value gives that label's queries")
     p.add_argument("--local-files-root", metavar="DIR", help="read /data/local-files/?d=PATH images from DIR/PATH "
                    "(Label Studio's LOCAL_FILES_DOCUMENT_ROOT) instead of downloading them")
+    p.add_argument("--unlabeled-classes", metavar="NAMES", default="",
+                   help="classes added after the project's labels whose pixels are left unlabeled, e.g. "
+                   "'background; wall' (classes separated by ',', synonyms by ';'); pixels below "
+                   "postprocess.prob_thd are always left unlabeled")
+    add_threads_arg(p)
     g = p.add_argument_group("limits")
     g.add_argument("--max-tasks", type=int, default=32, help="tasks predicted per request; the rest get an error "
                    "and are predicted when Label Studio asks again (default: 32)")
@@ -61,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--max-pixels, --max-image-mb and --fetch-timeout must be > 0")
     if Image.MAX_IMAGE_PIXELS is not None and args.max_pixels > Image.MAX_IMAGE_PIXELS:
         Image.MAX_IMAGE_PIXELS = args.max_pixels  # Pillow's own bomb check must not be the lower limit
-    prompts = Prompts.from_file(args.classes_file)
+    prompts = Prompts.from_args(args.classes_file, args.unlabeled_classes)
     reader = MediaReader(
         MediaLimits(max_pixels=args.max_pixels, max_bytes=int(args.max_image_mb * MB), timeout_s=args.fetch_timeout),
         local_files_root=args.local_files_root,
@@ -70,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("dapseg.serve")
+    apply_threads(args.threads)
     segmenter = build_segmenter(args)  # the models load once, before the first request
     predictor = BrushPredictor(segmenter, prompts)
     service = BackendService(predictor, reader, limits)

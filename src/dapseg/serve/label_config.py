@@ -7,6 +7,7 @@ synonyms after ';' or ',') has a line whose first name is that value (case-insen
 name on that line is a query of the class (e.g. ``Sky; clouds`` for the label ``Sky``). The label's
 ``alias`` and ``hint`` attributes are not read: Label Studio shows both to annotators (the hint on
 hover, the alias inside the label with ``showAlias``), so they are not free to carry prompt lists.
+Pixels below ``postprocess.prob_thd``, and those of ``--unlabeled-classes``, belong to no label.
 """
 
 from __future__ import annotations
@@ -91,22 +92,33 @@ def brush_targets(config_xml: str, max_classes: int) -> list[BrushTarget]:
 
 
 class Prompts:
-    """Label value -> the queries dapseg embeds for it (the value, or its classes-file line)."""
+    """Label value -> the queries dapseg embeds for it (the value, or its classes-file line), and the
+    classes added after every project's labels whose pixels are left unlabeled (``--unlabeled-classes``:
+    a "background" that absorbs what is none of the labels, so it is not forced into one)."""
 
-    def __init__(self, classes: ClassSet | None = None) -> None:
+    def __init__(self, classes: ClassSet | None = None, unlabeled: ClassSet | None = None) -> None:
         self._by_name = {syns[0].casefold(): syns for syns in classes.synonyms} if classes is not None else {}
+        self.unlabeled = unlabeled.synonyms if unlabeled is not None else ()
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str] | None) -> Prompts:
-        return cls(ClassSet.from_file(path) if path else None)
+    def from_args(cls, classes_file: str | os.PathLike[str] | None, unlabeled: str = "") -> Prompts:
+        """``--classes-file`` and ``--unlabeled-classes`` ("background; wall, floor": classes by ',',
+        synonyms by ';')."""
+        return cls(ClassSet.from_file(classes_file) if classes_file else None,
+                   ClassSet.parse(unlabeled) if unlabeled.strip() else None)
 
     def class_set(self, labels: Sequence[str]) -> ClassSet:
-        """The classes of a target, in label order; a name in two classes is an error naming both."""
+        """The classes of a target: its labels in order, then the unlabeled classes; a name in two
+        classes is an error naming both."""
+        synonyms = tuple(self._by_name.get(label.casefold(), (label.strip(),)) for label in labels)
         try:
-            return ClassSet(tuple(self._by_name.get(label.casefold(), (label.strip(),)) for label in labels))
+            return ClassSet(synonyms + self.unlabeled,
+                            unlabeled_classes=tuple(range(len(synonyms), len(synonyms) + len(self.unlabeled))))
         except ValueError as e:
-            raise LabelConfigError(f"the labels {list(labels)} with the classes file: {e}") from e
+            raise LabelConfigError(f"the labels {list(labels)} with the classes file and --unlabeled-classes: "
+                                   f"{e}") from e
 
-    def describe(self) -> dict[str, list[str]]:
-        """The mapping, for the model version hash and the logs."""
-        return {key: list(syns) for key, syns in sorted(self._by_name.items())}
+    def describe(self) -> dict[str, list[list[str]]]:
+        """The mapping and the unlabeled classes, for the model version hash and the logs."""
+        return {"labels": [list(syns) for _, syns in sorted(self._by_name.items())],
+                "unlabeled": [list(syns) for syns in self.unlabeled]}

@@ -96,7 +96,10 @@ class MediaReader:
     """Reads task images into (H, W, 3) uint8 arrays within ``limits``."""
 
     def __init__(self, limits: MediaLimits, local_files_root: str | os.PathLike[str] | None = None,
-                 label_studio_url: str | None = None, api_key: str | None = None) -> None:
+                 label_studio_url: str | None = None, api_key: str | None = None,
+                 client: httpx.AsyncClient | None = None) -> None:
+        """``client``: the HTTP client to download with (made on first use when None; it must not
+        follow redirects)."""
         self.limits = limits
         self.local_root = Path(local_files_root).resolve() if local_files_root else None
         if self.local_root is not None and not self.local_root.is_dir():
@@ -108,7 +111,7 @@ class MediaReader:
                 raise ValueError(f"LABEL_STUDIO_URL must be an http(s) URL such as http://localhost:8080, "
                                  f"got {label_studio_url!r}")
         self.auth = LabelStudioAuth(self.base_url, api_key) if self.base_url and api_key else None
-        self._client: httpx.AsyncClient | None = None
+        self._client = client
 
     async def close(self) -> None:
         if self._client is not None:

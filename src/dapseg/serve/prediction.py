@@ -11,13 +11,13 @@ from typing import Any
 import numpy as np
 
 from dapseg.api import Segmenter
-from dapseg.serve.brush import mask_to_rle
+from dapseg.labeling.labelstudio import brush_results as label_map_results
 from dapseg.serve.label_config import BrushTarget, Prompts
 
 
 @dataclass(frozen=True)
 class Segmented:
-    labels: np.ndarray  # (H, W) class index per pixel, in the target's label order
+    labels: np.ndarray  # (H, W) int64 index into the target's labels, or postprocess.UNLABELED
     score: float  # mean top-class probability
 
 
@@ -43,29 +43,7 @@ class BrushPredictor:
         return Segmented(result.labels.numpy(), result.mean_top_probability())
 
 
-def region_id(target: BrushTarget, label_index: int) -> str:
-    """A stable id per (control, label): the same task gives the same JSON on every run."""
-    key = f"{target.from_name}\0{target.to_name}\0{label_index}"
-    return "dapseg-" + hashlib.sha1(key.encode("utf-8")).hexdigest()[:10]
-
-
 def brush_results(segmented: Segmented, target: BrushTarget) -> list[dict[str, Any]]:
-    """One brushlabels result per label with at least one pixel (pixels left unlabeled are in none)."""
-    labels = segmented.labels
-    h, w = labels.shape
-    present = np.unique(labels)
-    results = []
-    for index, label in enumerate(target.labels):
-        if index not in present:
-            continue
-        results.append({
-            "id": region_id(target, index),
-            "from_name": target.from_name,
-            "to_name": target.to_name,
-            "type": "brushlabels",
-            "original_width": int(w),
-            "original_height": int(h),
-            "image_rotation": 0,
-            "value": {"format": "rle", "rle": mask_to_rle(labels == index), "brushlabels": [label]},
-        })
-    return results
+    """One brushlabels result per label with at least one pixel (unlabeled pixels are in none)."""
+    return label_map_results(segmented.labels, list(target.labels), from_name=target.from_name,
+                             to_name=target.to_name)
