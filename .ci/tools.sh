@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Virtual environments of the tools the export tests read dapseg's exports back with (tests/tools.py
+# Virtual environments of the tools the export tests read dapseg's exports back with, and of the Label
+# Studio server tests/test_labelstudio.py runs dapseg serve against (tests/tools.py
 # finds them under .venv-tools/). Each has its own: their pins clash with the project's
 # (label-studio-sdk 2.1 pins opencv-python-headless < 4.13, hence numpy < 2.3; datumaro pins
 # pandas ~= 2.3 and opencv 4.x) or they are large (fiftyone). Run it once; a venv already made is kept.
