@@ -209,8 +209,19 @@ def test_export_refuses_a_non_job_a_busy_dest_and_a_bad_png(job: Path, tmp_path:
     (tmp_path / "busy" / "keep.txt").write_text("mine")
     assert main(["export", str(job), "--format", "coco", "--out", str(tmp_path / "busy")]) == 2
     assert "exists and is not empty" in capsys.readouterr().err and (tmp_path / "busy" / "keep.txt").exists()
-    assert main(["export", str(job), "--format", "coco", "--out", str(job / "inside")]) == 2
-    assert "inside the job folder" in capsys.readouterr().err
+    assert main(["export", str(job), "--format", "coco", "--out", str(tmp_path / "busy"), "--overwrite"]) == 2
+    assert "not an earlier export" in capsys.readouterr().err and (tmp_path / "busy" / "keep.txt").exists()
+    for dest in (job / "inside", job.parent):  # inside the job, or a folder holding it
+        assert main(["export", str(job), "--format", "coco", "--out", str(dest), "--overwrite"]) == 2
+        assert "overlap" in capsys.readouterr().err
+    assert (job / "labeling-job.json").exists()
+
+    assert main(["export", str(job), "--format", "coco", "--out", str(tmp_path / "again")]) == 0
+    (tmp_path / "again" / "annotations.json").write_text("old")
+    assert main(["export", str(job), "--format", "coco", "--out", str(tmp_path / "again")]) == 2
+    assert main(["export", str(job), "--format", "coco", "--out", str(tmp_path / "again"), "--overwrite"]) == 0
+    assert json.loads((tmp_path / "again" / "annotations.json").read_text())["images"]  # an earlier export replaced
+    capsys.readouterr()
 
     copy = tmp_path / "copy"
     shutil.copytree(job, copy)
@@ -240,3 +251,28 @@ def test_brush_rle_edge_cases_decode_with_label_studio() -> None:
                                                   "shapes": [m.shape for m in masks]})
     for mask, rgba in zip(masks, got, strict=True):
         assert (np.array(rgba) == mask[:, :, None]).all()  # all four channels painted where the mask is
+
+
+def test_fiftyone_copies_only_the_labeled_images_from_their_root(job: Path, tmp_path: Path, capsys) -> None:
+    """The job's recorded input paths are untrusted: an image is taken as <root>/<name> and must have
+    its labels' size; --image-root finds moved images."""
+    moved = tmp_path / "moved"
+    shutil.copytree(job.parent / "in", moved)
+    copy = tmp_path / "job"
+    shutil.copytree(job, copy)
+    journal = next((copy / ".dapseg" / "journal").glob("rank-*.jsonl"))
+    lines = [json.loads(line) for line in journal.read_text().splitlines()]
+    for line in lines:
+        if line["name"] == "b.jpg":
+            line["input"] = "/etc/passwd"  # a job folder from elsewhere could name any file
+    journal.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert main(["export", str(copy), "--format", "fiftyone", "--out", str(tmp_path / "fo")]) == 2
+    assert "does not end with its name" in capsys.readouterr().err and not (tmp_path / "fo").exists()
+
+    assert main(["export", str(copy), "--format", "fiftyone", "--out", str(tmp_path / "fo"),
+                 "--image-root", str(moved)]) == 0
+    assert (tmp_path / "fo" / "data" / "b.jpg").read_bytes() == (moved / "b.jpg").read_bytes()
+    Image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(moved / "a" / "x.png")  # not the labeled image
+    assert main(["export", str(copy), "--format", "fiftyone", "--out", str(tmp_path / "fo2"),
+                 "--image-root", str(moved)]) == 2
+    assert "not the image that was labeled" in capsys.readouterr().err

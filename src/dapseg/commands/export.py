@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 from functools import partial
+from pathlib import Path
 
 from dapseg.labeling.export import export
-from dapseg.labeling.formats import FORMATS, LOCAL_FILES, write_labelstudio
+from dapseg.labeling.formats import FORMATS, LOCAL_FILES, write_fiftyone, write_labelstudio
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,6 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-prefix", default=LOCAL_FILES, metavar="URL",
                    help="labelstudio: what precedes an image's path under its input root in the task's URL "
                    f"(default {LOCAL_FILES!r}: Label Studio's local files, its document root = the input root)")
+    p.add_argument("--image-root", metavar="DIR", help="fiftyone: the folder the images' names are relative to "
+                   "(default: where the job read them); each must be the image of its labels' size")
     p.set_defaults(run=run)
 
 
@@ -31,6 +34,10 @@ def run(args: argparse.Namespace) -> int:
         write = partial(write_labelstudio, image_prefix=args.image_prefix)
     elif args.image_prefix != LOCAL_FILES:
         raise ValueError("--image-prefix applies to --format labelstudio only")
+    if args.format == "fiftyone":
+        write = partial(write_fiftyone, image_root=Path(args.image_root) if args.image_root else None)
+    elif args.image_root is not None:
+        raise ValueError("--image-root applies to --format fiftyone only (the others do not copy images)")
     if args.out.endswith(".zip") and args.format != "cvat":
         raise ValueError(f"--out {args.out}: only --format cvat writes a zip; give a folder")
     job, count = export(args.job, write, args.out, overwrite=args.overwrite)

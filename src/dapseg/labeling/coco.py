@@ -25,16 +25,12 @@ def class_annotations(labels: np.ndarray, image_id: int, first_id: int) -> list[
     from pycocotools import mask as mask_utils
 
     h, w = labels.shape
-    present = np.unique(labels)
-    present = present[present != UNLABELED]
-    if present.size == 0:  # every pixel unlabeled
-        return []
-    masks = np.asfortranarray((labels[:, :, None] == present[None, None, :]).astype(np.uint8))  # (H, W, K)
-    rles = mask_utils.encode(masks)
-    areas, boxes = mask_utils.area(rles), mask_utils.toBbox(rles)
-    return [
-        {"id": first_id + k, "image_id": image_id, "category_id": int(c) + 1,
-         "segmentation": {"size": [h, w], "counts": rle["counts"].decode("ascii")},
-         "area": int(area), "bbox": [float(v) for v in box], "iscrowd": 0}
-        for k, (c, rle, area, box) in enumerate(zip(present, rles, areas, boxes, strict=True))
-    ]
+    present = [int(c) for c in np.unique(labels) if c != UNLABELED]
+    annotations = []
+    for k, c in enumerate(present):  # one (H, W, 1) mask at a time: memory stays one image's
+        rle = mask_utils.encode(np.asfortranarray((labels == c)[:, :, None].astype(np.uint8)))[0]
+        annotations.append({
+            "id": first_id + k, "image_id": image_id, "category_id": c + 1,
+            "segmentation": {"size": [h, w], "counts": rle["counts"].decode("ascii")},
+            "area": int(mask_utils.area(rle)), "bbox": [float(v) for v in mask_utils.toBbox(rle)], "iscrowd": 0})
+    return annotations

@@ -70,12 +70,34 @@ class Job:
 @dataclass(frozen=True)
 class Item:
     name: str  # the input's path relative to its input root, "/"-separated
-    source: Path  # the image that was labeled (may no longer exist)
+    source: Path  # the file the job read (untrusted: see ``image``)
     labels: np.ndarray  # (H, W) int64 class indices, UNLABELED (-1) where left unlabeled
 
     @property
     def stem(self) -> str:
         return str(PurePosixPath(self.name).with_suffix(""))
+
+    def image(self, image_root: Path | None) -> Path:
+        """The labeled image: ``image_root / name``, or where the job read it. Either must be a file
+        named ``name`` under a root (the recorded path is never taken as it is: a job folder from
+        elsewhere could name any file) and an image of the labels' size."""
+        if image_root is None:
+            parts = PurePosixPath(self.name).parts
+            if self.source.parts[-len(parts):] != parts:
+                raise ValueError(f"{self.name}: the job read it from {self.source}, whose path does not end with "
+                                 "its name; give --image-root (the folder the names are relative to)")
+            image_root = Path(*self.source.parts[: -len(parts)]) if len(self.source.parts) > len(parts) else Path()
+        path = resolve_inside(image_root, self.name, what=f"image of {self.name}")
+        try:
+            with Image.open(path) as img:
+                size = img.size
+        except (OSError, Image.DecompressionBombError) as e:
+            raise FileNotFoundError(f"{self.name}: cannot read its image {path} ({e}); restore it or give "
+                                    "--image-root") from e
+        if size != (self.labels.shape[1], self.labels.shape[0]):
+            raise ValueError(f"{path} is {size[0]}x{size[1]}, its labels {self.labels.shape[1]}x"
+                             f"{self.labels.shape[0]}: not the image that was labeled")
+        return path
 
 
 def read_job(root: Path) -> Job:
@@ -158,14 +180,15 @@ def export(job_dir: str | os.PathLike[str], write: Writer, dest: str | os.PathLi
     if not job.done:
         raise ValueError(f"the job in {job_dir} has no finished image to export")
     out = Path(dest)
-    if out.resolve() == job.root.resolve() or job.root.resolve() in out.resolve().parents:
-        raise ValueError(f"--out {dest} is inside the job folder {job_dir}; export somewhere else")
-    if out.exists() and not overwrite and (out.is_file() or any(out.iterdir())):
-        raise FileExistsError(f"{dest} exists and is not empty; choose another --out or add --overwrite")
+    root, target = job.root.resolve(), out.resolve()
+    if target == root or root in target.parents or target in root.parents:
+        raise ValueError(f"--out {dest} and the job folder {job_dir} overlap; export somewhere else")
+    _check_replaceable(out, overwrite)
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         tmp.mkdir(parents=True)
         count = write(job, tmp)
+        write_json(tmp / MARKER, {"job": str(root), "images": count, "failed_in_job": job.failed})
         if out.suffix == ".zip":
             atomic_write(out, lambda z: _zip(tmp, z))
         else:
@@ -175,10 +198,30 @@ def export(job_dir: str | os.PathLike[str], write: Writer, dest: str | os.PathLi
     return job, count
 
 
+MARKER = ".dapseg-export.json"  # in every exported folder: what --overwrite may replace
+
+
+def _check_replaceable(out: Path, overwrite: bool) -> None:
+    """DEST may be new, an empty folder, or (``overwrite``) an earlier export: a folder with our
+    marker, or a zip file. Anything else is never deleted."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+        return
+    earlier = (out.is_dir() and not out.is_symlink() and (out / MARKER).is_file()) or (
+        out.is_file() and out.suffix == ".zip" and zipfile.is_zipfile(out))
+    if not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; choose another --out"
+                              + (" or add --overwrite" if earlier else ""))
+    if not earlier:
+        raise FileExistsError(f"{out} is not an earlier export (no {MARKER}); --overwrite replaces only "
+                              "those: choose another --out")
+
+
 def _zip(folder: Path, path: Path) -> None:
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
         for file in sorted(folder.rglob("*")):
-            if file.is_file():
+            if file.is_file() and file.name != MARKER:
                 z.write(file, file.relative_to(folder).as_posix())
 
 

@@ -77,17 +77,16 @@ def write_cvat(job: Job, out: Path) -> int:
     return len(ids)
 
 
-def write_fiftyone(job: Job, out: Path) -> int:
+def write_fiftyone(job: Job, out: Path, *, image_root: Path | None = None) -> int:
+    """``image_root``: where the images are now (default: where the job read them)."""
     n = len(job.classes)
     dtype = np.uint8 if n < 255 else np.uint16  # values 0..n
     count = 0
     for item in items(job):
-        if not item.source.is_file():
-            raise FileNotFoundError(f"{item.name}: its image {item.source} is gone; FiftyOne's data/ needs it "
-                                    "(export from where the job was run, or restore the images)")
-        image = out / "data" / f"{item.stem}{item.source.suffix.lower()}"
+        source = item.image(image_root)
+        image = out / "data" / item.name
         image.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(item.source, image)
+        shutil.copyfile(source, image)
         mask = out / "labels" / f"{item.stem}.png"
         mask.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray((item.labels + 1).astype(dtype)).save(mask)  # UNLABELED (-1) -> 0

@@ -17,7 +17,6 @@ every mask with Label Studio's own decoder.
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
@@ -85,7 +84,7 @@ def brush_results(labels: np.ndarray, classes: list[str], *, from_name: str = "t
     h, w = labels.shape
     present = [int(c) for c in np.unique(labels) if c != UNLABELED]
     return [{
-        "id": uuid.uuid4().hex[:10],
+        "id": f"dapseg_{c}",  # unique within a prediction, and the same on every run
         "from_name": from_name,
         "to_name": to_name,
         "type": "brushlabels",
