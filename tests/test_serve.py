@@ -265,6 +265,24 @@ def test_predict_gives_one_brush_result_per_class_present_and_errors_per_task(se
     assert first["score"] == pytest.approx(float(expected.probs.max(dim=0).values.mean()), abs=1e-6)
 
 
+def test_two_brush_controls_on_one_image_give_regions_with_distinct_ids(segmenter, photos):
+    root, _ = photos
+    config = ('<View><Image name="image" value="$image"/>'
+              '<BrushLabels name="stuff" toName="image"><Label value="sky"/><Label value="grass"/></BrushLabels>'
+              '<BrushLabels name="things" toName="image"><Label value="person"/><Label value="car"/></BrushLabels>'
+              '</View>')
+    with _client(segmenter, root) as client:
+        r = client.post("/predict", json={"tasks": [{"id": 1, "data": {"image": "/data/local-files/?d=a.png"}}],
+                                          "label_config": config})
+    (entry,) = r.json()["results"]
+    regions = entry["result"]
+    assert {reg["from_name"] for reg in regions} == {"stuff", "things"}
+    labels = {"stuff": ["sky", "grass"], "things": ["person", "car"]}
+    for reg in regions:
+        assert reg["value"]["brushlabels"][0] in labels[reg["from_name"]]
+    assert len({reg["id"] for reg in regions}) == len(regions)
+
+
 def test_unlabeled_classes_leave_their_pixels_out_of_every_result(segmenter, photos):
     _, pixels = photos
     prompts = Prompts(unlabeled=ClassSet.parse("background"))

@@ -44,6 +44,10 @@ class BrushPredictor:
 
 
 def brush_results(segmented: Segmented, target: BrushTarget) -> list[dict[str, Any]]:
-    """One brushlabels result per label with at least one pixel (unlabeled pixels are in none)."""
-    return label_map_results(segmented.labels, list(target.labels), from_name=target.from_name,
-                             to_name=target.to_name)
+    """One brushlabels result per label with at least one pixel (unlabeled pixels are in none); region ids
+    carry the control's name, unique in a task whose config has several BrushLabels."""
+    results = label_map_results(segmented.labels, list(target.labels), from_name=target.from_name,
+                                to_name=target.to_name)
+    for result in results:
+        result["id"] = f"{result['id']}_{target.from_name}"
+    return results
