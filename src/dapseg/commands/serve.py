@@ -43,18 +43,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
+    try:  # starlette, uvicorn, httpx, defusedxml: the serve extra
         import uvicorn
 
         from dapseg.serve.app import create_app
+        from dapseg.serve.label_config import Prompts
+        from dapseg.serve.media import MediaLimits, MediaReader
+        from dapseg.serve.prediction import BrushPredictor
+        from dapseg.serve.service import BackendService, ServiceLimits
     except ImportError as e:
         raise RuntimeError(f"dapseg serve needs the serve extra: pip install 'dapseg[serve]' ({e})") from e
     from PIL import Image
-
-    from dapseg.serve.label_config import Prompts
-    from dapseg.serve.media import MediaLimits, MediaReader
-    from dapseg.serve.prediction import BrushPredictor
-    from dapseg.serve.service import BackendService, ServiceLimits
 
     if not args.preset and not args.config:
         args.preset = default_preset()
@@ -75,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("dapseg.serve")
+    if reader.base_url and reader.auth is None:
+        log.warning("LABEL_STUDIO_URL is set but LABEL_STUDIO_API_KEY is not: Label Studio will refuse the "
+                    "downloads (HTTP 401)")
     apply_threads(args.threads)
     segmenter = build_segmenter(args)  # the models load once, before the first request
     predictor = BrushPredictor(segmenter, prompts)
