@@ -57,6 +57,13 @@ CONFIG = ('<View><Image name="image" value="$image" zoom="true"/>'
 BAD_URL = "http://images.example.invalid/photo.png"  # not Label Studio's host: refused by dapseg serve
 
 
+def _own_venv_env() -> dict[str, str]:
+    """The environment for Label Studio's venv: nothing of the project's Python path leaks in."""
+    env = {**os.environ, "PYTHONNOUSERSITE": "1"}
+    env.pop("PYTHONPATH", None)
+    return env
+
+
 def _free_port() -> int:
     import socket
 
@@ -109,7 +116,7 @@ def label_studio(tmp_path_factory):
     upload = _save_photo(tmp / "upload" / "coffee.png", skimage.data.coffee()[::2, ::2])
     port, token = _free_port(), secrets.token_hex(20)
     env = {
-        **os.environ,
+        **_own_venv_env(),
         "LABEL_STUDIO_USERNAME": "annotator@example.com", "LABEL_STUDIO_PASSWORD": secrets.token_hex(8),
         "LABEL_STUDIO_USER_TOKEN": token,
         "LABEL_STUDIO_BASE_DATA_DIR": str(tmp / "data"),
@@ -139,7 +146,7 @@ def label_studio(tmp_path_factory):
 
 def _driver(ls: SimpleNamespace, *args: str) -> dict:
     r = subprocess.run([str(ls.python), str(DRIVER), *args, "--url", ls.url, "--token", ls.token],
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "NO_PROXY": "127.0.0.1"})
+                       capture_output=True, text=True, timeout=300, env={**_own_venv_env(), "NO_PROXY": "127.0.0.1"})
     assert r.returncode == 0, f"driver {args[0]} failed:\n{r.stderr[-4000:]}\nlabel-studio log:\n" \
                               f"{ls.log.read_text()[-3000:]}"
     return json.loads(r.stdout.strip().splitlines()[-1])
