@@ -79,6 +79,21 @@ def test_a_second_run_on_a_held_folder_stops_naming_the_holder(tmp_path):
         pass
 
 
+def test_the_lock_files_end_with_the_run_and_a_refused_run_keeps_the_holders(tmp_path):
+    names = {".dapseg.lock", ".dapseg.lock.json"}
+    with hold_folder(tmp_path, "out dir"):
+        assert {p.name for p in tmp_path.iterdir()} == names
+        with pytest.raises(FolderBusyError), hold_folder(tmp_path, "out dir"):
+            pass
+        assert {p.name for p in tmp_path.iterdir()} == names  # the refused run removed nothing
+        with pytest.raises(FolderBusyError), hold_folder(tmp_path, "out dir"):  # still held
+            pass
+    assert list(tmp_path.iterdir()) == []
+    with hold_folder(tmp_path, "out dir"):  # and the folder can be held again
+        pass
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- SIGTERM ----------------------------------------------------------------------------------
 
 def test_sigterm_runs_the_save_once_even_when_repeated(tmp_path):

@@ -13,7 +13,7 @@ from dapseg.config import InferenceConfig
 from dapseg.inference.preprocess import short_side_size
 from dapseg.inference.strategies import slide, whole
 from dapseg.inference.windows import centred_padding, window_grid
-from dapseg.postprocess import class_probs, labels_banded, labels_from_probs, merge_synonyms
+from dapseg.postprocess import UNLABELED, class_probs, labels_banded, labels_from_probs, merge_synonyms
 from dapseg.refine.pamr import pamr
 from dapseg.text import ClassSet
 
@@ -102,18 +102,20 @@ def test_batched_windows_equal_one_at_a_time() -> None:
 # ----------------------------------------------------------------------------- postprocess
 def test_synonym_merge_and_background_threshold() -> None:
     torch.manual_seed(0)
-    logits = torch.randn(5, 4, 6)
+    logits = torch.randn(5, 4, 6) * 0.05  # cosine-sized: some pixels' top class probability is below 0.9
     q2c = [0, 1, 1, 2, 1]
     probs = class_probs(logits, 40.0, q2c)
     sm = torch.softmax(logits * 40, 0)
     naive = torch.stack([sm[[i for i, c in enumerate(q2c) if c == k]].max(0).values for k in range(3)])
     torch.testing.assert_close(probs, naive)
-    labels = labels_from_probs(probs, 0.9)
-    for y in range(4):
-        for x in range(6):
-            top = naive[:, y, x]
-            expected = 0 if top.max() < 0.9 else int(top.argmax())
-            assert labels[y, x] == expected
+    for unsure in (UNLABELED, 0):  # the API leaves unsure pixels unlabeled; the benchmarks' class 0
+        labels = labels_from_probs(probs, 0.9, unsure)
+        for y in range(4):
+            for x in range(6):
+                top = naive[:, y, x]
+                expected = unsure if top.max() < 0.9 else int(top.argmax())
+                assert labels[y, x] == expected
+    assert (naive.max(0).values < 0.9).any() and (naive.max(0).values >= 0.9).any()  # both cases occur
     assert merge_synonyms(sm, [0, 1, 2, 3, 4]) is sm  # no synonyms: nothing to merge
 
 

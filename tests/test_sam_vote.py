@@ -13,7 +13,7 @@ from dapseg.api import Segmenter
 from dapseg.config import SegmenterConfig
 from dapseg.demo.backend import knobs_from_ui
 from dapseg.models.sam.build import image_encoder_of
-from dapseg.postprocess import class_probs
+from dapseg.postprocess import UNLABELED, class_probs, labels_from_probs
 from dapseg.refine import RefineInput, build_refiner
 from dapseg.refine.sam_vote import SamVoteParams, SamVoteRefiner, vote_masks
 
@@ -39,9 +39,10 @@ def hand_made_masks() -> list[torch.Tensor]:
 
 
 def naive_vote(labels: torch.Tensor, probs: torch.Tensor, masks: list[torch.Tensor], vote: str,
-               prob_thd: float) -> torch.Tensor:
+               prob_thd: float, unsure: int) -> torch.Tensor:
     """Per pixel: the smallest mask covering it (equal areas: the later one) decides, by a vote over
-    that mask's pixels in the unrefined labelling; uncovered pixels keep their label."""
+    that mask's pixels in the unrefined labelling (unlabeled, -1, is a candidate of the majority and
+    wins its ties); uncovered pixels keep their label."""
     out = labels.clone()
     areas = [int(m.sum()) for m in masks]
     for y in range(H):
@@ -58,7 +59,7 @@ def naive_vote(labels: torch.Tensor, probs: torch.Tensor, masks: list[torch.Tens
             else:
                 mean = [sum(float(probs[c][p]) for p in pix) / len(pix) for c in range(C)]
                 cls = int(np.argmax(mean))
-                out[y, x] = 0 if prob_thd > 0 and mean[cls] < prob_thd else cls
+                out[y, x] = unsure if prob_thd > 0 and mean[cls] < prob_thd else cls
     return out
 
 
@@ -70,13 +71,18 @@ def random_case(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return logits, probs, probs.argmax(0)
 
 
-@pytest.mark.parametrize(("vote", "prob_thd"), [("majority", 0.0), ("mean", 0.0), ("mean", 0.45)])
+@pytest.mark.parametrize(("vote", "prob_thd", "unsure"),
+                         [("majority", 0.0, 0), ("mean", 0.0, 0), ("mean", 0.45, 0), ("mean", 0.45, UNLABELED),
+                          ("majority", 0.35, UNLABELED)])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_vote_masks_equals_naive_vote(vote: str, prob_thd: float, seed: int) -> None:
+def test_vote_masks_equals_naive_vote(vote: str, prob_thd: float, unsure: int, seed: int) -> None:
     _, probs, labels = random_case(seed)
+    if vote == "majority" and unsure == UNLABELED:  # unsure pixels in the labelling vote as unlabeled
+        labels = labels_from_probs(probs, prob_thd, UNLABELED)
+        assert (labels == UNLABELED).any() and (labels != UNLABELED).any()
     masks = hand_made_masks()
-    got = vote_masks(labels, probs, masks, vote, prob_thd)
-    want = naive_vote(labels, probs, masks, vote, prob_thd)
+    got = vote_masks(labels, probs, masks, vote, prob_thd, unsure)
+    want = naive_vote(labels, probs, masks, vote, prob_thd, unsure)
     assert torch.equal(got, want)
     assert torch.equal(got[:, 13:][:7], labels[:, 13:][:7])  # uncovered pixels keep their class
 
@@ -107,7 +113,11 @@ def test_refiner_with_injected_masks_keeps_logits_and_votes_labels() -> None:
     out = refiner(RefineInput(image, logits, [0, 1, 2, 3, 2], logit_scale=40.0, prob_thd=0.0))
     assert seen == [(H, W, 3)]
     assert out.logits is logits and out.probs is None  # the probabilities stay those of the logits
-    assert torch.equal(out.labels, naive_vote(labels, probs, masks, "mean", 0.0))
+    assert torch.equal(out.labels, naive_vote(labels, probs, masks, "mean", 0.0, UNLABELED))
+    for unsure in (0, UNLABELED):  # the refiner hands the unsure label of its input on
+        out = refiner(RefineInput(image, logits, [0, 1, 2, 3, 2], logit_scale=40.0, prob_thd=0.45, unsure=unsure))
+        below = labels_from_probs(probs, 0.45, unsure)  # the unrefined labelling at that threshold
+        assert torch.equal(out.labels, naive_vote(below, probs, masks, "mean", 0.45, unsure))
 
 
 def test_sam_vote_needs_a_sam_and_is_offered_everywhere() -> None:

@@ -2,7 +2,9 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["ImageFailure", "PrebuiltModels", "SegmentationResult", "Segmenter", "__version__"]
+__all__ = [
+    "UNLABELED", "ClassSet", "ImageFailure", "PrebuiltModels", "SegmentationResult", "Segmenter", "__version__",
+]
 
 
 def __getattr__(name: str) -> object:
@@ -11,4 +13,12 @@ def __getattr__(name: str) -> object:
         from dapseg import api
 
         return getattr(api, name)
+    if name == "ClassSet":
+        from dapseg.text import ClassSet
+
+        return ClassSet
+    if name == "UNLABELED":  # the label of a pixel left unlabeled in SegmentationResult.labels
+        from dapseg.postprocess import UNLABELED
+
+        return UNLABELED
     raise AttributeError(f"module 'dapseg' has no attribute {name!r}")

@@ -19,7 +19,7 @@ from dapseg.images import load_image
 from dapseg.inference.engine import DenseEngine, HeadPlugin, autocast_dtype
 from dapseg.inference.preprocess import resize_image, short_side_size, to_tensor01
 from dapseg.models.clip import DenseClip
-from dapseg.postprocess import class_probs, labels_banded, labels_from_probs
+from dapseg.postprocess import class_probs, labels_banded, labels_from_probs, leave_unlabeled
 from dapseg.refine import RefineInput, Refiner
 from dapseg.registry import HEADS, PLUGINS, REFINERS, STRATEGIES, Need, Registry
 from dapseg.result import ImageFailure, SegmentationResult
@@ -177,33 +177,40 @@ class Segmenter:
     def predict(
         self, image: PathLike | Image.Image | np.ndarray, classes: ClassSet | Sequence[str] | str
     ) -> SegmentationResult:
-        """Segment ``image`` into ``classes`` (see ``ClassSet``: synonyms with ';')."""
+        """Segment ``image`` into ``classes`` (see ``ClassSet``: synonyms with ';').
+
+        ``labels`` of the result hold ``postprocess.UNLABELED`` (-1) where the top probability is below
+        ``postprocess.prob_thd`` and on the classes ``classes.unlabeled_classes`` (see
+        ``ClassSet.leave_unlabeled``); the benchmarks' class lists (``unsure_class=0``) put the unsure
+        pixels in class 0 instead."""
         class_set = ClassSet.coerce(classes)
         img = load_image(image, max_pixels=self.max_pixels)
         coarse = self.coarse_logits(img, class_set)
         post = self.config.postprocess
         q2c = class_set.query_to_class
+        unsure = class_set.unsure_label  # below prob_thd: UNLABELED, or the benchmarks' class 0
         if self.refiner is None:
-            labels = labels_banded(coarse, img.shape[:2], post.logit_scale, q2c, post.prob_thd)
-            return SegmentationResult(img, class_set, coarse, labels, post.logit_scale)
+            labels = labels_banded(coarse, img.shape[:2], post.logit_scale, q2c, post.prob_thd, unsure=unsure)
+            return SegmentationResult(img, class_set, coarse, leave_unlabeled(labels, class_set.unlabeled_classes),
+                                      post.logit_scale)
         # upsampled on the models' device: the refiners run there (the full-size logits never
         # pass through the CPU on a GPU run)
         full = F.interpolate(coarse[None].to(self.device), size=img.shape[:2], mode="bilinear", align_corners=False)[0]
         text = self.text_embeddings(class_set) if Need.CLASS_TEXT in self.refiner_needs else None
         with self.engine.autocast():  # SAM's prompt decoder at the configured precision
-            out = self.refiner(RefineInput(img, full, q2c, post.logit_scale, post.prob_thd, text=text))
+            out = self.refiner(RefineInput(img, full, q2c, post.logit_scale, post.prob_thd, unsure, text=text))
         logits = out.logits.float() if out.logits is not None else None
         probs = out.probs.float() if out.probs is not None else None
         if out.labels is not None:
             labels = out.labels
         else:  # on the refiner's device, before the full-size tensors move to the CPU
             labels = labels_from_probs(probs if probs is not None else class_probs(logits, post.logit_scale, q2c),
-                                       post.prob_thd)
+                                       post.prob_thd, unsure)
         logits = logits.cpu() if logits is not None else None
         probs = probs.cpu() if probs is not None else None
         labels = labels.cpu()
-        return SegmentationResult(img, class_set, coarse, labels, post.logit_scale,
-                                  full_logits=logits, full_probs=probs)
+        return SegmentationResult(img, class_set, coarse, leave_unlabeled(labels, class_set.unlabeled_classes),
+                                  post.logit_scale, full_logits=logits, full_probs=probs)
 
     def predict_many(
         self,

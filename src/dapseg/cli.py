@@ -11,7 +11,10 @@ from dapseg import __version__
 from dapseg.termination import EXIT_CODE as TERMINATED_EXIT_CODE
 from dapseg.termination import Terminated, sigterm_interrupts
 
-COMMANDS = ["segment", "presets", "download", "demo", "eval", "eval_all", "sweep", "convert", "bench", "analyze"]
+COMMANDS = [
+    "segment", "export", "serve", "presets", "download", "demo", "eval", "eval_all", "sweep", "convert", "bench",
+    "analyze",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,13 +2,14 @@
 
 Two runs writing one folder would both compute every image and overwrite each other's tables. The
 lock is ``filelock``'s (``flock`` on POSIX: released by the kernel when its holder dies, so a killed
-job never leaves a stale lock). The second run does not wait: it stops at once with a message naming
-the holder (host, pid, command, start time), read from a small JSON file written beside the lock. That
-file is informational only and untrusted: it is shown, never acted on.
+job never leaves a stale lock; a run that ends removes both files). The second run does not wait: it
+stops at once with a message naming the holder (host, pid, command, start time), read from a small
+JSON file written beside the lock. That file is informational only and untrusted: it is shown, never acted on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -64,4 +65,10 @@ def hold_folder(folder: str | os.PathLike[str], what: str = "folder") -> Iterato
         atomic_write_text(folder / HOLDER_NAME, json.dumps(holder))
         yield
     finally:
+        # The lock files do not outlive the run: removed while still held, so no other run can have
+        # taken them (a run that opened the lock file just before sees an unlinked file once it gets
+        # the flock, which filelock treats as not acquired: it reports the folder busy, never shares it).
+        for name in (HOLDER_NAME, LOCK_NAME):
+            with contextlib.suppress(OSError):
+                (folder / name).unlink()
         lock.release()

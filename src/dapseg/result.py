@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dapseg.files import atomic_write
-from dapseg.postprocess import class_probs
+from dapseg.postprocess import UNLABELED, class_probs, upsample_rows
 from dapseg.text import ClassSet
 from dapseg.viz import heatmap, label_image, overlay
 
@@ -40,6 +40,9 @@ class SegmentationResult:
     """One image's segmentation. Full-resolution tensors are computed on first access.
 
     ``labels`` (H, W) int64 is computed eagerly, in row bands, so images of any size fit in memory;
+    it holds class indices, and ``postprocess.UNLABELED`` (-1) where a pixel was left unlabeled
+    (below ``postprocess.prob_thd``, or in one of ``ClassSet.unlabeled_classes``); the saved label
+    PNG has 255 there (65535 in the 16-bit PNG of lists over 255 classes).
     ``logits`` (Q, H, W) and ``probs`` (C, H, W) are upsampled on demand (large for big images).
     A refiner may give refined full-resolution logits or probabilities instead.
     """
@@ -79,10 +82,35 @@ class SegmentationResult:
         """(C, H, W) class probabilities after softmax and synonym merge."""
         return class_probs(self.logits, self.logit_scale, self.class_set.query_to_class)
 
+    def mean_top_probability(self, max_elements: int = 1 << 24) -> float:
+        """The mean over pixels of the top class probability (a confidence score in [1/C, 1]).
+
+        From the full-resolution probabilities or logits where a refiner gave them, else from the coarse
+        logits upsampled in row bands of about ``max_elements`` floats (``labels`` is computed alike)."""
+        if "probs" in self.__dict__:
+            return float(self.probs.max(dim=0).values.double().mean())
+        if "logits" in self.__dict__:
+            return float(class_probs(self.logits, self.logit_scale, self.class_set.query_to_class)
+                         .max(dim=0).values.double().mean())
+        out_h, out_w = self.image.shape[:2]
+        rows = max(1, max_elements // max(1, self.coarse_logits.shape[0] * out_w))
+        total = 0.0
+        for r0 in range(0, out_h, rows):
+            band = upsample_rows(self.coarse_logits, (out_h, out_w), r0, min(out_h, r0 + rows))
+            probs = class_probs(band, self.logit_scale, self.class_set.query_to_class)
+            total += float(probs.max(dim=0).values.double().sum())
+        return total / (out_h * out_w)
+
     def pixel_shares(self) -> dict[str, float]:
-        counts = torch.bincount(self.labels.flatten(), minlength=len(self.classes)).double()
-        shares = counts / counts.sum()
+        """Each class's share of the image's pixels (the unlabeled pixels' share is ``unlabeled_share``)."""
+        flat = self.labels.flatten()
+        counts = torch.bincount(flat[flat != UNLABELED], minlength=len(self.classes)).double()
+        shares = counts / max(1, flat.numel())
         return {name: float(s) for name, s in zip(self.classes, shares, strict=True)}
+
+    def unlabeled_share(self) -> float:
+        """The share of pixels left unlabeled (``postprocess.UNLABELED``)."""
+        return float((self.labels == UNLABELED).double().mean()) if self.labels.numel() else 0.0
 
     def label_image(self) -> Image.Image:
         return label_image(self.labels.numpy(), len(self.classes))
@@ -97,7 +125,8 @@ class SegmentationResult:
 
     def summary(self) -> dict[str, Any]:
         h, w = self.image.shape[:2]
-        return {"size": [h, w], "classes": self.classes, "pixel_share": self.pixel_shares()}
+        return {"size": [h, w], "classes": self.classes, "pixel_share": self.pixel_shares(),
+                "unlabeled_share": self.unlabeled_share()}
 
     def save(self, out_dir: PathLike, stem: str, extra: dict[str, Any] | None = None) -> dict[str, Path]:
         """Write <stem>_labels.png, <stem>_overlay.png and <stem>.json atomically into ``out_dir``."""

@@ -9,13 +9,14 @@ import os
 import re
 import unicodedata
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
 from dapseg.files import atomic_write
+from dapseg.postprocess import UNLABELED
 
 TEMPLATES: dict[str, tuple[Callable[[str], str], ...]] = {
     "openai_imagenet": tuple(OPENAI_IMAGENET_TEMPLATES),  # the 80 prompts of CLIP's ImageNet eval
@@ -40,13 +41,22 @@ _SYNONYM_SPLIT = re.compile(r"\s*[;,]\s*")
 
 @dataclass(frozen=True)
 class ClassSet:
-    """Classes, each one or more synonyms (queries); class 0 is background where a dataset has one."""
+    """Classes, each one or more synonyms (queries); class 0 is background where a dataset has one.
+
+    ``unsure_class``: the class a pixel takes where its top probability is below
+    ``postprocess.prob_thd``; None (the default) leaves it unlabeled (``postprocess.UNLABELED``).
+    The benchmarks set 0, their background class (the references' protocol).
+    ``unlabeled_classes``: indices of classes whose pixels are left unlabeled (e.g. a "background"
+    class added only to absorb what is none of the others); see ``leave_unlabeled``.
+    """
 
     synonyms: tuple[tuple[str, ...], ...]
     # Benchmark class files repeat a few names across classes (COCO-Object's background lists "bed",
     # ADE-847 has "screen" twice); the references keep them, ties going to the first class. A user's
     # own list must not (a repeated name is almost always a typo), so this is off by default.
     allow_repeats: bool = field(default=False, compare=False)
+    unsure_class: int | None = None
+    unlabeled_classes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.synonyms:
@@ -68,6 +78,32 @@ class ClassSet:
                     where = "twice in one class" if seen[key] == i else f"in classes {seen[key] + 1} and {i + 1}"
                     raise ValueError(f"duplicate class name {s!r} ({where})")
                 seen[key] = i
+        n = len(self.synonyms)
+        if self.unsure_class is not None and not 0 <= self.unsure_class < n:
+            raise ValueError(f"unsure_class {self.unsure_class} is not a class index (0..{n - 1})")
+        if any(not 0 <= c < n for c in self.unlabeled_classes):
+            raise ValueError(f"unlabeled_classes {list(self.unlabeled_classes)}: not all class indices (0..{n - 1})")
+
+    def leave_unlabeled(self, names: Sequence[str]) -> ClassSet:
+        """This class list with the pixels of the classes ``names`` left unlabeled. A name is a
+        class's display name or one of its synonyms (case-insensitive); one that is not in the
+        list is an error naming it."""
+        if isinstance(names, str):
+            raise TypeError("pass a list of class names")
+        found = []
+        for name in names:
+            key = name.strip().casefold()
+            index = next((i for i, syns in enumerate(self.synonyms)
+                          if key == "; ".join(syns).casefold() or key in (s.casefold() for s in syns)), None)
+            if index is None:
+                raise ValueError(f"unlabeled class {name!r} is not in the class list ({', '.join(self.names)})")
+            found.append(index)
+        return replace(self, unlabeled_classes=tuple(sorted(set(self.unlabeled_classes) | set(found))))
+
+    @property
+    def unsure_label(self) -> int:
+        """The label of a pixel below ``postprocess.prob_thd`` (see ``unsure_class``)."""
+        return UNLABELED if self.unsure_class is None else self.unsure_class
 
     @property
     def names(self) -> list[str]:
@@ -86,11 +122,12 @@ class ClassSet:
         return len(self.synonyms)
 
     @classmethod
-    def from_list(cls, classes: Sequence[str], allow_repeats: bool = False) -> ClassSet:
+    def from_list(cls, classes: Sequence[str], allow_repeats: bool = False,
+                  unsure_class: int | None = None) -> ClassSet:
         """Each item one class; synonyms inside an item separated by ';' or ','."""
         if isinstance(classes, str):
             raise TypeError("pass a list of class names, or use ClassSet.parse for a single string")
-        return cls(tuple(_split_synonyms(str(c)) for c in classes), allow_repeats)
+        return cls(tuple(_split_synonyms(str(c)) for c in classes), allow_repeats, unsure_class)
 
     @classmethod
     def parse(cls, text: str) -> ClassSet:

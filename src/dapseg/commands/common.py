@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from typing import Any
+
+import torch
 
 from dapseg.api import Segmenter, with_weight_files
 from dapseg.config import SegmenterConfig, load_config_file, load_preset, parse_override
@@ -69,3 +72,22 @@ def build_segmenter(args: argparse.Namespace) -> Segmenter:
         tiny=args.tiny,
         cache_dir=args.cache_dir,
     )
+
+
+def add_threads_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads torch may use per process (default: torch's choice, one per core; "
+                        "torchrun sets 1). On a machine busy with other work, 1 can be faster")
+
+
+def apply_threads(threads: int | None) -> None:
+    """``--threads N``: torch's intra-op and inter-op thread counts (None leaves torch's defaults).
+    Call before any model runs: the inter-op count can only be set before torch first uses it."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+    # RuntimeError: inter-op work already started in this process (e.g. a second command in one test)
+    with contextlib.suppress(RuntimeError):
+        torch.set_num_interop_threads(threads)

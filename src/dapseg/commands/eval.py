@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from dapseg.commands.common import add_model_args, overrides_from_args
+from dapseg.commands.common import add_model_args, add_threads_arg, apply_threads, overrides_from_args
 from dapseg.commands.evalkit import (
     SegmenterFactory,
     add_run_args,
@@ -32,11 +32,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--show", type=int, default=0, metavar="K",
                    help="write image | ground truth | prediction pictures for the first K images")
     add_model_args(p, default_preset=None)
+    add_threads_arg(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     require_eval_extras()  # before any work: the result tables need the `eval` extra
+    apply_threads(args.threads)
     spec = load_dataset_spec(args.dataset)
     (preset,) = preset_names(args)
     opts = run_options(args)

@@ -80,7 +80,9 @@ class SegmenterFactory:
         from dapseg.text import ClassSet
 
         seg = self.pool.get(preset, overrides)
-        classes = ClassSet.from_list(class_names, allow_repeats=True)  # benchmark files, as the references
+        # Benchmark files, as the references: repeats kept, and the pixels below prob_thd go to class 0
+        # (the dataset's background; prob_thd is 0 where a dataset has none), never left unlabeled.
+        classes = ClassSet.from_list(class_names, allow_repeats=True, unsure_class=0)
 
         def predict(image: Any) -> torch.Tensor:
             return seg.predict(image, classes).labels

@@ -26,7 +26,7 @@ from PIL import Image
 from dapseg.config import SegmenterConfig
 from dapseg.pool import SegmenterPool
 from dapseg.registry import PLUGINS, REFINERS
-from dapseg.viz import display_palette
+from dapseg.viz import UNLABELED_COLOUR, colour_labels, display_palette
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,9 @@ def knobs_from_ui(short_side: float | None, crop: float, stride: float, prob_thd
 
 # ----------------------------------------------------------------------------- result views
 
+UNLABELED_ROW = "\0unlabeled"  # the unlabeled pixels' key among the class shares (no class name has a NUL)
+
+
 def percent_shares(shares: dict[str, float]) -> dict[str, float]:
     """Pixel shares (fractions or percentages) as percentages rounded to 0.01 that sum to
     exactly 100.00 (largest-remainder rounding), so the table adds up as the user expects."""
@@ -117,13 +120,18 @@ def percent_shares(shares: dict[str, float]) -> dict[str, float]:
 
 def legend_html(classes: Sequence[str], colors: Sequence[tuple[int, int, int]],
                 percents: dict[str, float]) -> str:
-    """A legend table: colour swatch, class name, pixel share (%), with a total row."""
+    """A legend table: colour swatch, class name, pixel share (%), with a total row; a row for the
+    unlabeled pixels where ``percents`` has some (key ``UNLABELED_ROW``)."""
     rows = []
+    named = {name: name for name in classes}
+    if percents.get(UNLABELED_ROW, 0) > 0:
+        classes, colors = [*classes, UNLABELED_ROW], [*colors, UNLABELED_COLOUR]
+        named[UNLABELED_ROW] = "(unlabeled)"
     for name, (r, g, b) in zip(classes, colors, strict=True):
         rows.append(
             f'<tr class="legend-row"><td><span class="swatch" style="display:inline-block;width:1.2em;'
             f'height:1.2em;border:1px solid #444;background:rgb({r},{g},{b})"></span></td>'
-            f'<td class="legend-class">{html.escape(name)}</td>'
+            f'<td class="legend-class">{html.escape(named[name])}</td>'
             f'<td class="legend-share" style="text-align:right">{percents[name]:.2f}</td></tr>'
         )
     total = sum(percents.values())
@@ -261,7 +269,8 @@ class DemoSession:
         t2 = time.perf_counter()
 
         names = list(res.classes)
-        percents = percent_shares(res.pixel_shares())
+        # over every pixel, the unlabeled ones included, so a class's percentage is of the image
+        percents = percent_shares({**res.pixel_shares(), UNLABELED_ROW: res.unlabeled_share()})
         colors = display_palette(len(names))  # the colours of the overlay and the label PNG
         labels = res.labels.cpu().numpy()
         state = heatmap_state(image, res.probs.float().cpu().numpy(), names)
@@ -275,7 +284,7 @@ class DemoSession:
         return Outputs(
             status=status,
             overlay=res.overlay(),
-            label_map=Image.fromarray(colors[labels]),
+            label_map=Image.fromarray(colour_labels(labels, len(names))),  # unlabeled: VOC's void colour
             legend=legend_html(names, [tuple(int(v) for v in c) for c in colors], percents),
             classes=names,
             heatmap=render_heatmap(state, names[0]),

@@ -46,6 +46,7 @@ class Record(BaseModel):
     error: str | None = None
     seconds: float  # segmenting and writing (decoding overlaps the previous image)
     pixel_share: dict[str, float] | None = None
+    unlabeled_share: float | None = None  # pixels left unlabeled (below prob_thd, or an unlabeled class)
 
 
 class SettingsChangedError(ValueError):

@@ -14,15 +14,16 @@ from typing import Any
 import numpy as np
 
 from dapseg.files import atomic_write, resolve_inside
+from dapseg.labeling import coco
 from dapseg.labeling.inputs import Input
 from dapseg.result import SegmentationResult
 
 SUFFIXES = {
-    "labels": "_labels.png",  # palette PNG, pixel value = class index
+    "labels": "_labels.png",  # palette PNG, pixel value = class index, 255 = unlabeled
     "overlay": "_overlay.png",  # the image blended with the class colours, with a legend
     "json": ".json",  # size, classes, pixel share per class
     "probs": "_probs.npz",  # class probabilities (C, H, W) float16 at the input resolution
-    "rle": "_rle.json",  # COCO-style: one run-length mask per class present
+    "rle": "_rle.json",  # COCO-style: one run-length mask per class present (unlabeled pixels in none)
 }
 DEFAULT_SAVE = ("labels", "overlay", "json")
 LABEL_EXTRA = "pip install 'dapseg[label]'"
@@ -124,20 +125,8 @@ WRITERS: dict[str, Callable[[SegmentationResult, Path, Input, dict[str, Any]], N
 
 def coco_rle(labels: np.ndarray, classes: list[str], file_name: str) -> dict[str, Any]:
     """A COCO-style document for one image: every class as a category (id = index + 1) and one
-    annotation per class present, its mask as compressed RLE (``pycocotools.mask.encode``)."""
-    from pycocotools import mask as mask_utils
-
+    annotation per class present, its mask as compressed RLE (``pycocotools.mask.encode``); unlabeled
+    pixels are in none. ``dapseg export --format coco`` makes one dataset of a whole job."""
     h, w = labels.shape
-    present = np.unique(labels)
-    masks = np.asfortranarray((labels[:, :, None] == present[None, None, :]).astype(np.uint8))  # (H, W, K)
-    rles = mask_utils.encode(masks)  # an image has a pixel, so at least one class is present
-    areas, boxes = mask_utils.area(rles), mask_utils.toBbox(rles)
-    annotations = [
-        {"id": k + 1, "image_id": 1, "category_id": int(c) + 1,
-         "segmentation": {"size": [h, w], "counts": rle["counts"].decode("ascii")},
-         "area": int(area), "bbox": [float(v) for v in box], "iscrowd": 0}
-        for k, (c, rle, area, box) in enumerate(zip(present, rles, areas, boxes, strict=True))
-    ]
     return {"images": [{"id": 1, "file_name": file_name, "height": h, "width": w}],
-            "categories": [{"id": i + 1, "name": name} for i, name in enumerate(classes)],
-            "annotations": annotations}
+            "categories": coco.categories(classes), "annotations": coco.class_annotations(labels, 1, 1)}

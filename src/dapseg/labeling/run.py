@@ -133,7 +133,8 @@ def _label_share(segmenter: Segmenter | None, job: LabelingJob, mine: list[Input
                 result = segmenter.predict(item.image, job.classes)
                 outputs = write_outputs(result, job.out, image, job.save, job.extra)
                 record = state.Record(name=image.rel, input=str(image.source), outputs=outputs, status="done",
-                                      seconds=round(time.perf_counter() - t0, 3), pixel_share=result.pixel_shares())
+                                      seconds=round(time.perf_counter() - t0, 3), pixel_share=result.pixel_shares(),
+                                      unlabeled_share=result.unlabeled_share())
                 done += 1
             except (OSError, ValueError, RuntimeError) as e:  # one bad image must not lose the others
                 record = state.Record(name=image.rel, input=str(image.source), outputs=[], status="failed",

@@ -16,7 +16,7 @@ from functools import cached_property
 import numpy as np
 from torch import Tensor
 
-from dapseg.postprocess import class_probs, labels_from_probs
+from dapseg.postprocess import UNLABELED, class_probs, labels_from_probs
 
 
 @dataclass
@@ -28,6 +28,7 @@ class RefineInput:
     query_to_class: list[int]  # query index -> class index
     logit_scale: float
     prob_thd: float
+    unsure: int = UNLABELED  # the label below prob_thd: UNLABELED, or 0 under the benchmarks' protocol
     # (Q, E) normalised query text embeddings, on the logits' device; given to refiners that declare
     # Need.CLASS_TEXT (e.g. pearl_prop), None for the others
     text: Tensor | None = None
@@ -39,8 +40,8 @@ class RefineInput:
 
     @cached_property
     def labels(self) -> Tensor:
-        """(H, W) int64 class indices (background where below ``prob_thd``)."""
-        return labels_from_probs(self.probs, self.prob_thd)
+        """(H, W) int64 class indices (``unsure`` where below ``prob_thd``)."""
+        return labels_from_probs(self.probs, self.prob_thd, self.unsure)
 
 
 @dataclass

@@ -6,7 +6,8 @@ mask then takes one class, decided by the pixels under it in the model's own lab
 - ``vote: majority`` — the class most of its pixels got (ties: the lower class index);
 - ``vote: mean`` — the argmax of its pixels' mean class probabilities (a soft vote: a class that
   is a close second everywhere can win against one that is confident on a few pixels only; with
-  ``prob_thd`` > 0, a mask whose best mean probability is below it becomes background).
+  ``prob_thd`` > 0, a mask whose best mean probability is below it takes the unsure label:
+  unlabeled, or class 0 under the benchmarks' protocol).
 
 Masks are painted largest first, so a smaller mask inside a larger one wins its pixels (equal
 areas: the later mask of the generator's list wins); every vote reads the *unrefined* labels,
@@ -24,6 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from dapseg.postprocess import UNLABELED
 from dapseg.refine import Refined, RefineInput, Refiner
 from dapseg.registry import REFINERS, Need
 
@@ -45,8 +47,11 @@ class SamVoteParams(BaseModel):
 
 
 def vote_masks(labels: Tensor, probs: Tensor, masks: Sequence[Tensor], vote: str = "majority",
-               prob_thd: float = 0.0) -> Tensor:
-    """Labels (H, W) int64 after each mask took its vote; probs (C, H, W), masks (H, W) bool each."""
+               prob_thd: float = 0.0, unsure: int = UNLABELED) -> Tensor:
+    """Labels (H, W) int64 after each mask took its vote; probs (C, H, W), masks (H, W) bool each.
+
+    ``labels`` may hold ``UNLABELED``: a majority of unlabeled pixels leaves the mask unlabeled (a tie
+    too); a mean vote below ``prob_thd`` gives the mask the ``unsure`` label."""
     if vote not in ("majority", "mean"):
         raise ValueError(f"sam_vote: vote must be 'majority' or 'mean', got {vote!r}")
     num_classes = probs.shape[0]
@@ -60,12 +65,13 @@ def vote_masks(labels: Tensor, probs: Tensor, masks: Sequence[Tensor], vote: str
         if m.shape != labels.shape:
             raise ValueError(f"sam_vote: mask {i} is {tuple(m.shape)}, the labels {tuple(labels.shape)}")
         if vote == "majority":
-            cls = torch.bincount(labels[m], minlength=num_classes).argmax()  # first maximum: lowest class
+            # shifted by one so UNLABELED (-1) counts too; first maximum: lowest class (unlabeled first)
+            cls = torch.bincount(labels[m] + 1, minlength=num_classes + 1).argmax() - 1
         else:
             mean = probs[:, m].float().mean(dim=1)  # (C,)
             cls = mean.argmax()
             if prob_thd > 0 and float(mean[cls]) < prob_thd:
-                cls = torch.zeros_like(cls)
+                cls = torch.full_like(cls, unsure)
         out[m] = cls
     return out
 
@@ -105,7 +111,8 @@ class SamVoteRefiner:
         if inp.image.shape[:2] != labels.shape:
             raise ValueError(f"sam_vote: image {inp.image.shape[:2]} and logits {tuple(labels.shape)} differ in size")
         masks = [torch.from_numpy(np.asarray(m, dtype=bool)) for m in self.mask_source(inp.image)]
-        return Refined(logits=inp.logits, labels=vote_masks(labels, probs, masks, self.params.vote, inp.prob_thd))
+        return Refined(logits=inp.logits, labels=vote_masks(labels, probs, masks, self.params.vote, inp.prob_thd,
+                                                                 inp.unsure))
 
 
 @REFINERS.register("sam_vote", params=SamVoteParams, needs={Need.SAM_DECODER},
