@@ -28,8 +28,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("limits")
     g.add_argument("--max-tasks", type=int, default=32, help="tasks predicted per request; the rest get an error "
                    "and are predicted when Label Studio asks again (default: 32)")
-    g.add_argument("--max-pixels", type=int, default=40_000_000,
-                   help="largest image, width x height, checked before decoding (default: 40000000)")
     g.add_argument("--max-classes", type=int, default=255, help="labels per BrushLabels control (default: 255)")
     g.add_argument("--max-body-mb", type=float, default=16, help="largest request body (default: 16)")
     g.add_argument("--max-image-mb", type=float, default=64, help="largest image file (default: 64)")
@@ -53,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         from dapseg.serve.service import BackendService, ServiceLimits
     except ImportError as e:
         raise RuntimeError(f"dapseg serve needs the serve extra: pip install 'dapseg[serve]' ({e})") from e
-    from PIL import Image
+    from dapseg.images import pixel_limit
 
     if not args.preset and not args.config:
         args.preset = default_preset()
@@ -61,13 +59,13 @@ def run(args: argparse.Namespace) -> int:
     limits = ServiceLimits(max_tasks=args.max_tasks, max_classes=args.max_classes,
                            max_body_bytes=int(args.max_body_mb * MB), max_pending=args.max_pending,
                            prefetch=args.prefetch)
-    if args.max_pixels < 1 or args.max_image_mb <= 0 or args.fetch_timeout <= 0:
-        raise ValueError("--max-pixels, --max-image-mb and --fetch-timeout must be > 0")
-    if Image.MAX_IMAGE_PIXELS is not None and args.max_pixels > Image.MAX_IMAGE_PIXELS:
-        Image.MAX_IMAGE_PIXELS = args.max_pixels  # Pillow's own bomb check must not be the lower limit
+    if args.max_image_mb <= 0 or args.fetch_timeout <= 0:
+        raise ValueError("--max-image-mb and --fetch-timeout must be > 0")
+    # --max-pixels is the machine option every command has (the CLI set the process's limit from it)
+    max_pixels = pixel_limit()
     prompts = Prompts.from_args(args.classes_file, args.unlabeled_classes)
     reader = MediaReader(
-        MediaLimits(max_pixels=args.max_pixels, max_bytes=int(args.max_image_mb * MB), timeout_s=args.fetch_timeout),
+        MediaLimits(max_pixels=max_pixels, max_bytes=int(args.max_image_mb * MB), timeout_s=args.fetch_timeout),
         local_files_root=args.local_files_root,
         label_studio_url=os.environ.get("LABEL_STUDIO_URL"),
         api_key=os.environ.get("LABEL_STUDIO_API_KEY"),

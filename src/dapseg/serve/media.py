@@ -42,7 +42,7 @@ class MediaError(ValueError):
 
 @dataclass(frozen=True)
 class MediaLimits:
-    max_pixels: int  # width * height, checked from the image header before decoding
+    max_pixels: int | None  # width * height, checked from the image header before decoding (None: no limit)
     max_bytes: int  # per downloaded or local image file
     timeout_s: float  # per download
 
@@ -209,7 +209,7 @@ class MediaReader:
         try:
             with Image.open(stream) as img:
                 w, h = img.size
-                if w * h > self.limits.max_pixels:
+                if self.limits.max_pixels is not None and w * h > self.limits.max_pixels:
                     raise MediaError(f"{source}: {w}x{h} = {w * h:,} pixels, more than the server's limit of "
                                      f"{self.limits.max_pixels:,} (--max-pixels); not decoded")
                 return load_image(img)
