@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from dapseg.masks.base import MaskBuild
+from dapseg.masks.base import MaskBuild, import_for
 from dapseg.masks.hub import PanopticMasks, checkpoint_folder
 from dapseg.registry import MASK_GENERATORS
 
@@ -36,6 +36,7 @@ class EomtParams(BaseModel):
 
 def random_model(tiny: bool):
     """EoMT with random weights: ViT-L at 640 with 200 queries (as the checkpoint), or a tiny one."""
+    import_for("transformers", "eomt")
     from transformers import EomtConfig, EomtForUniversalSegmentation
 
     if tiny:
@@ -50,6 +51,7 @@ def random_model(tiny: bool):
 @MASK_GENERATORS.register("eomt", params=EomtParams,
                           description="EoMT COCO panoptic segments (ViT-L 640, transformers)")
 def build_eomt(params: EomtParams, *, build: MaskBuild) -> PanopticMasks:
+    import_for("transformers", "eomt")
     from transformers import AutoImageProcessor, EomtForUniversalSegmentation, EomtImageProcessor
 
     if build.random_weights:

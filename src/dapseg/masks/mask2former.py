@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from dapseg.masks.base import MaskBuild
+from dapseg.masks.base import MaskBuild, import_for
 from dapseg.masks.hub import PanopticMasks, checkpoint_folder
 from dapseg.registry import MASK_GENERATORS
 
@@ -29,6 +29,7 @@ class Mask2FormerParams(BaseModel):
 def random_model(tiny: bool):
     """Mask2Former with random weights: Swin-L as in the COCO panoptic checkpoint (200 queries), or a
     tiny one (tests)."""
+    import_for("transformers", "mask2former")
     from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
 
     stages = ["stage1", "stage2", "stage3", "stage4"]
@@ -49,6 +50,7 @@ def random_model(tiny: bool):
 @MASK_GENERATORS.register("mask2former", params=Mask2FormerParams,
                           description="Mask2Former COCO panoptic segments (Swin-L, transformers)")
 def build_mask2former(params: Mask2FormerParams, *, build: MaskBuild) -> PanopticMasks:
+    import_for("transformers", "mask2former")
     from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
 
     if build.random_weights:

@@ -24,7 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from dapseg.masks.base import MaskBuild, region_map_from_masks
+from dapseg.masks.base import MaskBuild, import_for, region_map_from_masks
 from dapseg.registry import MASK_GENERATORS
 
 _URL = "https://dl.fbaipublicfiles.com/segment_anything_2/"
@@ -73,14 +73,13 @@ class Sam2Masks:
     """SAM 2 automatic masks painted into a region map."""
 
     def __init__(self, params: Sam2Params, build: MaskBuild) -> None:
-        from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
-
+        amg = import_for("sam2.automatic_mask_generator", "sam2")
         self.model = build_sam2_model(params, build)
         self.device = torch.device(build.device)
         self.fp16 = params.fp16 and self.device.type == "cuda"
         if self.fp16:
             self.model = self.model.half()
-        self.generator = SAM2AutomaticMaskGenerator(
+        self.generator = amg.SAM2AutomaticMaskGenerator(
             model=self.model,
             points_per_side=params.points_per_side,
             points_per_batch=params.points_per_batch,
@@ -98,8 +97,7 @@ class Sam2Masks:
 
 def build_sam2_model(params: Sam2Params, build: MaskBuild) -> torch.nn.Module:
     """The SAM 2 model: the release file loaded strictly (read with ``weights_only``), or random."""
-    from sam2.build_sam import build_sam2
-
+    build_sam2 = import_for("sam2.build_sam", "sam2").build_sam2
     config, url = MODELS[params.model]
     path = None
     if not build.random_weights:
