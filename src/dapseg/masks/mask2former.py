@@ -55,7 +55,9 @@ def build_mask2former(params: Mask2FormerParams, *, build: MaskBuild) -> Panopti
 
     if build.random_weights:
         model = random_model(build.tiny)
-        size = {"shortest_edge": 64, "longest_edge": 128} if build.tiny else {"shortest_edge": 384}
+        # full size: Mask2Former's COCO test resolution (short side 800, long side at most 1333)
+        side, longest = (64, 128) if build.tiny else (800, 1333)
+        size = {"shortest_edge": side, "longest_edge": longest}
         processor = Mask2FormerImageProcessor(size=size)
     else:
         folder = checkpoint_folder(params.checkpoint, params.weights, build)
