@@ -19,6 +19,7 @@ from dapseg.refine import Refined, RefineInput
 from dapseg.registry import (
     BUILDER_NEEDS,
     HEADS,
+    MASK_GENERATORS,
     PLUGINS,
     REFINERS,
     STRATEGIES,
@@ -74,6 +75,9 @@ def make_ctx(needs: frozenset[Need], batch: int = 2, seed: int = 0) -> HeadConte
         vfm_attn=(torch.rand(batch, 2, vgrid[0] * vgrid[1], vgrid[0] * vgrid[1], generator=g).softmax(-1)
                   if Need.VFM_ATTENTION in needs else None),
         images=torch.rand(batch, 3, 48, 64, generator=g) if Need.WINDOW_PIXELS in needs else None,
+        # region maps at the windows' pixel size, lowest value 0 = no mask, a padded border (sentinel)
+        region_masks=(torch.nn.functional.pad(torch.randint(0, 4, (batch, 44, 60), generator=g), (2, 2, 2, 2),
+                                              value=10000) if Need.REGION_MASKS in needs else None),
     )
 
 
@@ -81,7 +85,8 @@ def _one(ctx: HeadContext, b: int) -> HeadContext:
     pick = (lambda t: None if t is None else t[b : b + 1])
     return HeadContext(x=ctx.x[b : b + 1], grid=ctx.grid, block=ctx.block, vfm_feats=pick(ctx.vfm_feats),
                        vfm_attn=pick(ctx.vfm_attn), images=pick(ctx.images), blocks=ctx.blocks,
-                       layers=None if ctx.layers is None else tuple(t[b : b + 1] for t in ctx.layers))
+                       layers=None if ctx.layers is None else tuple(t[b : b + 1] for t in ctx.layers),
+                       region_masks=pick(ctx.region_masks))
 
 
 # ----------------------------------------------------------------------------- every registry
@@ -145,7 +150,7 @@ def test_head_needs_are_declared_honestly(name, sam):
     needs = HEADS.get(name).needs_for({})
     head = HEADS.build(name, {}, **provided_for(needs, sam))
     for need in needs - set(BUILDER_NEEDS):
-        with pytest.raises(ValueError, match=r"vfm|VFM|images|pixels|layers"):
+        with pytest.raises(ValueError, match=r"vfm|VFM|images|pixels|layers|mask"):
             head(make_ctx(needs - {need}))
 
 
@@ -219,6 +224,33 @@ def test_plugin_keeps_the_heads_output_shape(name, head_name, sam):
     own = head(ctx)
     assert out.tokens.shape == own.tokens.shape and tuple(out.grid) == tuple(own.grid)
     assert torch.isfinite(out.tokens).all()
+
+
+# ----------------------------------------------------------------------------- mask generators
+
+
+@pytest.mark.parametrize("name", MASK_GENERATORS.names())
+def test_mask_generator_gives_an_integer_map_of_the_image_size(name, tmp_path):
+    """Every generator's tiny random build returns an (H, W) int64 map below the padding sentinel."""
+    from dapseg.masks.base import PAD_SENTINEL, MaskBuild, build_mask_generator
+
+    image = np.random.default_rng(0).integers(0, 256, (37, 52, 3), dtype=np.uint8)
+    params: dict = {}
+    if name == "folder":  # reads precomputed masks: one for this image
+        np.savez_compressed(tmp_path / "img.npz", instance_mask=np.arange(37 * 52).reshape(37, 52) % 5)
+        params = {"root": str(tmp_path)}
+    if name == "sam2":
+        from test_masks_generators import require
+
+        require("sam2")
+    fields = MASK_GENERATORS.get(name).params.model_fields
+    if "points_per_side" in fields:  # automatic mask generators: a 2x2 grid of prompts keeps this fast
+        params["points_per_side"] = 2
+    torch.manual_seed(0)
+    generator = build_mask_generator(name, params, MaskBuild(random_weights=True, tiny=True))
+    out = generator(image, name="img")
+    assert out.shape == (37, 52) and out.dtype == torch.int64
+    assert int(out.max()) < PAD_SENTINEL
 
 
 # ----------------------------------------------------------------------------- VFM families

@@ -84,8 +84,8 @@ class SegmenterFactory:
         # (the dataset's background; prob_thd is 0 where a dataset has none), never left unlabeled.
         classes = ClassSet.from_list(class_names, allow_repeats=True, unsure_class=0)
 
-        def predict(image: Any) -> torch.Tensor:
-            return seg.predict(image, classes).labels
+        def predict(image: Any, *, name: str | None = None) -> torch.Tensor:
+            return seg.predict(image, classes, name=name).labels
 
         a = self.args
         extra = {"random_weights": bool(a.random_weights), "tiny": bool(a.tiny),

@@ -32,6 +32,9 @@ class RefineInput:
     # (Q, E) normalised query text embeddings, on the logits' device; given to refiners that declare
     # Need.CLASS_TEXT (e.g. pearl_prop), None for the others
     text: Tensor | None = None
+    # (H, W) int64 region map of the image from the mask generator (its lowest value: the pixels no
+    # mask covers); None without a `masks:` section
+    region_masks: Tensor | None = None
 
     @cached_property
     def probs(self) -> Tensor:
