@@ -46,6 +46,7 @@ class Need(str, Enum):
     AFFINITY_MEAN = "affinity_mean"  # HeadContext.affinity_mean: mean(S) over every window of the image
     ORIGINAL_IMAGE = "original_image"  # the image as loaded, keyword ``original`` of a strategy call
     CLIP_LAYERS = "clip_layers"  # HeadContext.layers / .blocks: the tokens entering every CLIP block
+    REGION_MASKS = "region_masks"  # HeadContext / RefineInput .region_masks: the image's region map
 
 
 # Needs handed to a builder as keyword arguments (the others configure the engine at run time).
@@ -190,7 +191,7 @@ def _origin(obj: Any) -> str:
 
 HEADS: Registry[Any] = Registry(
     "head",
-    builtins=[f"dapseg.heads.{m}" for m in ("vanilla", "maskclip", "sclip", "naclip", "proxy", "dap")],
+    builtins=[f"dapseg.heads.{m}" for m in ("vanilla", "maskclip", "sclip", "naclip", "proxy", "dap", "corrclip")],
 )
 STRATEGIES: Registry[Any] = Registry(
     "inference mode",
@@ -198,7 +199,8 @@ STRATEGIES: Registry[Any] = Registry(
 )
 REFINERS: Registry[Any] = Registry(
     "refiner",
-    builtins=["dapseg.refine.pamr", "dapseg.refine.sam_prompt", "dapseg.refine.sam_vote"],
+    builtins=["dapseg.refine.pamr", "dapseg.refine.sam_prompt", "dapseg.refine.sam_vote",
+              "dapseg.refine.map_correction"],
     none_name="none",
 )
 PLUGINS: Registry[Any] = Registry("plug-in", builtins=["dapseg.plugins.fsa"])

@@ -42,6 +42,9 @@ class HeadContext:
     # (batch first: open_clip >= 2.24 runs its transformer batch first).
     layers: tuple[Tensor, ...] | None = None
     blocks: nn.ModuleList | None = None
+    # (B, H, W) int64 region map of each window (the image's map cropped like the pixels, padding a
+    # sentinel id; the lowest id = pixels no mask covers); given to heads declaring Need.REGION_MASKS.
+    region_masks: Tensor | None = None
 
 
 @dataclass
@@ -59,6 +62,9 @@ class HeadOutput:
     tokens: Tensor  # (B, n, D) patch tokens before LN_post / proj, n = grid[0] * grid[1]
     grid: tuple[int, int]
     attention: Attention | None = None  # what produced the tokens, for plug-ins and inspection
+    # Further branches fused after LN_post: (weight, tokens (B, n, D)) each; the embeddings are
+    # proj(LN_post(tokens) + Σ weight · LN_post(branch tokens)) (CorrCLIP). Empty for most heads.
+    branches: tuple[tuple[float, Tensor], ...] = ()
 
 
 def split_heads(t: Tensor, num_heads: int) -> Tensor:

@@ -28,6 +28,7 @@ class RefineInput:
     query_to_class: list[int]  # query index -> class index
     logit_scale: float
     prob_thd: float
+    region_masks: Tensor | None = None  # (H, W) int64 region map of the image (Need.REGION_MASKS)
 
     @cached_property
     def probs(self) -> Tensor:

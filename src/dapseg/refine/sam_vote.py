@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from dapseg.refine import Refined, RefineInput, Refiner
+from dapseg.refine.votes import majority_class
 from dapseg.registry import REFINERS, Need
 
 # image (H, W, 3) uint8 -> class-agnostic masks, each (H, W) bool
@@ -60,7 +61,7 @@ def vote_masks(labels: Tensor, probs: Tensor, masks: Sequence[Tensor], vote: str
         if m.shape != labels.shape:
             raise ValueError(f"sam_vote: mask {i} is {tuple(m.shape)}, the labels {tuple(labels.shape)}")
         if vote == "majority":
-            cls = torch.bincount(labels[m], minlength=num_classes).argmax()  # first maximum: lowest class
+            cls = majority_class(torch.bincount(labels[m], minlength=num_classes))
         else:
             mean = probs[:, m].float().mean(dim=1)  # (C,)
             cls = mean.argmax()
