@@ -54,23 +54,33 @@ def make_ctx(needs: frozenset[Need], batch: int = 2, seed: int = 0) -> HeadConte
     """A context holding only what ``needs`` asks for: an undeclared need is absent (None)."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    block = ResidualAttentionBlock(d_model=D, n_head=N_HEADS, batch_first=True).eval()
+    blocks = torch.nn.ModuleList(ResidualAttentionBlock(d_model=D, n_head=N_HEADS, batch_first=True).eval()
+                                 for _ in range(3))
     grid, vgrid = (3, 4), (5, 6)
+    layers = [torch.randn(batch, 1 + grid[0] * grid[1], D, generator=g)]
+    with torch.no_grad():
+        for blk in blocks[:-1]:
+            layers.append(blk(layers[-1]))
     return HeadContext(
-        x=torch.randn(batch, 1 + grid[0] * grid[1], D, generator=g),
+        x=layers[-1],
         grid=grid,
-        block=block,
+        block=blocks[-1],
         vfm_feats=torch.randn(batch, 8, *vgrid, generator=g) if Need.VFM_FEATURES in needs else None,
         vfm_attn=(torch.rand(batch, 2, vgrid[0] * vgrid[1], vgrid[0] * vgrid[1], generator=g).softmax(-1)
                   if Need.VFM_ATTENTION in needs else None),
         images=torch.rand(batch, 3, 48, 64, generator=g) if Need.WINDOW_PIXELS in needs else None,
+        layers=tuple(layers) if Need.CLIP_LAYERS in needs else None,
+        blocks=blocks if Need.CLIP_LAYERS in needs else None,
+        region_masks=torch.randint(0, 4, (batch, 48, 64), generator=g) if Need.REGION_MASKS in needs else None,
     )
 
 
 def _one(ctx: HeadContext, b: int) -> HeadContext:
     pick = (lambda t: None if t is None else t[b : b + 1])
     return HeadContext(x=ctx.x[b : b + 1], grid=ctx.grid, block=ctx.block, vfm_feats=pick(ctx.vfm_feats),
-                       vfm_attn=pick(ctx.vfm_attn), images=pick(ctx.images))
+                       vfm_attn=pick(ctx.vfm_attn), images=pick(ctx.images),
+                       layers=None if ctx.layers is None else tuple(t[b : b + 1] for t in ctx.layers),
+                       blocks=ctx.blocks, region_masks=pick(ctx.region_masks))
 
 
 # ----------------------------------------------------------------------------- every registry
@@ -134,7 +144,7 @@ def test_head_needs_are_declared_honestly(name, sam):
     needs = HEADS.get(name).needs_for({})
     head = HEADS.build(name, {}, **provided_for(needs, sam))
     for need in needs - set(BUILDER_NEEDS):
-        with pytest.raises(ValueError, match=r"vfm|VFM|images|pixels"):
+        with pytest.raises(ValueError, match=r"vfm|VFM|images|pixels|layers|region masks"):
             head(make_ctx(needs - {need}))
 
 
@@ -177,7 +187,8 @@ def test_refiner_returns_what_it_decides_in_the_right_shapes(name, sam):
     image = rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)
     q2c = [0, 1, 1, 2]
     logits = torch.from_numpy(rng.normal(0, 0.05, (4, 40, 56))).float()
-    out = refiner(RefineInput(image, logits, q2c, logit_scale=40.0, prob_thd=0.0))
+    regions = torch.randint(0, 5, (40, 56)) if Need.REGION_MASKS in entry.needs_for({}) else None
+    out = refiner(RefineInput(image, logits, q2c, logit_scale=40.0, prob_thd=0.0, region_masks=regions))
     assert isinstance(out, Refined) and (out.logits is not None or out.probs is not None)
     if out.logits is not None:
         assert out.logits.shape == logits.shape and torch.isfinite(out.logits).all()

@@ -16,9 +16,10 @@ Facts from the public reference (zdk258/CorrCLIP, ``CorrCLIPv1/open_clip/transfo
 * scope: patches i, j may attend when they share a region other than the lowest; a pair where i or
   j lies in the lowest region is kept when S_ij > mean(S) (the reference's "method 1").
 
-DBSCAN with min_samples = 1 makes every point a core point, so its clusters are what scikit-learn's
-depth-first expansion reaches: seeds in index order, edges i → j where dist_ij ≤ eps, through points
-not labelled yet. ``dbscan_clusters`` runs exactly that expansion (tests check it against
+DBSCAN with min_samples = 1 makes every point whose neighbourhood holds itself a core point (here
+dist_ii = max(sim) − sim_ii ≈ 0), so its clusters are what scikit-learn's depth-first expansion
+reaches: seeds in index order, edges i → j where dist_ij ≤ eps, through points not labelled yet.
+``dbscan_clusters`` runs exactly that expansion, noise included (tests check it against
 scikit-learn, asymmetric float matrices included), so scikit-learn is not a dependency.
 """
 
@@ -51,20 +52,25 @@ def resize_nearest(maps: Tensor, size: tuple[int, int]) -> Tensor:
 def dbscan_clusters(dist: np.ndarray, eps: float) -> np.ndarray:
     """scikit-learn's ``DBSCAN(eps, min_samples=1, metric="precomputed").fit_predict(dist)``.
 
-    dist (R, R), float; returns (R,) int64 cluster labels 0, 1, … in the order of their first
-    point. Neighbourhoods are ``dist[i] <= eps`` compared in dist's own dtype, as scikit-learn does.
+    dist (R, R), float; returns (R,) int64 labels 0, 1, … in the order of their first point, −1 for
+    noise. Neighbourhoods are ``dist[i] <= eps`` compared in dist's own dtype, as scikit-learn does;
+    a point is a core point when its neighbourhood is not empty (it holds the point itself unless
+    dist_ii > eps); clusters grow from core points in index order, through core points only.
     """
     n = dist.shape[0]
-    near = dist <= dist.dtype.type(eps) if np.issubdtype(dist.dtype, np.floating) else dist <= eps  # (R, R)
+    near = dist <= (dist.dtype.type(eps) if np.issubdtype(dist.dtype, np.floating) else eps)  # (R, R)
+    core = near.any(axis=1)
     labels = np.full(n, -1, dtype=np.int64)
     cluster = 0
     for seed in range(n):
-        if labels[seed] != -1:
+        if labels[seed] != -1 or not core[seed]:
             continue
         labels[seed] = cluster
         stack = [seed]
-        while stack:  # every point is a core point: expand through each newly labelled one
+        while stack:
             i = stack.pop()
+            if not core[i]:
+                continue  # a border point joins the cluster but does not extend it
             for j in np.flatnonzero(near[i] & (labels == -1)):
                 labels[j] = cluster
                 stack.append(int(j))
@@ -89,7 +95,7 @@ def merge_regions(region: Tensor, feats: Tensor, eps: float = 0.2) -> Tensor:
         dist = (sim.max() - sim).cpu().numpy()
     clusters = torch.from_numpy(dbscan_clusters(dist, eps)).to(region.device)
     new_ids = values.clone()
-    new_ids[1:] = clusters + MERGED_BASE
+    new_ids[1:] = torch.where(clusters >= 0, clusters + MERGED_BASE, values[1:])  # noise keeps its id
     return new_ids[inverse]
 
 
