@@ -27,14 +27,16 @@ from dapseg.bench.probe import synchronize
 
 # stage -> the functions whose (exclusive) time is that stage's, in the order of the table printed.
 FUNCTION_STAGES: dict[str, tuple[str, ...]] = {
-    "clip_blocks": ("dapseg.models.clip:DenseClip.tokens_before_last_block",),
+    "clip_blocks": ("dapseg.models.clip:DenseClip.tokens_before_last_block",
+                    "dapseg.models.clip:DenseClip.tokens_entering_blocks"),
     "vfm": ("dapseg.models.vfm.base:VisionFoundationModel.forward",),
     "head": (
         "dapseg.inference.engine:DenseEngine.head_output",
         "dapseg.inference.engine:DenseEngine.patch_logits",
     ),
-    # DAP's region maps (SLIC, k-means or SAM masks, pooled onto the VFM grid), per window and stitched
-    "regions": ("dapseg.heads.dap:DapHead.region_labels",),
+    # DAP's region maps (SLIC, k-means or SAM masks, pooled onto the VFM grid), per window and stitched;
+    # CorrCLIP's region maps on the VFM grid with mask merging (DBSCAN), per window
+    "regions": ("dapseg.heads.dap:DapHead.region_labels", "dapseg.heads.corrclip:CorrclipHead.regions"),
     "sam": ("dapseg.inference.splice:encode_image",),
     "global_affinity": ("dapseg.inference.splice:aggregate_map",),
     "text": ("dapseg.api:Segmenter.text_embeddings",),
