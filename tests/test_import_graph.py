@@ -143,6 +143,9 @@ ALLOWED = {
     "dapseg.config": {"dapseg.registry"},
     "dapseg.heads": {"dapseg.heads", "dapseg.registry"},
     "dapseg.models": {"dapseg.models", "dapseg.config", "dapseg.registry", "dapseg.weights", "dapseg.files"},
+    # mask generators build models (SAM, SAM2, Mask2Former, EoMT) and read mask files
+    "dapseg.masks": {"dapseg.masks", "dapseg.models", "dapseg.config", "dapseg.registry", "dapseg.weights",
+                     "dapseg.files"},
     # the affinity analysis sits beside eval: models, heads, data and eval's plumbing, never the segmenter
     "dapseg.analysis": {"dapseg.analysis", "dapseg.data", "dapseg.eval", "dapseg.files", "dapseg.heads",
                         "dapseg.inference.preprocess", "dapseg.models", "dapseg.config", "dapseg.registry",

@@ -19,6 +19,7 @@ from dapseg.refine import Refined, RefineInput
 from dapseg.registry import (
     BUILDER_NEEDS,
     HEADS,
+    MASK_GENERATORS,
     PLUGINS,
     REFINERS,
     STRATEGIES,
@@ -71,7 +72,9 @@ def make_ctx(needs: frozenset[Need], batch: int = 2, seed: int = 0) -> HeadConte
         images=torch.rand(batch, 3, 48, 64, generator=g) if Need.WINDOW_PIXELS in needs else None,
         layers=tuple(layers) if Need.CLIP_LAYERS in needs else None,
         blocks=blocks if Need.CLIP_LAYERS in needs else None,
-        region_masks=torch.randint(0, 4, (batch, 48, 64), generator=g) if Need.REGION_MASKS in needs else None,
+        # region maps at the windows' pixel size, lowest value 0 = no mask, a padded border (sentinel)
+        region_masks=(torch.nn.functional.pad(torch.randint(0, 4, (batch, 44, 60), generator=g), (2, 2, 2, 2),
+                                              value=10000) if Need.REGION_MASKS in needs else None),
     )
 
 
@@ -144,7 +147,7 @@ def test_head_needs_are_declared_honestly(name, sam):
     needs = HEADS.get(name).needs_for({})
     head = HEADS.build(name, {}, **provided_for(needs, sam))
     for need in needs - set(BUILDER_NEEDS):
-        with pytest.raises(ValueError, match=r"vfm|VFM|images|pixels|layers|region masks"):
+        with pytest.raises(ValueError, match=r"vfm|VFM|images|pixels|layers|mask"):
             head(make_ctx(needs - {need}))
 
 
@@ -217,6 +220,26 @@ def test_plugin_keeps_the_heads_output_shape(name, head_name, sam):
     own = head(ctx)
     assert out.tokens.shape == own.tokens.shape and tuple(out.grid) == tuple(own.grid)
     assert torch.isfinite(out.tokens).all()
+
+
+# ----------------------------------------------------------------------------- mask generators
+
+
+@pytest.mark.parametrize("name", MASK_GENERATORS.names())
+def test_mask_generator_gives_an_integer_map_of_the_image_size(name, tmp_path):
+    """Every generator's tiny random build returns an (H, W) int64 map below the padding sentinel."""
+    from dapseg.masks.base import PAD_SENTINEL, MaskBuild, build_mask_generator
+
+    image = np.random.default_rng(0).integers(0, 256, (37, 52, 3), dtype=np.uint8)
+    params: dict = {}
+    if name == "folder":  # reads precomputed masks: one for this image
+        np.savez_compressed(tmp_path / "img.npz", instance_mask=np.arange(37 * 52).reshape(37, 52) % 5)
+        params = {"root": str(tmp_path)}
+    torch.manual_seed(0)
+    generator = build_mask_generator(name, params, MaskBuild(random_weights=True, tiny=True))
+    out = generator(image, name="img")
+    assert out.shape == (37, 52) and out.dtype == torch.int64
+    assert int(out.max()) < PAD_SENTINEL
 
 
 # ----------------------------------------------------------------------------- VFM families

@@ -18,6 +18,7 @@ from dapseg.decoding import Decoded, ImageSource, decode_ahead
 from dapseg.images import load_image
 from dapseg.inference.engine import DenseEngine, HeadPlugin, autocast_dtype
 from dapseg.inference.preprocess import resize_image, short_side_size, to_tensor01
+from dapseg.masks.base import resize_region_map
 from dapseg.models.clip import DenseClip
 from dapseg.postprocess import class_probs, labels_banded, labels_from_probs
 from dapseg.refine import RefineInput, Refiner
@@ -65,8 +66,15 @@ class Segmenter:
             self.strategy, self.strategy_needs = self._build(STRATEGIES, config.inference.mode,
                                                              config.inference.params)
             self.refiner: Refiner | None = None
+            refiner_needs: frozenset[Need] = frozenset()
             if config.refine.name != REFINERS.none_name:
-                self.refiner, _ = self._build(REFINERS, config.refine.name, config.refine.params)
+                self.refiner, refiner_needs = self._build(REFINERS, config.refine.name, config.refine.params)
+        self.masks_to_head = Need.REGION_MASKS in head_needs | plugin_needs
+        self.masks_to_refiner = Need.REGION_MASKS in refiner_needs
+        if self.masks_to_head and not STRATEGIES.get(config.inference.mode).extras.get("region_masks"):
+            raise ValueError(f"preset {config.name!r}: head {config.head.name!r} needs region masks, and "
+                             f"inference.mode={config.inference.mode} does not crop them per window; use "
+                             "inference.mode=slide or whole")
         self.engine = DenseEngine(self.clip, self.head, self.vfm, plugin, needs=head_needs | plugin_needs,
                                   precision=config.inference.precision)
         dtype = autocast_dtype(self.device, config.inference.precision)
@@ -96,6 +104,18 @@ class Segmenter:
     @property
     def sam(self) -> torch.nn.Module | None:
         return self.models.sam
+
+    @property
+    def mask_generator(self) -> Any:
+        """The `masks:` section's generator (None without one): image, name -> region map (H, W) int64."""
+        return self.models.mask_generator
+
+    def region_map(self, image: np.ndarray, name: str | None = None) -> torch.Tensor | None:
+        """The image's (H, W) int64 region map when a component needs one (None otherwise): computed
+        once per image, then resized and cropped per window by the strategy."""
+        if not (self.masks_to_head or self.masks_to_refiner):
+            return None
+        return self.mask_generator(image, name=name)
 
     def _build(self, registry: Registry[Any], name: str, params: dict[str, Any]) -> tuple[Any, frozenset[Need]]:
         """Component ``name`` of ``registry`` built with the models it declared, and its needs
@@ -147,6 +167,7 @@ class Segmenter:
             vfm=self.vfm if same["vfm"] else None,
             sam=self.sam if same["sam"] else None,
             sam_decoder=self.models.built_sam_decoder if keep_sam else None,  # around the same encoder
+            mask_generator=self.mask_generator if config.masks == self.config.masks else None,
             # same encoder, prompts and precision: keep the embedding cache
             text=self.text if (config.templates, config.inference.precision)
             == (self.config.templates, self.config.inference.precision) else None,
@@ -159,23 +180,43 @@ class Segmenter:
         """(Q, E) normalised text embeddings of the classes' queries (cached)."""
         return self.text(classes).to(self.device)
 
-    def coarse_logits(self, image: np.ndarray, classes: ClassSet) -> torch.Tensor:
-        """(Q, h, w) cosine logits at the processing resolution (after the short-side resize)."""
+    def coarse_logits(
+        self, image: np.ndarray, classes: ClassSet, *, region_map: torch.Tensor | None = None, name: str | None = None
+    ) -> torch.Tensor:
+        """(Q, h, w) cosine logits at the processing resolution (after the short-side resize).
+
+        ``region_map``: the image's (H, W) region map when already computed (``region_map``), else it
+        is computed here from ``name`` where the head needs one."""
         cfg = self.config.inference
         h, w = image.shape[:2]
         size = short_side_size(h, w, cfg.short_side) if cfg.short_side else (h, w)
         processed = to_tensor01(resize_image(image, size))
         # splice hands the original (not the resized working image) to SAM, as the Trident reference
-        extra = {"original": image} if Need.ORIGINAL_IMAGE in self.strategy_needs else {}
+        extra: dict[str, Any] = {"original": image} if Need.ORIGINAL_IMAGE in self.strategy_needs else {}
+        if self.masks_to_head:
+            if region_map is None:
+                region_map = self.region_map(image, name)
+            # nearest to the processed image, as the reference; the strategy crops it per window
+            extra["region_masks"] = resize_region_map(region_map, size)
         return self.strategy(self.engine, processed, self.text_embeddings(classes), cfg, **extra).float().cpu()
 
     def predict(
-        self, image: PathLike | Image.Image | np.ndarray, classes: ClassSet | Sequence[str] | str
+        self,
+        image: PathLike | Image.Image | np.ndarray,
+        classes: ClassSet | Sequence[str] | str,
+        *,
+        name: str | None = None,
     ) -> SegmentationResult:
-        """Segment ``image`` into ``classes`` (see ``ClassSet``: synonyms with ';')."""
+        """Segment ``image`` into ``classes`` (see ``ClassSet``: synonyms with ';').
+
+        ``name`` identifies the image to a mask generator that reads precomputed masks (``masks: {name:
+        folder}``); a path's stem by default, None for arrays and PIL images."""
         class_set = ClassSet.coerce(classes)
+        if name is None and isinstance(image, str | os.PathLike):
+            name = Path(image).stem
         img = load_image(image)
-        coarse = self.coarse_logits(img, class_set)
+        region_map = self.region_map(img, name)  # once per image, for the head and the refiner
+        coarse = self.coarse_logits(img, class_set, region_map=region_map)
         post = self.config.postprocess
         q2c = class_set.query_to_class
         if self.refiner is None:
@@ -183,7 +224,8 @@ class Segmenter:
             return SegmentationResult(img, class_set, coarse, labels, post.logit_scale)
         full = F.interpolate(coarse[None], size=img.shape[:2], mode="bilinear", align_corners=False)[0]
         with self.engine.autocast():  # SAM's prompt decoder at the configured precision
-            out = self.refiner(RefineInput(img, full, q2c, post.logit_scale, post.prob_thd))
+            out = self.refiner(RefineInput(img, full, q2c, post.logit_scale, post.prob_thd,
+                                           region_masks=region_map if self.masks_to_refiner else None))
         logits = out.logits.float().cpu() if out.logits is not None else None
         probs = out.probs.float().cpu() if out.probs is not None else None
         if out.labels is not None:
@@ -211,14 +253,18 @@ class Segmenter:
         """
         if batch < 1 or workers < 0:
             raise ValueError(f"predict_many: need batch >= 1 and workers >= 0, got {batch} and {workers}")
-        return self._predict_decoded(decode_ahead(list(images), workers=workers, ahead=batch),
-                                     ClassSet.coerce(classes))  # bad arguments fail here, not at next()
+        sources = list(images)
+        names = [Path(s).stem if isinstance(s, str | os.PathLike) else None for s in sources]
+        return self._predict_decoded(decode_ahead(sources, workers=workers, ahead=batch),
+                                     ClassSet.coerce(classes), names)  # bad arguments fail here, not at next()
 
-    def _predict_decoded(self, decoded: Iterator[Decoded], classes: ClassSet) -> Iterator[SegmentationResult]:
+    def _predict_decoded(
+        self, decoded: Iterator[Decoded], classes: ClassSet, names: list[str | None]
+    ) -> Iterator[SegmentationResult]:
         for item in decoded:
             if item.error is not None:
                 raise item.error
-            yield self.predict(item.image, classes)
+            yield self.predict(item.image, classes, name=names[item.index])
 
 
 def with_weight_files(

@@ -38,6 +38,7 @@ class PrebuiltModels:
     sam: nn.Module | None = None
     sam_decoder: Any = None
     text: Any = None
+    mask_generator: Any = None  # the generator of the config's `masks:` section
 
 
 @dataclass
@@ -52,6 +53,8 @@ class ModelBundle:
     random_weights: bool = False
     cache_dir: str | os.PathLike[str] | None = None
     _sam_decoder: Any = field(default=None, repr=False)
+    # the `masks:` section's generator: image (H, W, 3) uint8 -> region map (H, W) int64 (dapseg.masks)
+    mask_generator: Any = None
 
     @classmethod
     def build(
@@ -84,10 +87,16 @@ class ModelBundle:
 
                 check_memory(config.sam.name, device)  # fail before loading a SAM that cannot fit
             sam = reuse.sam or vfm(config.sam)
+            masks = reuse.mask_generator
+            if masks is None and config.masks is not None:
+                from dapseg.masks.base import MaskBuild, build_mask_generator
+
+                masks = build_mask_generator(config.masks.name, config.masks.params,
+                                             MaskBuild(device, random_weights, tiny, cache_dir))
         except WeightsMissingError as e:
             raise WeightsMissingError(e.what, how_to_fetch(config.name)) from e
         return cls(clip, vfm_model, sam, config.sam, config.vfm, random_weights or tiny, cache_dir,
-                   reuse.sam_decoder)
+                   reuse.sam_decoder, masks)
 
     def _decoder_source(self) -> tuple[nn.Module | None, VfmConfig | None]:
         """The SAM a decoder goes around: the ``sam:`` model, else a SAM the config loaded as its VFM."""
@@ -138,6 +147,9 @@ class ModelBundle:
         ):
             raise ValueError(f"preset {config.name!r}: {what} needs a SAM model; add e.g. "
                              "--set sam.name=sam_vitb (or a `sam:` section in the config)")
+        if Need.REGION_MASKS in needs and self.mask_generator is None:
+            raise ValueError(f"preset {config.name!r}: {what} needs region masks; configure a `masks:` section "
+                             "(e.g. --set masks.name=sam2, or --masks-dir DIR for precomputed masks)")
 
     def provide(self, needs: Iterable[Need], config: SegmenterConfig) -> dict[str, Any]:
         """The builder keywords for ``needs``: only the models declared, built on first request."""

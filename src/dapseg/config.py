@@ -16,7 +16,16 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from dapseg.registry import HEADS, PLUGINS, REFINERS, STRATEGIES, VFM_FAMILIES, Registry, vfm_family_name
+from dapseg.registry import (
+    HEADS,
+    MASK_GENERATORS,
+    PLUGINS,
+    REFINERS,
+    STRATEGIES,
+    VFM_FAMILIES,
+    Registry,
+    vfm_family_name,
+)
 
 
 class _Strict(BaseModel):
@@ -77,6 +86,13 @@ class PluginConfig(ComponentConfig):
 class RefineConfig(ComponentConfig):
     _registry = REFINERS
     name: str = "none"
+
+
+class MasksConfig(ComponentConfig):
+    """The region-mask generator (``dapseg.registry.MASK_GENERATORS``) for heads and refiners that
+    declare ``Need.REGION_MASKS``; e.g. ``{name: folder, params: {root: masks/}}``."""
+
+    _registry = MASK_GENERATORS
 
 
 class InferenceConfig(_Strict):
@@ -158,6 +174,7 @@ class SegmenterConfig(_Strict):
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
     refine: RefineConfig = Field(default_factory=RefineConfig)
+    masks: MasksConfig | None = None  # region masks, computed once per image (Need.REGION_MASKS)
     templates: str = "openai_imagenet"
 
     @field_validator("plugins")
@@ -197,7 +214,7 @@ def head_refuses_plugins(head: str) -> str | None:
 
 # ----------------------------------------------------------------------------- overrides
 
-_SECTIONS_WITH_PARAMS = ("head", "inference", "refine")
+_SECTIONS_WITH_PARAMS = ("head", "inference", "refine", "masks")
 
 
 def _resolve_key(data: dict[str, Any], key: str) -> list[str]:

@@ -1,4 +1,5 @@
-"""One kind of registry for every pluggable part: heads, strategies, refiners, plug-ins, VFM families.
+"""One kind of registry for every pluggable part: heads, strategies, refiners, plug-ins, VFM families,
+mask generators.
 
 A registry maps a name to an ``Entry``: the builder, the pydantic model of its ``params`` (None: the
 component takes no parameters) and what it *needs* from the rest of the pipeline (``Need``). The
@@ -46,7 +47,9 @@ class Need(str, Enum):
     AFFINITY_MEAN = "affinity_mean"  # HeadContext.affinity_mean: mean(S) over every window of the image
     ORIGINAL_IMAGE = "original_image"  # the image as loaded, keyword ``original`` of a strategy call
     CLIP_LAYERS = "clip_layers"  # HeadContext.layers / .blocks: the tokens entering every CLIP block
-    REGION_MASKS = "region_masks"  # HeadContext / RefineInput .region_masks: the image's region map
+    # HeadContext.region_masks / RefineInput.region_masks: the image's region map from the configured
+    # mask generator (a `masks:` section is then required)
+    REGION_MASKS = "region_masks"
 
 
 # Needs handed to a builder as keyword arguments (the others configure the engine at run time).
@@ -204,6 +207,9 @@ REFINERS: Registry[Any] = Registry(
     none_name="none",
 )
 PLUGINS: Registry[Any] = Registry("plug-in", builtins=["dapseg.plugins.fsa"])
+MASK_GENERATORS: Registry[Any] = Registry(
+    "mask generator", builtins=[f"dapseg.masks.{m}" for m in ("folder",)]
+)
 VFM_FAMILIES: Registry[Any] = Registry(
     "VFM family", builtins=[f"dapseg.models.vfm.{m}" for m in ("dino", "dinov2", "dinov3", "mae", "sam", "sd")]
 )
@@ -220,4 +226,4 @@ def vfm_family_name(vfm_name: str) -> str:
 def all_registries() -> dict[str, Registry[Any]]:
     """Every registry by its section name (what the CLI and the contract tests iterate over)."""
     return {"head": HEADS, "strategy": STRATEGIES, "refiner": REFINERS, "plugin": PLUGINS,
-            "vfm_family": VFM_FAMILIES}
+            "vfm_family": VFM_FAMILIES, "mask_generator": MASK_GENERATORS}

@@ -24,6 +24,9 @@ def add_model_args(
     g.add_argument("--fsa", action="store_true", help="add the FSA feedback plug-in (same as --plugin fsa)")
     add_machine_args(g)
     g.add_argument("--sam-weights", default=None, help="local SAM weights: the official sam_vit_*.pth file")
+    g.add_argument("--masks-dir", default=None, metavar="DIR",
+                   help="precomputed region masks, <DIR>/<image name>.npz (CorrCLIP's `instance_mask`) or "
+                   ".png; short for --set masks.name=folder --set masks.params.root=DIR")
 
 
 def add_machine_args(g: argparse._ArgumentGroup) -> None:
@@ -42,6 +45,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     overrides = dict(parse_override(text) for text in args.overrides)
     for name in [*getattr(args, "plugins", []), *(["fsa"] if args.fsa else [])]:
         overrides[f"plugins.{name}.enabled"] = True
+    if getattr(args, "masks_dir", None):
+        overrides["masks"] = {"name": "folder", "params": {"root": args.masks_dir}}
     return overrides
 
 

@@ -82,8 +82,8 @@ class SegmenterFactory:
         seg = self.pool.get(preset, overrides)
         classes = ClassSet.from_list(class_names, allow_repeats=True)  # benchmark files, as the references
 
-        def predict(image: Any) -> torch.Tensor:
-            return seg.predict(image, classes).labels
+        def predict(image: Any, *, name: str | None = None) -> torch.Tensor:
+            return seg.predict(image, classes, name=name).labels
 
         a = self.args
         extra = {"random_weights": bool(a.random_weights), "tiny": bool(a.tiny),

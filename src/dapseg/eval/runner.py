@@ -15,6 +15,7 @@ with one clean line naming the file, or with ``skip_bad`` is counted, listed and
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -39,7 +40,9 @@ from dapseg.folder_lock import hold_folder
 from dapseg.termination import Terminated
 from dapseg.workers import die_with_parent
 
-Predictor = Callable[[np.ndarray], "torch.Tensor | np.ndarray"]
+# image -> labels; a predictor with a ``name`` parameter also gets the sample's name (the key of
+# precomputed region masks, see dapseg.masks.folder)
+Predictor = Callable[..., "torch.Tensor | np.ndarray"]
 
 
 @dataclass
@@ -225,6 +228,14 @@ def _say_kept(e: KeyboardInterrupt, part: State, before: int, total: int, work_d
           file=sys.stderr, flush=True)
 
 
+def _takes_name(predictor: Predictor) -> bool:
+    """Whether ``predictor`` accepts the image's name (``name=``)."""
+    try:
+        return "name" in inspect.signature(predictor).parameters
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False
+
+
 def _loop(dataset: SegDataset, predictor: Predictor, indices: list[int], part: State, ckpt: Checkpointer,
           gen: int, base_cm: torch.Tensor | None, opt: RunOptions, info: dist.DistInfo,
           work_dir: Path) -> None:
@@ -236,6 +247,7 @@ def _loop(dataset: SegDataset, predictor: Predictor, indices: list[int], part: S
     bar = tqdm(total=len(indices), desc=opt.desc or spec.name, unit="img", disable=not (opt.progress and
                                                                                        info.is_main))
     since_ckpt = 0
+    takes_name = _takes_name(predictor)
     for sample in loader:
         if sample.error is not None:
             if not dataset.skip_bad:
@@ -244,7 +256,8 @@ def _loop(dataset: SegDataset, predictor: Predictor, indices: list[int], part: S
             part.done.add(sample.index)
             tqdm.write(f"skipped {sample.name}: {sample.error}", file=sys.stderr)
         else:
-            pred = _as_labels(predictor(sample.image), sample, dataset)
+            named = {"name": sample.name} if takes_name else {}
+            pred = _as_labels(predictor(sample.image, **named), sample, dataset)
             gt = torch.from_numpy(sample.label)
             part.cm += confusion_matrix(pred, gt, spec.num_classes, spec.ignore_index)
             part.done.add(sample.index)

@@ -42,8 +42,10 @@ class HeadContext:
     # (batch first: open_clip >= 2.24 runs its transformer batch first).
     layers: tuple[Tensor, ...] | None = None
     blocks: nn.ModuleList | None = None
-    # (B, H, W) int64 region map of each window (the image's map cropped like the pixels, padding a
-    # sentinel id; the lowest id = pixels no mask covers); given to heads declaring Need.REGION_MASKS.
+    # (B, H, W) int64 region map of each window at its (padded) pixel size: the image's map from the
+    # mask generator, resized (nearest) to the processed image and cropped like the pixels; padded
+    # pixels hold dapseg.masks.base.PAD_SENTINEL (10000). Given to heads that declare
+    # Need.REGION_MASKS; None otherwise.
     region_masks: Tensor | None = None
 
 

@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-PAD_REGION = 10000  # id of window padding in the reference (``F.pad(..., value=10000)``)
 MERGED_BASE = 10000  # merged regions take ids MERGED_BASE + cluster (the reference's offset)
 
 

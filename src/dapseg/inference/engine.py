@@ -81,6 +81,11 @@ class DenseEngine(nn.Module):
         return autocast_context(self.device, self.precision)
 
     @property
+    def needs_region_masks(self) -> bool:
+        """Whether the head (or plug-in) wants the region map of each window (Need.REGION_MASKS)."""
+        return Need.REGION_MASKS in self.needs
+
+    @property
     def needs_image_mean(self) -> bool:
         """Whether the head wants mean(S) over all windows of the image (mean_scope="image")."""
         return Need.AFFINITY_MEAN in self.needs
@@ -98,13 +103,15 @@ class DenseEngine(nn.Module):
 
     @torch.no_grad()
     def head_output(
-        self, windows01: Tensor, text: Tensor, *, vfm_out: VfmOutput | None = None, affinity_mean: Tensor | None = None
+        self, windows01: Tensor, text: Tensor, *, vfm_out: VfmOutput | None = None, affinity_mean: Tensor | None = None,
+        region_masks: Tensor | None = None,
     ) -> HeadOutput:
         """(B, 3, H, W) window pixels in [0, 1] -> the head's tokens (B, n, D), before LN_post / proj.
 
         ``text`` (Q, E) is only used by plug-ins that need the classes (FSA). ``vfm_out``: the VFM's
         output for these windows when already computed (``vfm_output``); ``affinity_mean``: mean(S)
-        over all windows of the image, for heads with mean_scope="image".
+        over all windows of the image, for heads with mean_scope="image"; ``region_masks``: (B, H, W)
+        int64 region map of each window (``HeadContext.region_masks``), for heads that need it.
         """
         windows01 = windows01.to(self.device)
         if vfm_out is None:
@@ -122,6 +129,7 @@ class DenseEngine(nn.Module):
                 x=x, grid=grid, block=self.clip.last_block, vfm_feats=vfm_feats, vfm_attn=vfm_attn, images=windows01,
                 affinity_mean=affinity_mean, layers=tuple(layers) if keep_all else None,
                 blocks=self.clip.blocks if keep_all else None,
+                region_masks=region_masks.to(self.device) if region_masks is not None else None,
             )
             to_embed = self.clip.head_tokens_to_embeddings
             return self.plugin(self.head, ctx, text, to_embed) if self.plugin is not None else self.head(ctx)
@@ -153,11 +161,13 @@ class DenseEngine(nn.Module):
 
     @torch.no_grad()
     def window_logits(
-        self, windows01: Tensor, text: Tensor, *, vfm_out: VfmOutput | None = None, affinity_mean: Tensor | None = None
+        self, windows01: Tensor, text: Tensor, *, vfm_out: VfmOutput | None = None, affinity_mean: Tensor | None = None,
+        region_masks: Tensor | None = None,
     ) -> Tensor:
         """(B, 3, H, W) -> (B, Q, H, W) cosine logits, bilinearly upsampled to the window size.
 
-        ``vfm_out`` and ``affinity_mean`` as in ``head_output``."""
-        out = self.head_output(windows01, text, vfm_out=vfm_out, affinity_mean=affinity_mean)
+        ``vfm_out``, ``affinity_mean`` and ``region_masks`` as in ``head_output``."""
+        out = self.head_output(windows01, text, vfm_out=vfm_out, affinity_mean=affinity_mean,
+                               region_masks=region_masks)
         logits = self.patch_logits(out.tokens, out.grid, text, out.branches)
         return F.interpolate(logits, size=windows01.shape[-2:], mode="bilinear", align_corners=False)

@@ -8,6 +8,10 @@ it declared (``Need``), and returns a callable
 
 giving cosine logits covering the processed image. ``whole`` and ``slide`` live here; ``splice``
 (splice-then-segment) registers itself from its own module.
+
+A strategy registered with ``extras={"region_masks": True}`` also takes ``region_masks=``: the
+image's region map (H, W) int64 resized to the processed image, which it crops and pads like the
+pixels of each window (padding: ``PAD_SENTINEL``) for heads that declare ``Need.REGION_MASKS``.
 """
 
 from __future__ import annotations
@@ -21,7 +25,15 @@ from torch import Tensor
 from dapseg.config import InferenceConfig
 from dapseg.heads.affinity import image_similarity_mean
 from dapseg.inference.engine import DenseEngine
-from dapseg.inference.windows import Window, WindowPadding, crop_windows, window_grid, window_padding
+from dapseg.inference.windows import (
+    Window,
+    WindowPadding,
+    crop_maps,
+    crop_windows,
+    window_grid,
+    window_padding,
+)
+from dapseg.masks.base import PAD_SENTINEL
 from dapseg.registry import STRATEGIES
 
 if TYPE_CHECKING:
@@ -78,32 +90,44 @@ def padded_window_logits(
     *,
     vfm_out: VfmOutput | None = None,
     affinity_mean: Tensor | None = None,
+    region_masks: Tensor | None = None,
 ) -> Tensor:
     """Window logits (B, Q, h, w), computed on windows padded to ``pad_multiple`` (and to at least one
     patch per side) and cropped back.
 
-    ``vfm_out`` / ``affinity_mean``: see ``image_affinity_mean``."""
+    ``vfm_out`` / ``affinity_mean``: see ``image_affinity_mean``. ``region_masks``: (B, h, w) region
+    maps of the windows, padded like them with ``PAD_SENTINEL``."""
     h, w = windows01.shape[-2:]
     pad = engine_padding(engine, h, w, pad_multiple)
+    # only when given: engines written for heads without masks need not know the keyword
+    masks = {"region_masks": pad.apply_map(region_masks, PAD_SENTINEL)} if region_masks is not None else {}
     logits = engine.window_logits(pad.apply(windows01, engine.clip.mean), text, vfm_out=vfm_out,
-                                  affinity_mean=affinity_mean)
+                                  affinity_mean=affinity_mean, **masks)
     return pad.crop_pixels(logits, (h, w))
 
 
-def whole(engine: DenseEngine, image01: Tensor, text: Tensor, cfg: InferenceConfig) -> Tensor:
-    """The whole image as one window."""
+def _window_masks(region_masks: Tensor | None, windows: list[Window]) -> Tensor | None:
+    return crop_maps(region_masks, windows) if region_masks is not None else None
+
+
+def whole(engine: DenseEngine, image01: Tensor, text: Tensor, cfg: InferenceConfig, *,
+          region_masks: Tensor | None = None) -> Tensor:
+    """The whole image as one window. ``region_masks``: (H, W) region map of the processed image."""
     _, h, w = image01.shape
-    mean, vfm_outs = image_affinity_mean(engine, image01, [Window(0, h, 0, w)], cfg)
+    window = [Window(0, h, 0, w)]
+    mean, vfm_outs = image_affinity_mean(engine, image01, window, cfg)
     return padded_window_logits(engine, image01[None], text, cfg.pad_multiple, vfm_out=vfm_outs[0],
-                                affinity_mean=mean)[0]
+                                affinity_mean=mean, region_masks=_window_masks(region_masks, window))[0]
 
 
-def slide(engine: DenseEngine, image01: Tensor, text: Tensor, cfg: InferenceConfig) -> Tensor:
+def slide(engine: DenseEngine, image01: Tensor, text: Tensor, cfg: InferenceConfig, *,
+          region_masks: Tensor | None = None) -> Tensor:
     """Segment-then-splice: window logits averaged where windows overlap.
 
     Windows go through the model ``max_batch`` at a time; a window's result does not depend on
     which others share its batch (heads normalise per window, or use the image-wide mean computed
-    beforehand over every window).
+    beforehand over every window). ``region_masks``: (H, W) region map of the processed image, cropped
+    per window like the pixels.
     """
     _, h, w = image01.shape
     windows = window_grid(h, w, cfg.crop, cfg.stride)
@@ -113,7 +137,8 @@ def slide(engine: DenseEngine, image01: Tensor, text: Tensor, cfg: InferenceConf
     for k, start in enumerate(range(0, len(windows), cfg.max_batch)):
         batch = windows[start : start + cfg.max_batch]
         out = padded_window_logits(engine, crop_windows(image01, batch), text, cfg.pad_multiple,
-                                   vfm_out=vfm_outs[k], affinity_mean=mean).cpu()
+                                   vfm_out=vfm_outs[k], affinity_mean=mean,
+                                   region_masks=_window_masks(region_masks, batch)).cpu()
         for win, win_logits in zip(batch, out, strict=True):
             logits[:, win.y1 : win.y2, win.x1 : win.x2] += win_logits
             count[:, win.y1 : win.y2, win.x1 : win.x2] += 1
@@ -121,5 +146,7 @@ def slide(engine: DenseEngine, image01: Tensor, text: Tensor, cfg: InferenceConf
 
 
 # Parameterless strategies: the builder returns the function itself.
-STRATEGIES.register("whole", description="the whole image as one window")(lambda: whole)
-STRATEGIES.register("slide", description="sliding windows, logits averaged where they overlap")(lambda: slide)
+STRATEGIES.register("whole", description="the whole image as one window",
+                    extras={"region_masks": True})(lambda: whole)
+STRATEGIES.register("slide", description="sliding windows, logits averaged where they overlap",
+                    extras={"region_masks": True})(lambda: slide)

@@ -73,6 +73,10 @@ class WindowPadding(NamedTuple):
         """(B, 3, h, w) windows padded with the colour ``fill`` (see ``pad_windows``)."""
         return pad_windows(windows01, tuple(self), fill)
 
+    def apply_map(self, maps: Tensor, fill: int) -> Tensor:
+        """(B, h, w) integer maps (e.g. region maps) padded like the pixels, with the value ``fill``."""
+        return F.pad(maps, tuple(self), value=fill) if any(self) else maps
+
     def crop_pixels(self, maps: Tensor, size: tuple[int, int]) -> Tensor:
         """(..., h + top + bottom, w + left + right) maps of the padded window -> (..., h, w)."""
         h, w = size
@@ -103,6 +107,11 @@ def window_padding(h: int, w: int, pad_multiple: int | None, min_side: int) -> W
 def crop_windows(image01: Tensor, windows: list[Window]) -> Tensor:
     """(3, H, W) -> (n, 3, h, w) stacked crops (all windows of a grid share one size)."""
     return torch.stack([image01[:, w.y1 : w.y2, w.x1 : w.x2] for w in windows])
+
+
+def crop_maps(maps: Tensor, windows: list[Window]) -> Tensor:
+    """(H, W) -> (n, h, w) stacked crops of a per-pixel map (e.g. the region map)."""
+    return torch.stack([maps[w.y1 : w.y2, w.x1 : w.x2] for w in windows])
 
 
 def pad_windows(windows01: Tensor, pad: tuple[int, int, int, int], fill: tuple[float, ...]) -> Tensor:

@@ -114,7 +114,7 @@ def _label_share(segmenter: Segmenter | None, job: LabelingJob, mine: list[Input
             try:
                 if item.error is not None:
                     raise item.error
-                result = segmenter.predict(item.image, job.classes)
+                result = segmenter.predict(item.image, job.classes, name=image.stem)  # the mirrored name
                 outputs = write_outputs(result, job.out, image, job.save, job.extra)
                 record = state.Record(name=image.rel, input=str(image.source), outputs=outputs, status="done",
                                       seconds=round(time.perf_counter() - t0, 3), pixel_share=result.pixel_shares())

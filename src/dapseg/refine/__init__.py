@@ -28,7 +28,9 @@ class RefineInput:
     query_to_class: list[int]  # query index -> class index
     logit_scale: float
     prob_thd: float
-    region_masks: Tensor | None = None  # (H, W) int64 region map of the image (Need.REGION_MASKS)
+    # (H, W) int64 region map of the image from the mask generator (its lowest value: the pixels no
+    # mask covers); None without a `masks:` section
+    region_masks: Tensor | None = None
 
     @cached_property
     def probs(self) -> Tensor:
