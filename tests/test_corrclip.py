@@ -378,3 +378,71 @@ def test_corrclip_takes_no_plugin_and_has_no_fsa_preset():
         load_preset("corrclip", {"fsa.enabled": True})
     with pytest.raises(ValueError, match="takes no plug-in"):
         load_preset("proxyclip-fsa", {"head.name": "corrclip", "head.params": {}})
+
+
+# ----------------------------------------------------------------------------- end to end (tiny models)
+
+SMALL = {"inference.short_side": 48, "inference.crop": 48, "inference.stride": 32, "templates": "simple_imagenet"}
+
+
+def write_masks(folder, image: np.ndarray, stem: str, seed: int = 0) -> np.ndarray:
+    """A region map for ``image`` in the reference's released format (<stem>.npz, instance_mask)."""
+    from skimage.segmentation import slic
+
+    seg = slic(image, n_segments=12, compactness=10, start_label=1)
+    seg[seg % 4 == 0] = 0  # some pixels no mask covers
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(folder / f"{stem}.npz", instance_mask=seg.astype(np.int32))
+    return seg
+
+
+def test_corrclip_preset_end_to_end_batch_equals_one_by_one(tmp_path):
+    from skimage import data
+
+    from dapseg.api import Segmenter
+
+    image = np.ascontiguousarray(data.chelsea()[::4, ::4])  # (75, 113, 3): short side 48 -> 3 windows
+    seg = write_masks(tmp_path, image, "cat")
+    masks = {"masks": {"name": "folder", "params": {"root": str(tmp_path)}}}
+    one = Segmenter.from_preset("corrclip", random_weights=True, tiny=True, device="cpu",
+                                overrides={**SMALL, **masks, "inference.max_batch": 1})
+    batched = one.derive({"inference.max_batch": 8})
+    a = one.predict(image, ["cat", "wall", "floor"], name="cat")
+    b = batched.predict(image, ["cat", "wall", "floor"], name="cat")
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(a.logits).all() and a.labels.shape == image.shape[:2]
+    for v in np.unique(seg)[1:]:  # map correction: one label per region but the lowest
+        assert a.labels[torch.from_numpy(seg == v)].unique().numel() == 1
+    raw = one.derive({"refine.name": "none"}).predict(image, ["cat", "wall", "floor"], name="cat")
+    torch.testing.assert_close(raw.logits, a.logits)
+    torch.testing.assert_close(a.labels, naive_map_correction(raw.labels, torch.from_numpy(seg).long()),
+                               rtol=0, atol=0)
+
+
+def test_segment_and_eval_run_corrclip_with_a_masks_dir(tmp_path, capsys):
+    from PIL import Image
+    from skimage import data
+
+    from dapseg.cli import main
+    from eval_synth import make_dataset
+
+    image = np.ascontiguousarray(data.coffee()[::8, ::8])
+    Image.fromarray(image).save(tmp_path / "mug.png")
+    write_masks(tmp_path / "masks", image, "mug")
+    fast = ["--random-weights", "--tiny", "--masks-dir", str(tmp_path / "masks"), "--workers", "0",
+            *[a for k, v in SMALL.items() for a in ("--set", f"{k}={v}")]]
+    rc = main(["segment", str(tmp_path / "mug.png"), "--preset", "corrclip", "--classes", "cup, table",
+               "--out", str(tmp_path / "out"), *fast])
+    assert rc == 0, capsys.readouterr().err
+    assert (tmp_path / "out" / "mug_labels.png").is_file()
+
+    images = make_dataset(tmp_path / "data", "voc21", n=2, seed=3)
+    from dapseg.data.spec import load_dataset_spec
+
+    spec = load_dataset_spec("voc21")
+    for stem in images:
+        pixels = np.asarray(Image.open(tmp_path / "data" / spec.root / spec.img_dir / f"{stem}{spec.img_suffix}"))
+        write_masks(tmp_path / "masks", pixels, stem)
+    rc = main(["eval", "--preset", "corrclip", "--dataset", "voc21", "--data-root", str(tmp_path / "data"),
+               "--work-dir", str(tmp_path / "w"), "--no-progress", *fast])
+    assert rc == 0, capsys.readouterr().err

@@ -2,7 +2,7 @@
 
 A region map gives every pixel (or patch) of a window an integer id; the lowest id of a window is
 the union of the pixels no mask covers (the region generators' encoding), and window padding holds
-a sentinel id (``PAD_REGION``, above every real id). Shapes: B windows, (h', w') a patch grid,
+a sentinel id (10000, above every real id). Shapes: B windows, (h', w') a patch grid,
 N' = h'·w' patches, R regions of one window, C feature channels.
 
 Facts from the public reference (zdk258/CorrCLIP, ``CorrCLIPv1/open_clip/transformer.py``):
