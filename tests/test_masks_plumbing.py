@@ -242,3 +242,16 @@ def test_masks_dir_is_the_folder_generator(tmp_path):
     args = parser.parse_args(["--preset", "naclip", "--masks-dir", str(tmp_path)])
     cfg = config_from_args(args)
     assert cfg.masks.name == "folder" and cfg.masks.params == {"root": tmp_path, "key": "instance_mask"}
+
+
+def test_bench_times_the_masks_as_their_own_stage(toys):
+    from dapseg.bench.stages import STAGES, StageTimer
+
+    seg = _segmenter(**{"inference.mode": "whole", "inference.short_side": 32})
+    image = np.ascontiguousarray(data.coffee()[::12, ::12])
+    timer = StageTimer()
+    with timer.active(seg):
+        seg.predict(image, CLASSES)
+    assert "masks" in STAGES and timer.calls["masks"] == 1 and timer.seconds["masks"] >= 0
+    assert timer.calls["head"] >= 1
+    assert seg.models.mask_generator.__class__ is CountingMasks  # the wrapper is gone afterwards

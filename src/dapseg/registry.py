@@ -208,7 +208,7 @@ REFINERS: Registry[Any] = Registry(
 )
 PLUGINS: Registry[Any] = Registry("plug-in", builtins=["dapseg.plugins.fsa"])
 MASK_GENERATORS: Registry[Any] = Registry(
-    "mask generator", builtins=[f"dapseg.masks.{m}" for m in ("folder",)]
+    "mask generator", builtins=[f"dapseg.masks.{m}" for m in ("folder", "sam", "sam2", "mask2former", "eomt")]
 )
 VFM_FAMILIES: Registry[Any] = Registry(
     "VFM family", builtins=[f"dapseg.models.vfm.{m}" for m in ("dino", "dinov2", "dinov3", "mae", "sam", "sd")]

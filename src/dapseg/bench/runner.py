@@ -96,6 +96,9 @@ def model_params(segmenter: Any) -> dict[str, int]:
         out["vfm"] = count_params(segmenter.vfm)
     if segmenter.sam is not None:
         out["sam"] = count_params(segmenter.sam)
+    masks = getattr(segmenter.models, "mask_generator", None)
+    if isinstance(getattr(masks, "model", None), torch.nn.Module):
+        out["masks"] = count_params(masks.model)
     head = count_params(segmenter.head)
     if head:
         out["head"] = head

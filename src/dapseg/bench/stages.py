@@ -27,8 +27,10 @@ from dapseg.bench.probe import synchronize
 
 # stage -> the functions whose (exclusive) time is that stage's, in the order of the table printed.
 FUNCTION_STAGES: dict[str, tuple[str, ...]] = {
-    "clip_blocks": ("dapseg.models.clip:DenseClip.tokens_before_last_block",
-                    "dapseg.models.clip:DenseClip.tokens_entering_blocks"),
+    "clip_blocks": (
+        "dapseg.models.clip:DenseClip.tokens_before_last_block",
+        "dapseg.models.clip:DenseClip.tokens_entering_blocks",  # what the engine calls since Need.CLIP_LAYERS
+    ),
     "vfm": ("dapseg.models.vfm.base:VisionFoundationModel.forward",),
     "head": (
         "dapseg.inference.engine:DenseEngine.head_output",
@@ -43,8 +45,9 @@ FUNCTION_STAGES: dict[str, tuple[str, ...]] = {
     "stitching": ("dapseg.api:Segmenter.coarse_logits",),
     "postprocess": ("dapseg.api:Segmenter.predict",),
 }
-# stage -> an attribute of the Segmenter *instance* that is called per image (closures, not importable).
-INSTANCE_STAGES: dict[str, str] = {"refinement": "refiner"}
+# stage -> an attribute of the Segmenter *instance* (dotted: of an object it holds) that is called per
+# image (closures, not importable). ``masks``: the region-mask generator, once per image.
+INSTANCE_STAGES: dict[str, str] = {"masks": "models.mask_generator", "refinement": "refiner"}
 STAGES: tuple[str, ...] = (*FUNCTION_STAGES, *INSTANCE_STAGES)
 
 
@@ -122,10 +125,14 @@ class StageTimer:
                         continue
                     undo.append(_patch(owner, attr, self.wrap(stage, getattr(owner, attr))))
             if segmenter is not None:
-                for stage, attr in INSTANCE_STAGES.items():
-                    fn = getattr(segmenter, attr, None)
+                for stage, path in INSTANCE_STAGES.items():
+                    *parents, attr = path.split(".")
+                    owner = segmenter
+                    for name in parents:
+                        owner = getattr(owner, name, None)
+                    fn = getattr(owner, attr, None) if owner is not None else None
                     if callable(fn):
-                        undo.append(_patch(segmenter, attr, self.wrap(stage, fn)))
+                        undo.append(_patch(owner, attr, self.wrap(stage, fn)))
             yield self
         finally:
             for restore in reversed(undo):

@@ -64,6 +64,17 @@ def build_mask_generator(
     return entry.builder(p, build=build) if entry.params is not None else entry.builder(build=build)
 
 
+def import_for(module: str, generator: str) -> Any:
+    """``module`` for mask generator ``generator``; a clear RuntimeError naming the extra when missing."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise RuntimeError(f"mask generator {generator!r} needs the {module.split('.')[0]} package: "
+                           "pip install 'dapseg[masks]'") from e
+
+
 def check_region_map(arr: Any, size: tuple[int, int], what: str) -> Tensor:
     """``arr`` (an array read back from a file or given by a model) as an (H, W) int64 region map,
     checked: 2-D, integer, of the image's ``size``, values below ``PAD_SENTINEL``. Errors name ``what``."""
