@@ -446,3 +446,19 @@ def test_segment_and_eval_run_corrclip_with_a_masks_dir(tmp_path, capsys):
     rc = main(["eval", "--preset", "corrclip", "--dataset", "voc21", "--data-root", str(tmp_path / "data"),
                "--work-dir", str(tmp_path / "w"), "--no-progress", *fast])
     assert rc == 0, capsys.readouterr().err
+
+
+def test_corrclip_preset_runs_with_its_own_sam2_generator():
+    """The preset as shipped (SAM 2 masks computed once per image), tiny SAM 2 with 4 prompts."""
+    from skimage import data
+
+    from dapseg.api import Segmenter
+    from test_masks_generators import require
+
+    require("sam2")  # a visible skip outside CI when the `masks` extra is missing, a failure under CI
+    image = np.ascontiguousarray(data.coffee()[::8, ::8])
+    seg = Segmenter.from_preset("corrclip", random_weights=True, tiny=True, device="cpu",
+                                overrides={**SMALL, "masks.params.points_per_side": 2})
+    assert seg.config.masks.name == "sam2" and seg.config.refine.name == "map_correction"
+    out = seg.predict(image, ["cup", "table"])
+    assert out.labels.shape == image.shape[:2] and torch.isfinite(out.logits).all()
