@@ -9,7 +9,15 @@ import torch
 from torch import nn
 
 from dapseg.api import PrebuiltModels, Segmenter
-from dapseg.config import ClipConfig, PluginConfig, SegmenterConfig, VfmConfig, list_presets, load_preset
+from dapseg.config import (
+    ClipConfig,
+    PluginConfig,
+    SegmenterConfig,
+    VfmConfig,
+    head_refuses_plugins,
+    list_presets,
+    load_preset,
+)
 from dapseg.heads.base import Attention, Head, HeadContext, HeadOutput
 from dapseg.plugins.fsa import (
     FsaParams,
@@ -383,8 +391,10 @@ def test_apply_head_uses_the_heads_own_output_when_not_reduced():
 
 # ----------------------------------------------------------------------------- every preset, end to end
 
-# Stitched presets take no plug-in and have no -fsa twin (tests/test_stitch.py checks both).
-BASE_PRESETS = [p for p in list_presets() if not p.endswith("-fsa") and load_preset(p).inference.mode != "stitch"]
+# Stitched presets and heads that refuse plug-ins (corrclip) take no plug-in and have no -fsa twin
+# (tests/test_stitch.py and tests/test_corrclip.py check both).
+BASE_PRESETS = [p for p in list_presets() if not p.endswith("-fsa") and load_preset(p).inference.mode != "stitch"
+                and not head_refuses_plugins(load_preset(p).head.name)]
 
 
 def expected_lambda(config: SegmenterConfig) -> float:

@@ -55,26 +55,23 @@ def make_ctx(needs: frozenset[Need], batch: int = 2, seed: int = 0) -> HeadConte
     """A context holding only what ``needs`` asks for: an undeclared need is absent (None)."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    block = ResidualAttentionBlock(d_model=D, n_head=N_HEADS, batch_first=True).eval()
+    blocks = torch.nn.ModuleList(ResidualAttentionBlock(d_model=D, n_head=N_HEADS, batch_first=True).eval()
+                                 for _ in range(3))
     grid, vgrid = (3, 4), (5, 6)
-    x = torch.randn(batch, 1 + grid[0] * grid[1], D, generator=g)
-    layers = blocks = None
-    if Need.CLIP_LAYERS in needs:  # three blocks: x enters the last, after two others
-        blocks = torch.nn.ModuleList([ResidualAttentionBlock(d_model=D, n_head=N_HEADS, batch_first=True).eval()
-                                      for _ in range(2)] + [block])
-        with torch.no_grad():
-            layers = (x, blocks[0](x), blocks[1](blocks[0](x)))
-        x = layers[-1]
+    layers = [torch.randn(batch, 1 + grid[0] * grid[1], D, generator=g)]
+    with torch.no_grad():
+        for blk in blocks[:-1]:
+            layers.append(blk(layers[-1]))
     return HeadContext(
-        x=x,
+        x=layers[-1],
         grid=grid,
-        block=block,
-        layers=layers,
-        blocks=blocks,
+        block=blocks[-1],
         vfm_feats=torch.randn(batch, 8, *vgrid, generator=g) if Need.VFM_FEATURES in needs else None,
         vfm_attn=(torch.rand(batch, 2, vgrid[0] * vgrid[1], vgrid[0] * vgrid[1], generator=g).softmax(-1)
                   if Need.VFM_ATTENTION in needs else None),
         images=torch.rand(batch, 3, 48, 64, generator=g) if Need.WINDOW_PIXELS in needs else None,
+        layers=tuple(layers) if Need.CLIP_LAYERS in needs else None,
+        blocks=blocks if Need.CLIP_LAYERS in needs else None,
         # region maps at the windows' pixel size, lowest value 0 = no mask, a padded border (sentinel)
         region_masks=(torch.nn.functional.pad(torch.randint(0, 4, (batch, 44, 60), generator=g), (2, 2, 2, 2),
                                               value=10000) if Need.REGION_MASKS in needs else None),
@@ -84,9 +81,9 @@ def make_ctx(needs: frozenset[Need], batch: int = 2, seed: int = 0) -> HeadConte
 def _one(ctx: HeadContext, b: int) -> HeadContext:
     pick = (lambda t: None if t is None else t[b : b + 1])
     return HeadContext(x=ctx.x[b : b + 1], grid=ctx.grid, block=ctx.block, vfm_feats=pick(ctx.vfm_feats),
-                       vfm_attn=pick(ctx.vfm_attn), images=pick(ctx.images), blocks=ctx.blocks,
+                       vfm_attn=pick(ctx.vfm_attn), images=pick(ctx.images),
                        layers=None if ctx.layers is None else tuple(t[b : b + 1] for t in ctx.layers),
-                       region_masks=pick(ctx.region_masks))
+                       blocks=ctx.blocks, region_masks=pick(ctx.region_masks))
 
 
 # ----------------------------------------------------------------------------- every registry
@@ -195,7 +192,8 @@ def test_refiner_returns_what_it_decides_in_the_right_shapes(name, sam):
     logits = torch.from_numpy(rng.normal(0, 0.05, (4, 40, 56))).float()
     text = (torch.nn.functional.normalize(torch.randn(4, E, generator=torch.Generator().manual_seed(0)), dim=-1)
             if Need.CLASS_TEXT in entry.needs_for({}) else None)  # the query embeddings, when declared
-    out = refiner(RefineInput(image, logits, q2c, logit_scale=40.0, prob_thd=0.0, text=text))
+    regions = torch.randint(0, 5, (40, 56)) if Need.REGION_MASKS in entry.needs_for({}) else None
+    out = refiner(RefineInput(image, logits, q2c, logit_scale=40.0, prob_thd=0.0, text=text, region_masks=regions))
     assert isinstance(out, Refined) and (out.logits is not None or out.probs is not None)
     if out.logits is not None:
         assert out.logits.shape == logits.shape and torch.isfinite(out.logits).all()

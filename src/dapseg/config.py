@@ -188,6 +188,13 @@ class SegmenterConfig(_Strict):
             raise ValueError(f"at most one plug-in can rework the head, got {names}")
         return v
 
+    @model_validator(mode="after")
+    def _head_takes_plugins(self) -> SegmenterConfig:
+        refusal = head_refuses_plugins(self.head.name)
+        if self.plugins and refusal:
+            raise ValueError(f"head {self.head.name!r} takes no plug-in ({self.plugins[0].name!r} given): {refusal}")
+        return self
+
     def plugin(self, name: str) -> PluginConfig | None:
         """The configured plug-in ``name``, or None when it is not enabled."""
         return next((p for p in self.plugins if p.name == name), None)
@@ -199,6 +206,11 @@ class SegmenterConfig(_Strict):
         data = self.model_dump()
         apply_overrides(data, overrides)
         return SegmenterConfig.model_validate(data)
+
+
+def head_refuses_plugins(head: str) -> str | None:
+    """Why head ``head`` takes no plug-in (its registry entry's ``no_plugins`` extra), or None."""
+    return HEADS.get(head).extras.get("no_plugins") if head in HEADS else None
 
 
 # ----------------------------------------------------------------------------- overrides
@@ -366,6 +378,8 @@ def _derived_presets(raw: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]
         resolved = _resolve(name, raw)
         plugins = resolved.get("plugins") or []
         if resolved.get("inference", {}).get("mode") == "stitch" or any(p.get("name") == "fsa" for p in plugins):
+            continue
+        if head_refuses_plugins((resolved.get("head") or {}).get("name", HeadConfig().name)):
             continue
         description = f"{raw[name].get('description', name)} + FSA feedback attention"
         derived[f"{name}-fsa"] = {"base": name, "plugins": [*plugins, {"name": "fsa"}], "description": description}

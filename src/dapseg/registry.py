@@ -222,7 +222,8 @@ def _origin(obj: Any) -> str:
 HEADS: Registry[Any] = Registry(
     "head",
     builtins=[
-        f"dapseg.heads.{m}" for m in ("vanilla", "maskclip", "sclip", "naclip", "proxy", "dap", "pearl", "scclip")
+        f"dapseg.heads.{m}"
+        for m in ("vanilla", "maskclip", "sclip", "naclip", "proxy", "dap", "pearl", "scclip", "corrclip")
     ],
 )
 STRATEGIES: Registry[Any] = Registry(
@@ -231,7 +232,8 @@ STRATEGIES: Registry[Any] = Registry(
 )
 REFINERS: Registry[Any] = Registry(
     "refiner",
-    builtins=["dapseg.refine.pamr", "dapseg.refine.sam_prompt", "dapseg.refine.sam_vote", "dapseg.refine.pearl_prop"],
+    builtins=["dapseg.refine.pamr", "dapseg.refine.sam_prompt", "dapseg.refine.sam_vote", "dapseg.refine.pearl_prop",
+              "dapseg.refine.map_correction"],
     none_name="none",
 )
 PLUGINS: Registry[Any] = Registry("plug-in", builtins=["dapseg.plugins.fsa"])

@@ -36,8 +36,9 @@ FUNCTION_STAGES: dict[str, tuple[str, ...]] = {
         "dapseg.inference.engine:DenseEngine.head_output",
         "dapseg.inference.engine:DenseEngine.patch_logits",
     ),
-    # DAP's region maps (SLIC, k-means or SAM masks, pooled onto the VFM grid), per window and stitched
-    "regions": ("dapseg.heads.dap:DapHead.region_labels",),
+    # DAP's region maps (SLIC, k-means or SAM masks, pooled onto the VFM grid), per window and stitched;
+    # CorrCLIP's region maps on the VFM grid with mask merging (DBSCAN), per window
+    "regions": ("dapseg.heads.dap:DapHead.region_labels", "dapseg.heads.corrclip:CorrclipHead.regions"),
     # SC-CLIP's outlier score over the patch tokens of each window (its anomaly tokens)
     "outliers": ("dapseg.heads.scclip:ScclipHead.outliers",),
     "sam": ("dapseg.inference.splice:encode_image",),

@@ -64,6 +64,9 @@ class HeadOutput:
     tokens: Tensor  # (B, n, D) patch tokens before LN_post / proj, n = grid[0] * grid[1]
     grid: tuple[int, int]
     attention: Attention | None = None  # what produced the tokens, for plug-ins and inspection
+    # Further branches fused after LN_post: (weight, tokens (B, n, D)) each; the embeddings are
+    # proj(LN_post(tokens) + Σ weight · LN_post(branch tokens)) (CorrCLIP). Empty for most heads.
+    branches: tuple[tuple[float, Tensor], ...] = ()
 
 
 def split_heads(t: Tensor, num_heads: int) -> Tensor:

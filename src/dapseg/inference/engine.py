@@ -135,24 +135,29 @@ class DenseEngine(nn.Module):
             return self.plugin(self.head, ctx, text, to_embed) if self.plugin is not None else self.head(ctx)
 
     @torch.no_grad()
-    def embeddings(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
-        """Head tokens (B, n, D) on an (h, w) grid -> ℓ2-normalised embeddings (B, E, h, w) (LN_post, proj)."""
+    def embeddings(
+        self, tokens: Tensor, grid: tuple[int, int], branches: tuple[tuple[float, Tensor], ...] = ()
+    ) -> Tensor:
+        """Head tokens (B, n, D) on an (h, w) grid -> ℓ2-normalised embeddings (B, E, h, w) (LN_post, proj;
+        ``branches``: ``HeadOutput.branches``, fused after LN_post)."""
         with self.autocast():
-            emb = self.clip.head_tokens_to_embeddings(tokens.to(self.device)).float()  # (B, n, E)
+            emb = self.clip.head_tokens_to_embeddings(tokens.to(self.device), branches).float()  # (B, n, E)
         return F.normalize(emb, dim=-1).transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
 
     @torch.no_grad()
-    def patch_logits(self, tokens: Tensor, grid: tuple[int, int], text: Tensor) -> Tensor:
+    def patch_logits(
+        self, tokens: Tensor, grid: tuple[int, int], text: Tensor, branches: tuple[tuple[float, Tensor], ...] = ()
+    ) -> Tensor:
         """Head tokens (B, n, D) -> cosine logits (B, Q, h, w) against ``text`` (Q, E): the one place
         tokens become class scores (slide, whole and splice all end here)."""
-        emb = self.embeddings(tokens, grid)
+        emb = self.embeddings(tokens, grid, branches)
         return torch.einsum("behw,qe->bqhw", emb, text.to(emb))
 
     @torch.no_grad()
     def embed(self, windows01: Tensor, text: Tensor) -> Tensor:
         """(B, 3, H, W) window pixels in [0, 1] -> (B, E, h, w) ℓ2-normalised patch embeddings."""
         out = self.head_output(windows01, text)
-        return self.embeddings(out.tokens, out.grid)
+        return self.embeddings(out.tokens, out.grid, out.branches)
 
     @torch.no_grad()
     def window_logits(
@@ -164,5 +169,5 @@ class DenseEngine(nn.Module):
         ``vfm_out``, ``affinity_mean`` and ``region_masks`` as in ``head_output``."""
         out = self.head_output(windows01, text, vfm_out=vfm_out, affinity_mean=affinity_mean,
                                region_masks=region_masks)
-        logits = self.patch_logits(out.tokens, out.grid, text)
+        logits = self.patch_logits(out.tokens, out.grid, text, out.branches)
         return F.interpolate(logits, size=windows01.shape[-2:], mode="bilinear", align_corners=False)

@@ -93,6 +93,9 @@ def window_features(
         batch = windows[start : start + cfg.max_batch]
         crops = pad.apply(crop_windows(image01, batch), engine.clip.mean)
         out = engine.head_output(crops, text, vfm_out=vfm_outs[k], affinity_mean=mean)
+        if out.branches:  # the spliced map holds one set of tokens before LN_post
+            raise ValueError(f"inference.mode=splice cannot splice head {engine.head.name!r}: it fuses several "
+                             "branches after LN_post; use inference.mode=slide or whole")
         gh, gw = out.grid
         maps = out.tokens.float().transpose(1, 2).reshape(len(batch), -1, gh, gw)  # (B, D, gh, gw)
         maps, cell = pad.crop_cells(maps, (wh, ww))  # cell: pixels per feature cell (the head grid's patch)

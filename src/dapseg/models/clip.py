@@ -135,9 +135,14 @@ class DenseClip(nn.Module):
             layers = [t.transpose(0, 1) for t in layers]
         return layers, grid
 
-    def head_tokens_to_embeddings(self, tokens: Tensor) -> Tensor:
-        """(B, n, D) head output -> (B, n, E) in the joint space (LN_post, proj)."""
+    def head_tokens_to_embeddings(self, tokens: Tensor, branches: tuple[tuple[float, Tensor], ...] = ()) -> Tensor:
+        """(B, n, D) head output -> (B, n, E) in the joint space (LN_post, proj).
+
+        ``branches``: (weight, tokens (B, n, D)) fused after LN_post, before proj
+        (``HeadOutput.branches``): proj(LN_post(tokens) + Σ weight · LN_post(branch))."""
         x = self.visual.ln_post(tokens)
+        for weight, branch in branches:
+            x = x + self.visual.ln_post(branch.to(x.device)) * weight
         return x @ self.visual.proj if self.visual.proj is not None else x
 
     @torch.no_grad()

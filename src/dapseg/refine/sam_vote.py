@@ -27,6 +27,7 @@ from torch import Tensor
 
 from dapseg.postprocess import UNLABELED
 from dapseg.refine import Refined, RefineInput, Refiner
+from dapseg.refine.votes import class_counts, majority_class
 from dapseg.registry import REFINERS, Need
 
 # image (H, W, 3) uint8 -> class-agnostic masks, each (H, W) bool
@@ -65,8 +66,7 @@ def vote_masks(labels: Tensor, probs: Tensor, masks: Sequence[Tensor], vote: str
         if m.shape != labels.shape:
             raise ValueError(f"sam_vote: mask {i} is {tuple(m.shape)}, the labels {tuple(labels.shape)}")
         if vote == "majority":
-            # shifted by one so UNLABELED (-1) counts too; first maximum: lowest class (unlabeled first)
-            cls = torch.bincount(labels[m] + 1, minlength=num_classes + 1).argmax() - 1
+            cls = majority_class(class_counts(labels[m], num_classes))
         else:
             mean = probs[:, m].float().mean(dim=1)  # (C,)
             cls = mean.argmax()

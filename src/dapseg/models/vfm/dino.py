@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dapseg.models.vfm.base import VfmFamily, register_family, specs_from
 from dapseg.models.vfm.sources import TimmHubFile
-from dapseg.models.vfm.vit import TINY_VIT, make_timm_vit, vit_checkpoint_filter, wrap_vit
+from dapseg.models.vfm.vit import TINY_VIT, VitParams, make_timm_vit, vit_checkpoint_filter, wrap_vit
 
 SPECS = specs_from("dino", [
     {"name": "dino_vits8", "arch": "vit_small_patch8_224", "patch_size": 8,
@@ -24,4 +24,4 @@ SPECS = specs_from("dino", [
 ], pos_offset=0.1)
 
 FAMILY = register_family(VfmFamily("dino", SPECS, make_timm_vit, vit_checkpoint_filter, wrap_vit,
-                                    weights=TimmHubFile()), "DINO ViT (ProxyCLIP's default family)")
+                                    weights=TimmHubFile(), params=VitParams), "DINO ViT (ProxyCLIP's default family)")

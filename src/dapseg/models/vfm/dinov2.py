@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dapseg.models.vfm.base import VfmFamily, register_family, specs_from
 from dapseg.models.vfm.sources import TimmHubFile
-from dapseg.models.vfm.vit import TINY_VIT, make_timm_vit, vit_checkpoint_filter, wrap_vit
+from dapseg.models.vfm.vit import TINY_VIT, VitParams, make_timm_vit, vit_checkpoint_filter, wrap_vit
 
 SPECS = specs_from("dinov2", [
     {"name": "dinov2_vitb14", "arch": "vit_base_patch14_dinov2", "patch_size": 14,
@@ -20,4 +20,4 @@ SPECS = specs_from("dinov2", [
 ])
 
 FAMILY = register_family(VfmFamily("dinov2", SPECS, make_timm_vit, vit_checkpoint_filter, wrap_vit,
-                                    weights=TimmHubFile()), "DINOv2 ViT")
+                                    weights=TimmHubFile(), params=VitParams), "DINOv2 ViT")

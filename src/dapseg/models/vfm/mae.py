@@ -10,7 +10,14 @@ from torch import nn
 
 from dapseg.models.vfm.base import FamilyTraits, VfmFamily, VfmSpec, VisionFoundationModel, register_family, specs_from
 from dapseg.models.vfm.sources import TimmHubFile
-from dapseg.models.vfm.vit import TINY_VIT, TimmVitVfm, make_timm_vit, resize_pos_embed_mae, vit_checkpoint_filter
+from dapseg.models.vfm.vit import (
+    TINY_VIT,
+    TimmVitVfm,
+    VitParams,
+    make_timm_vit,
+    resize_pos_embed_mae,
+    vit_checkpoint_filter,
+)
 
 SPECS = specs_from("mae", [
     {"name": "mae_vitb16", "arch": "vit_base_patch16_224", "patch_size": 16,
@@ -19,16 +26,16 @@ SPECS = specs_from("mae", [
 ])
 
 
-def wrap_mae(spec: VfmSpec, module: nn.Module, params: object, window_size: int) -> VisionFoundationModel:
+def wrap_mae(spec: VfmSpec, module: nn.Module, params: VitParams | None, window_size: int) -> VisionFoundationModel:
     """Built at the window size: the (checkpoint's) position grid is resized once, MAE-style."""
     grid = window_size // spec.patch_size
     module.pos_embed = nn.Parameter(resize_pos_embed_mae(module.pos_embed.data, module.num_prefix_tokens, grid))
-    return TimmVitVfm(spec, module, window_size=window_size)
+    return TimmVitVfm(spec, module, window_size=window_size, features=(params or VitParams()).features)
 
 
 # FSA's reference takes λ = 4.5 whenever the VFM is MAE, whatever the CLIP.
 FAMILY = register_family(
-    VfmFamily("mae", SPECS, make_timm_vit, vit_checkpoint_filter, wrap_mae, weights=TimmHubFile(),
+    VfmFamily("mae", SPECS, make_timm_vit, vit_checkpoint_filter, wrap_mae, weights=TimmHubFile(), params=VitParams,
               traits=FamilyTraits(built_at_window_size=True, fsa_lambda=4.5)),
     "MAE ViT, built at the window size",
 )

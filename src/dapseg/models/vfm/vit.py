@@ -5,20 +5,40 @@ DINO / DINOv2 code does it differently (DINO and plain DINOv2: bicubic with a *s
 (h' + 0.1) / M, no antialias; DINOv2 with registers: bicubic to the size, antialiased). So this
 module runs its own forward over timm's submodules (patch_embed.proj, cls/reg tokens, blocks,
 norm) and does the official interpolation itself; the blocks are timm's, unchanged.
+
+``vfm.params.features`` (DINO, DINOv2, MAE) chooses what ``feats`` holds: ``output`` (the default,
+as ProxyCLIP) is the last block's output after the final norm; ``qk`` is q + k of the last block's
+attention (its qkv projection of norm1(x), summed before the split into heads), as CorrCLIP takes
+its correlation features (its reference hooks ``blocks[-1].attn.qkv`` and adds the q and k thirds).
+Both drop the prefix tokens (CLS, registers).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import timm
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from dapseg.models.vfm.base import VfmOutput, VfmSpec, VisionFoundationModel
 
 TINY_VIT = {"embed_dim": 32, "depth": 2, "num_heads": 2}  # the tiny test variant of every timm ViT
+
+VitFeatures = Literal["output", "qk"]
+
+
+class VitParams(BaseModel):
+    """``vfm.params`` of the timm ViT families (DINO, DINOv2, MAE)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    features: VitFeatures = Field(
+        "output", description="output: last block after the final norm (ProxyCLIP); "
+        "qk: q + k of the last block's attention, before the head split (CorrCLIP)")
 
 
 def interpolate_patch_pos(
@@ -80,12 +100,16 @@ def patch_softmax(logits: torch.Tensor, num_prefix: int) -> torch.Tensor:
 class TimmVitVfm(VisionFoundationModel):
     """DINO / DINOv2 / MAE over a timm ``VisionTransformer`` (``self.vit``)."""
 
-    def __init__(self, spec: VfmSpec, vit: torch.nn.Module, *, window_size: int | None = None) -> None:
+    def __init__(
+        self, spec: VfmSpec, vit: torch.nn.Module, *, window_size: int | None = None, features: VitFeatures = "output"
+    ) -> None:
         """``window_size``: the model is built at that size and every input is resized to it (MAE:
-        the reference resizes every window to slide_crop²); None: inputs are fed at their own size."""
+        the reference resizes every window to slide_crop²); None: inputs are fed at their own size.
+        ``features``: what ``feats`` holds (``VitParams``)."""
         super().__init__(spec, embed_dim=vit.embed_dim, num_heads=vit.blocks[-1].attn.num_heads)
         self.vit = vit
         self.window_size = window_size
+        self.features = features
 
     def input_size(self, height: int, width: int) -> tuple[int, int]:
         if self.window_size is not None:
@@ -132,7 +156,11 @@ class TimmVitVfm(VisionFoundationModel):
         attn = None
         if return_attn:
             attn = patch_softmax(vit_attn_logits(vit.blocks[-1], t)[0], vit.num_prefix_tokens)
-        t = vit.norm(vit.blocks[-1](t))  # final norm, as get_intermediate_layers / MAE's norm(x[:, 1:])
+        if self.features == "qk":
+            q, k, _ = vit.blocks[-1].attn.qkv(vit.blocks[-1].norm1(t)).chunk(3, dim=-1)  # (B, T, C) each
+            t = q + k  # before the head split (and before any q/k norm), as CorrCLIP's hook sees it
+        else:
+            t = vit.norm(vit.blocks[-1](t))  # final norm, as get_intermediate_layers / MAE's norm(x[:, 1:])
         patches = t[:, vit.num_prefix_tokens :]  # (B, h·w, C), CLS / registers dropped
         feats = patches.transpose(1, 2).reshape(x.shape[0], -1, h, w)
         return VfmOutput(feats, attn)
@@ -175,6 +203,6 @@ def vit_checkpoint_filter(sd: dict[str, torch.Tensor], module: nn.Module) -> dic
     return checkpoint_filter_fn(sd, module)
 
 
-def wrap_vit(spec: VfmSpec, module: nn.Module, params: object, window_size: int) -> VisionFoundationModel:
+def wrap_vit(spec: VfmSpec, module: nn.Module, params: VitParams | None, window_size: int) -> VisionFoundationModel:
     """A ViT fed at each window's own size (DINO, DINOv2)."""
-    return TimmVitVfm(spec, module)
+    return TimmVitVfm(spec, module, features=(params or VitParams()).features)
