@@ -405,7 +405,7 @@ def test_sigterm_mid_eval_keeps_progress_and_resuming_gives_the_same_result(slow
 
     # the same command again finishes the rest; the result is that of an uninterrupted run
     rc, out, _ = run_main(capsys, args)
-    assert rc == 0 and "naclip on voc21 (8 images)" in out
+    assert rc == 0 and "naclip on voc21 (8 images evaluated)" in out
     assert _record(job / "result.json") == _record(uninterrupted / "result.json")
     assert torch.equal(Checkpointer(job, 21, 0).load()[0].cm, Checkpointer(uninterrupted, 21, 0).load()[0].cm)
 
@@ -442,7 +442,7 @@ def test_sigterm_under_torchrun_keeps_every_ranks_progress(tmp_path, cli_env, ca
     state, _ = Checkpointer(job, 21, 0).load()
     assert len(state.done) == kept[0] + kept[1] < 16
     rc, out, _ = run_main(capsys, args)  # one process finishes what two left
-    assert rc == 0 and "naclip on voc21 (16 images)" in out
+    assert rc == 0 and "naclip on voc21 (16 images evaluated)" in out
 
 
 # ----------------------------------------------------------------------------- 5. two runs, one work dir
@@ -460,7 +460,7 @@ def test_two_evals_into_one_work_dir(slow_data, tmp_path, cli_env, capsys):
         rc, _, err = run_main(capsys, eval_args(slow_data, work, "--workers", "0"))
         assert_one_clean_error(rc, err, "in use by another dapseg run", f"pid {first.pid} ")
         rc, out, _ = run_main(capsys, eval_args(slow_data, work, "--workers", "0", "--limit", "2", preset="clip"))
-        assert rc == 0 and "clip on voc21 (2 images)" in out
+        assert rc == 0 and "clip on voc21 (2 images evaluated)" in out
     finally:
         first.send_signal(signal.SIGCONT)
     out, err = first.communicate(timeout=300)
