@@ -41,7 +41,8 @@ LS_START_S = 420.0  # a fresh database migrates first: ~40 s on an idle 2-core m
 SERVE_START_S = 180.0
 CHROMIUM = Path(os.environ.get("DAPSEG_CHROMIUM", "/usr/bin/chromium"))
 
-pytestmark = pytest.mark.labelstudio
+# the first test also starts Label Studio (up to LS_START_S) and dapseg serve
+pytestmark = [pytest.mark.labelstudio, pytest.mark.timeout(900)]
 
 # Label order = the classes' order; "Person" and "Rocket" take their synonyms from the classes file,
 # "Sky" and "Cat" have no line there and are their own prompt; serve's --unlabeled-classes adds
