@@ -30,6 +30,10 @@ def _die_with(parent_pid: int, worker_id: int) -> None:
         os.kill(parent_pid, 0)
     except ProcessLookupError:
         os._exit(1)
+    # A scheduler signals the whole process group: the SIGTERM is the owner's to handle (it saves and
+    # exits, shutting its loader's workers down). A worker killed by it first would make the owner's
+    # DataLoader report "worker killed by signal" with a traceback while the owner is saving.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def die_with_parent() -> Callable[[int], None]:
