@@ -63,8 +63,8 @@ def test_params_are_validated():
         VfmConfig(name="sd15", params={"size": 100})  # not a multiple of 8
     with pytest.raises(ValueError, match="sizes"):
         VfmConfig(name="sd15", params={"sizes": 672})
-    with pytest.raises(ValueError, match="takes no params"):
-        VfmConfig(name="dino_vitb8", params={"size": 672})
+    with pytest.raises(ValueError, match=r"size\s+Extra inputs are not permitted"):
+        VfmConfig(name="dino_vitb8", params={"size": 672})  # DINO's params (features) have no size
     with pytest.raises(ValueError, match=r"unknown VFM 'sd14'.*sd15"):
         VfmConfig(name="sd14")
 
