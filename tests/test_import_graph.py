@@ -143,9 +143,10 @@ ALLOWED = {
     "dapseg.config": {"dapseg.registry"},
     "dapseg.heads": {"dapseg.heads", "dapseg.registry"},
     "dapseg.models": {"dapseg.models", "dapseg.config", "dapseg.registry", "dapseg.weights", "dapseg.files"},
-    # mask generators build models (SAM, SAM2, Mask2Former, EoMT) and read mask files
+    # mask generators build models (SAM, SAM2, Mask2Former, EoMT) and read mask files (through the one
+    # image reader, a base module)
     "dapseg.masks": {"dapseg.masks", "dapseg.models", "dapseg.config", "dapseg.registry", "dapseg.weights",
-                     "dapseg.files"},
+                     "dapseg.files", "dapseg.images"},
     # the affinity analysis sits beside eval: models, heads, data and eval's plumbing, never the segmenter
     "dapseg.analysis": {"dapseg.analysis", "dapseg.data", "dapseg.eval", "dapseg.files", "dapseg.heads",
                         "dapseg.inference.preprocess", "dapseg.models", "dapseg.config", "dapseg.registry",

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from dapseg.files import atomic_write, resolve_inside
+from dapseg.images import open_image
 from dapseg.labeling import job as state
 from dapseg.labeling.outputs import SUFFIXES
 from dapseg.viz import MAX_PALETTE_CLASSES, labels_from_png
@@ -89,9 +89,9 @@ class Item:
             image_root = Path(*self.source.parts[: -len(parts)]) if len(self.source.parts) > len(parts) else Path()
         path = resolve_inside(image_root, self.name, what=f"image of {self.name}")
         try:
-            with Image.open(path) as img:
+            with open_image(path) as img:  # header only; the pixel limit applies
                 size = img.size
-        except (OSError, Image.DecompressionBombError) as e:
+        except (OSError, ValueError) as e:
             raise FileNotFoundError(f"{self.name}: cannot read its image {path} ({e}); restore it or give "
                                     "--image-root") from e
         if size != (self.labels.shape[1], self.labels.shape[0]):
@@ -151,11 +151,11 @@ def items(job: Job) -> Iterator[Item]:
         stem = str(PurePosixPath(rec.name).with_suffix(""))
         png = resolve_inside(job.root, stem + SUFFIXES["labels"], what=f"label PNG of {rec.name}")
         try:
-            with Image.open(png) as img:
+            with open_image(png) as img:  # size checked against the pixel limit before decoding
                 img.load()
                 values = np.asarray(img)
                 mode = img.mode
-        except (OSError, Image.DecompressionBombError) as e:
+        except (OSError, ValueError) as e:
             raise ValueError(f"cannot read the label PNG {png}: {e}") from e
         expected = ("P", "L") if n <= MAX_PALETTE_CLASSES else ("I;16", "I")
         if mode not in expected or values.ndim != 2:

@@ -21,11 +21,12 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from dapseg.files import resolve_inside
+from dapseg.images import open_image
 from dapseg.masks.base import MaskBuild, check_region_map
 from dapseg.registry import MASK_GENERATORS
 
@@ -93,7 +94,7 @@ def read_npz(path: Path, key: str) -> np.ndarray:
 def read_png(path: Path) -> np.ndarray:
     """The pixel values of a single-channel (8- or 16-bit) PNG."""
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:  # the one reader: size checked against the pixel limit before decoding
             if img.format != "PNG":
                 raise ValueError(f"not a PNG ({img.format})")
             if img.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
