@@ -1,4 +1,4 @@
-"""The tools the export tests read exports back with, each in its own venv (``bash .ci/tools.sh``).
+"""The tools the export tests read exports back with, in the venvs ``bash .ci/tools.sh`` makes.
 
 ``run_tool(name, script, payload)`` runs ``script`` with that venv's Python, the JSON ``payload`` on
 stdin, and returns what the script prints as JSON. A venv that is missing skips the test with the
@@ -18,10 +18,17 @@ import pytest
 TOOLS = Path(os.environ.get("DAPSEG_TOOLS_DIR", Path(__file__).resolve().parents[1] / ".venv-tools"))
 
 
+# The venv each tool lives in: Label Studio's server brings its SDK along, and Datumaro and FiftyOne
+# resolve together (two venvs to install instead of four; see .ci/tools.sh).
+TOOL_VENVS = {"label-studio": "label-studio", "label-studio-sdk": "label-studio", "datumaro": "readers",
+              "fiftyone": "readers"}
+
+
 def tool_python(name: str) -> Path:
-    python = TOOLS / name / "bin" / "python"
+    venv = TOOLS / TOOL_VENVS[name]
+    python = venv / "bin" / "python"
     if not python.exists():
-        msg = f"{name} is not installed in {TOOLS / name}: run `bash .ci/tools.sh` to make its venv"
+        msg = f"{name} is not installed in {venv}: run `bash .ci/tools.sh` to make its venv"
         if os.environ.get("CI") == "true":
             pytest.fail(msg)
         pytest.skip(msg)
