@@ -16,8 +16,13 @@ make_venv() {
 }
 # fiftyone-db builds by downloading mongod from mongodb.org; offline it installs without one, and the
 # test reads the export with FiftyOne's own importer class (no database needed).
-make_venv readers "datumaro==1.13.12" "fiftyone==1.22.1"
+make_venv readers "datumaro==1.13.12" "fiftyone==1.22.1" &
+readers=$!
 # The Label Studio server for tests/test_labelstudio.py (dapseg serve as its ML backend) and the
 # label-studio-sdk 2.1.2 it pins (the export test decodes tasks with it); the server pins Django and the
 # SDK's numpy/opencv. sentry-sdk 3 makes it die at start ("Unknown option 'send_default_pii'").
-make_venv label-studio "label-studio==1.23.2" "label-studio-sdk==2.1.2" "sentry-sdk<3"
+make_venv label-studio "label-studio==1.23.2" "label-studio-sdk==2.1.2" "sentry-sdk<3" &
+label_studio=$!
+# both install at once (the time goes to downloads and unpacking, not to the CPU); either failing fails
+wait "$readers"
+wait "$label_studio"
