@@ -32,7 +32,8 @@ def test_table_rows_are_valid_configs(gpu_check):
 def test_runs_on_cpu_with_tiny_models(gpu_check, tmp_path, capsys):
     out = tmp_path / "gpu_check.json"
     rc = gpu_check.main(["--device", "cpu", "--tiny", "--presets", "naclip", "dap", "--repeats", "1",
-                         "--warmup", "0", "--no-flops", "--probe-size", "64", "--json", str(out)])
+                         "--warmup", "0", "--no-flops", "--probe-size", "64", "--bench-precision", "fp32",
+                         "--json", str(out)])
     assert rc == 0
     report = json.loads(out.read_text())
     assert report["precision"] == "bf16"  # CPU default: the precision a CPU may use
