@@ -530,13 +530,16 @@ def test_fsa_on_matches_naive_for_every_head(preset, windows, text):
         _check_fsa_on(preset, windows, text, {"head.params.steps": 3, "head.params.regions": "none"})
 
 
-def test_cli_segment_with_fsa_flag(run_cli, tmp_path, astronaut):
+def test_cli_segment_with_fsa_flag(tmp_path, astronaut, monkeypatch):
     from PIL import Image
 
+    from dapseg.cli import main
+
+    monkeypatch.setenv("DAPSEG_CACHE", str(tmp_path / "cache"))
     img = tmp_path / "astronaut.png"
     Image.fromarray(astronaut[::4, ::4]).save(img)
-    r = run_cli("segment", str(img), "--classes", "person, sky, flag", "--preset", "naclip", "--fsa",
-                "--random-weights", "--tiny", "--device", "cpu", "--set", "inference.short_side=128",
-                "--out", str(tmp_path / "out"))
-    assert r.returncode == 0, r.stderr
+    rc = main(["segment", str(img), "--classes", "person, sky, flag", "--preset", "naclip", "--fsa",
+               "--random-weights", "--tiny", "--device", "cpu", "--set", "inference.short_side=128",
+               "--out", str(tmp_path / "out")])
+    assert rc == 0
     assert (tmp_path / "out" / "astronaut_labels.png").is_file()
