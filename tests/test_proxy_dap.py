@@ -506,7 +506,11 @@ def test_degenerate_features_finite_and_naive(kind, name, params):
 def test_knn_ties_up_to_rounding_are_all_neighbours():
     """Identical features with float32-rounding noise: every patch ties at the k-th value, so
     mutual k-NN keeps every pair (no arbitrary tie-break), as the naive formula does."""
-    from dapseg.heads.affinity import mutual_knn
+    from dapseg.heads.affinity import kth_largest, mutual_neighbours
+
+    def mutual_knn(s: torch.Tensor, k: int) -> torch.Tensor:  # all rows of S at once
+        kth = kth_largest(s, k)
+        return mutual_neighbours(s, kth[..., :, None], kth[..., None, :])
 
     g = torch.Generator().manual_seed(4)
     s = 0.9 + 1e-7 * torch.randn(2, 6, 6, generator=g)

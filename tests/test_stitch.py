@@ -7,14 +7,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
 from skimage import data
 
 from dapseg.api import Segmenter
 from dapseg.config import list_presets, load_preset
+from dapseg.heads.base import Attention, Head, HeadContext, merge_heads, qkv
 from dapseg.heads.dap import DapHead
+from dapseg.heads.stitched import StitchedTokens, rows_times
 from dapseg.inference.preprocess import normalize
 from dapseg.inference.stitch import stitch
-from dapseg.inference.stitch_attention import StitchedTokens, dap_stitched
 from dapseg.inference.strategies import whole
 from dapseg.text import ClassSet
 
@@ -143,7 +145,7 @@ def test_dap_stitched_attention_equals_naive_formula() -> None:
     head = DapHead(DapHead.Params(knn=5, regions="sam", rho=0.4, steps=2),
                    region_provider=lambda imgs: region_map.expand(imgs.shape[0], -1, -1))
     st = StitchedTokens(x=x, grid=(4, 5), vfm_feats=feats, image=image, window_area=64 * 80)
-    got, grid = dap_stitched(head, seg.clip.last_block, st, chunk=11)
+    got, grid = head.stitched(seg.clip.last_block, st, chunk=11)
     assert grid == (8, 10)
 
     xh = feats.double().flatten(1).T
@@ -244,23 +246,76 @@ def test_aligned_size_rounds_each_side_to_the_nearest_patch_multiple() -> None:
     assert aligned_size(5, 7, 16) == (16, 16)
 
 
-def test_a_head_declares_its_stitched_attention_in_its_registry_entry() -> None:
-    """The stitch strategy looks the head's function up in its registry entry (``extras["stitched"]``):
-    a head registered from outside with the NACLIP function runs as naclip does."""
+def test_a_head_declares_its_stitched_form_as_its_own_method() -> None:
+    """The stitch strategy calls the head's ``stitched`` method: a subclass registered from outside
+    inherits NACLIP's and runs as naclip does; a head without one is refused."""
     from dapseg.heads.naclip import NaclipHead
     from dapseg.registry import HEADS
 
-    assert all("stitched" in HEADS.get(n).extras for n in ("naclip", "proxy", "dap"))
-    assert "stitched" not in HEADS.get("vanilla").extras
-    naclip = HEADS.get("naclip")
+    assert all(HEADS.get(n).builder.stitched is not None for n in ("naclip", "proxy", "dap"))
+    assert HEADS.get("vanilla").builder.stitched is None
 
     class Twin(NaclipHead):
         name = "naclip_twin"
 
-    HEADS.register("naclip_twin", params=naclip.params, extras={"stitched": naclip.extras["stitched"]})(Twin)
+    HEADS.register("naclip_twin", params=NaclipHead.Params)(Twin)
     try:
         img = (image96().permute(1, 2, 0) * 255).byte().numpy()
         want = tiny("naclip").coarse_logits(img, CLASSES)
         torch.testing.assert_close(tiny("naclip", **{"head.name": "naclip_twin"}).coarse_logits(img, CLASSES), want)
     finally:
         HEADS.unregister("naclip_twin")
+
+
+class ToyMixParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    weight: float = 0.5  # share of the uniform attention
+
+
+class ToyMixHead(Head):
+    """Attn = w·uniform + (1 − w)·I over the CLIP patches (CLS dropped), per window and stitched."""
+
+    name = "toy_mix_stitch"
+
+    def __init__(self, params: ToyMixParams) -> None:
+        super().__init__()
+        self.params = params
+
+    def mix_rows(self, n: int, start: int, end: int) -> torch.Tensor:
+        """Rows start..end of the attention over n patches: (1, end − start, n)."""
+        w = self.params.weight
+        return (torch.full((end - start, n), w / n) + (1 - w) * torch.eye(n)[start:end])[None]
+
+    def attention(self, ctx: HeadContext) -> Attention:
+        v = qkv(ctx.block, ctx.x)[2][:, :, 1:]  # (B, heads, N, d)
+        n = v.shape[2]
+        return Attention(attn=self.mix_rows(n, 0, n)[None].expand(v.shape[0], -1, -1, -1), v=v,
+                         grid=ctx.grid, has_cls=False)
+
+    def stitched(self, block, st, chunk):
+        v = qkv(block, st.x[None])[2][0, :, 1:]  # (heads, N, d)
+        z = rows_times(lambda s, e: self.mix_rows(v.shape[1], s, e), v, chunk)
+        return block.attn.out_proj(merge_heads(z[None]))[0], st.grid
+
+
+def test_a_head_registered_from_outside_declares_its_own_stitched_form() -> None:
+    """An outside head's ``stitched`` method runs in stitch mode: z = w·mean(v) + (1 − w)·v over the
+    stitched tokens of a 2 × 2 window grid, against the naive formula."""
+    from dapseg.registry import HEADS
+
+    HEADS.register("toy_mix_stitch", params=ToyMixParams)(ToyMixHead)
+    try:
+        seg = tiny("naclip", **{"head.name": "toy_mix_stitch", "head.params": {"weight": 0.3},
+                                "inference.params": {"chunk": 5}})
+        img = image96()
+        text = seg.text_embeddings(CLASSES)
+        got = stitch(seg.engine, img, text, seg.config.inference)
+    finally:
+        HEADS.unregister("toy_mix_stitch")
+    maps, cls = clip_window_tokens(seg, img)
+    x = torch.cat([cls[None], naive_stitch(maps, 16, 96).flatten(1).T])  # (1 + 36, D)
+    _, _, v = qkv_naive(seg, x)
+    v = v[:, 1:]  # (heads, 36, d)
+    z = 0.3 * v.mean(dim=1, keepdim=True) + 0.7 * v
+    want = naive_logits(seg, z.transpose(0, 1).reshape(36, -1), (6, 6), text)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)

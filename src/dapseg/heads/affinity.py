@@ -19,6 +19,10 @@ all −∞, which the reference turns into NaN; such a row keeps the entries equ
 instead (usually just the diagonal; ties up to float32 rounding, see ``TIE_RTOL``), so it stays
 finite and every finite row is unchanged.
 
+``ProxyAffinity`` is the one implementation: it makes any block of rows of Attn, so the windowed
+heads take all rows of each window at once and their stitched forms (the whole image as one
+window) take ``chunk`` rows at a time, by the same code.
+
 Everything is computed in float32 whatever the input dtype: under fp16/bf16 autocast the sign of
 A near 0 (which decides the mask) would otherwise depend on the precision.
 """
@@ -52,8 +56,9 @@ def patch_similarity(feats: Tensor) -> Tensor:
 def adaptive_normalize(s: Tensor, beta: float, gamma: float, mean: Tensor | None = None) -> Tensor:
     """A = γ (S − β·mean(S)): (B, N', N') -> (B, N', N').
 
-    mean: None takes the mean per window (batching never mixes windows); a scalar tensor is a mean
-    computed elsewhere, e.g. over every window of the image (``image_similarity_mean``).
+    mean: None takes the mean per window (batching never mixes windows); a tensor is a mean computed
+    elsewhere: one per window (B,), or a scalar, e.g. over every window of the image
+    (``image_similarity_mean``).
     """
     if mean is None:
         mean = s.mean(dim=(-2, -1), keepdim=True)  # (B, 1, 1)
@@ -99,20 +104,23 @@ def tied_with(values: Tensor, ref: Tensor) -> Tensor:
     return values >= ref - TIE_RTOL * (1 + ref.abs())
 
 
-def mutual_knn(s: Tensor, k: int) -> Tensor:
-    """keep_ij = j ∈ kNN(i) ∧ i ∈ kNN(j) under S: (B, N', N') -> bool (B, N', N').
-
-    Tie rule: kNN(i) = the entries of row i at least as large as its k-th largest value v, up to
-    TIE_RTOL·(1 + |v|); every entry tied with the k-th is in (deterministic, no arbitrary
-    tie-break, so a row may have more than k neighbours). ``k`` larger than N' is clamped to N'
-    (every patch is then a neighbour of every other).
-    """
+def kth_largest(s: Tensor, k: int) -> Tensor:
+    """The k-th largest entry of each row of S (..., n, N'): (..., n); ``k`` > N' is clamped to N'."""
     if k < 1:
         raise ValueError(f"knn must be >= 1 here, got {k}")
-    k = min(k, s.shape[-1])
-    kth = s.topk(k, dim=-1).values[..., -1:]  # (B, N', 1) the k-th largest of each row
-    near = tied_with(s, kth)
-    return near & near.transpose(-2, -1)
+    return s.topk(min(k, s.shape[-1]), dim=-1).values[..., -1]
+
+
+def mutual_neighbours(s: Tensor, kth_rows: Tensor, kth_cols: Tensor) -> Tensor:
+    """keep_ij = j ∈ kNN(i) ∧ i ∈ kNN(j) for rows of S: s (..., n, N'), kth_rows (..., n, 1) the k-th
+    largest entry of those rows, kth_cols (..., 1, N') that of every row -> bool (..., n, N').
+
+    Tie rule: kNN(i) = the entries of row i at least as large as its k-th largest value v, up to
+    TIE_RTOL·(1 + |v|); every entry tied with the k-th is in (deterministic, no arbitrary tie-break, so
+    a row may have more than k neighbours). i ∈ kNN(j) reads S_ji as S_ij: S is symmetric up to float
+    rounding, which the tolerance absorbs, so a block of rows decides without the other rows of S.
+    """
+    return tied_with(s, kth_rows) & tied_with(s, kth_cols)
 
 
 def keep_row_maxima_where_empty(a: Tensor, keep: Tensor) -> Tensor:
@@ -144,30 +152,68 @@ def proxy_softmax(a: Tensor, *, mask: bool = True, neighbours: Tensor | None = N
     return masked_softmax(a, keep_row_maxima_where_empty(a, keep))
 
 
-def proxy_attention(
-    feats: Tensor,
-    *,
-    beta: float,
-    gamma: float,
-    normalize: bool = True,
-    mask: bool = True,
-    knn: int = 0,
-    mean: Tensor | None = None,
-) -> Tensor:
-    """Row-stochastic proxy attention over the VFM patches: (B, C', h', w') -> (B, N', N').
+class ProxyAffinity:
+    """The row-stochastic proxy attention over the VFM patches of B windows, rows made on demand.
+
+    feats (B, C', h', w'). ``rows(start, end)`` gives attention rows start..end, (B, n, N'); the
+    windowed heads take all rows at once (``matrix``), the stitched heads (the image as one window)
+    ``chunk`` rows at a time, so S never exists whole there.
 
     normalize: False uses the plain similarity S instead of A (ProxyCLIP ablation, "w/o
         normalisation"); the mask then drops S < 0.
     mask: False keeps every entry (plain softmax, ProxyCLIP ablation "w/o masking"); ``knn`` is
         then ignored as well.
-    knn: > 0 additionally keeps only mutual k-nearest neighbours under S (DAP step 2).
-    mean: mean(S) given from outside (a scalar, e.g. over all windows of the image); None: per window.
+    knn: > 0 additionally keeps only mutual k-nearest neighbours under S (DAP step 2): the k-th
+        largest entry of every row is found first, one pass over the rows in chunks of ``chunk``.
+    mean: mean(S) given from outside (a scalar, e.g. over all windows of the image); None: per window,
+        over its N'² entries: S.mean() when S is made in one piece (``chunk`` None or ≥ N', the
+        windowed heads), else (Σ_i x̂_i)·(Σ_j x̂_j) / N'², the same number without S.
     """
-    s = patch_similarity(feats)
-    a = adaptive_normalize(s, beta, gamma, mean) if normalize else s
-    neighbours = mutual_knn(s, knn) if mask and knn > 0 else None
-    del s
-    return proxy_softmax(a, mask=mask, neighbours=neighbours)
+
+    def __init__(self, feats: Tensor, *, beta: float, gamma: float, normalize: bool = True, mask: bool = True,
+                 knn: int = 0, mean: Tensor | None = None, chunk: int | None = None) -> None:
+        self.x = normalized_patches(feats)  # (B, N', C') float32
+        self.n = self.x.shape[1]
+        self.beta, self.gamma, self.normalize, self.mask = beta, gamma, normalize, mask
+        chunk = self.n if chunk is None else chunk
+        self._whole: Tensor | None = None  # S made in one piece, handed to the first ``rows(0, N')``
+        if chunk >= self.n:
+            self._whole = self.similarity(0, self.n)  # (B, N', N')
+            if normalize and mean is None:
+                mean = self._whole.mean(dim=(-2, -1))  # (B,)
+        elif normalize and mean is None:
+            total = self.x.sum(1)  # (B, C')
+            mean = (total * total).sum(-1) / self.n**2  # (B,)
+        self.mean = mean
+        self.kth: Tensor | None = None  # (B, N') k-th largest entry of every row of S
+        if mask and knn > 0:
+            if self._whole is not None:
+                self.kth = kth_largest(self._whole, knn)
+            else:
+                self.kth = torch.cat([kth_largest(self.similarity(s, min(s + chunk, self.n)), knn)
+                                      for s in range(0, self.n, chunk)], dim=1)
+
+    def similarity(self, start: int, end: int) -> Tensor:
+        """Rows start..end of S = x̂ x̂ᵀ: (B, n, N'), float32 under autocast too (module docstring)."""
+        if self._whole is not None and (start, end) == (0, self.n):
+            s, self._whole = self._whole, None  # made once, handed over once
+            return s
+        with torch.autocast(self.x.device.type, enabled=False):
+            return torch.bmm(self.x[:, start:end], self.x.transpose(1, 2))
+
+    def rows(self, start: int, end: int) -> Tensor:
+        """Attention rows start..end: (B, n, N'), each summing to 1."""
+        s = self.similarity(start, end)
+        a = adaptive_normalize(s, self.beta, self.gamma, self.mean) if self.normalize else s
+        neighbours = None
+        if self.kth is not None:
+            neighbours = mutual_neighbours(s, self.kth[:, start:end, None], self.kth[:, None, :])
+        del s
+        return proxy_softmax(a, mask=self.mask, neighbours=neighbours)
+
+    def matrix(self) -> Tensor:
+        """All rows: (B, N', N')."""
+        return self.rows(0, self.n)
 
 
 def values_on_grid(v: Tensor, grid: tuple[int, int], out_grid: tuple[int, int]) -> Tensor:

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import BaseModel
 from torch import Tensor, nn
 
 from dapseg.registry import HEADS, Need
+
+if TYPE_CHECKING:
+    from dapseg.heads.stitched import StitchedForm
 
 
 @dataclass
@@ -111,6 +114,10 @@ class Head(nn.Module):
     """
 
     name: str = ""
+    # The head over the stitched tokens of a whole image (``inference.mode: stitch``): a method
+    # ``stitched(block, tokens, chunk)`` computed by the same code as ``attention``, rows in chunks
+    # (``heads/stitched.py``); None: the head does not run in stitch mode.
+    stitched: StitchedForm | None = None
 
     @staticmethod
     def declared_needs(params: Any) -> frozenset[Need]:

@@ -16,22 +16,27 @@ Regions from SAM need a SAM model, which a head does not own: the pipeline (or t
 ``head.region_provider`` (any callable images (B, 3, H, W) in [0, 1] -> labels (B, H, W), -1 =
 no region; ``regions.SamRegions`` wraps segment-anything's automatic mask generator) or calls
 ``head.bind_sam(sam)``. SLIC and SAM regions need the window pixels (HeadContext.images).
+
+Per window (``attention``) W is a matrix (plug-ins may rework it); over the stitched tokens of a
+whole image (``stitched``) the same steps run on W's rows ``chunk`` at a time and apply
+step 4 to W·y instead of W: ((1−ρ)W + ρPW)·y = (1−ρ)·W·y + ρ·P·(W·y).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from torch import Tensor
+from torch import Tensor, nn
 
 from dapseg.heads.affinity import (
     MEAN_SCOPE_HELP,
     MeanScope,
+    ProxyAffinity,
     affinity_mean,
     normalized_patches,
     patch_values,
-    proxy_attention,
     vfm_grid,
 )
 from dapseg.heads.base import Attention, Head, HeadContext, attend, merge_heads, register_head
@@ -45,6 +50,7 @@ from dapseg.heads.regions import (
     slic_labels,
     slic_skimage,
 )
+from dapseg.heads.stitched import StitchedTokens, rows_times
 from dapseg.registry import Need
 
 
@@ -137,19 +143,70 @@ class DapHead(Head):
             pixel_labels = self.region_provider(ctx.images)
         return consecutive(pool_labels_to_grid(pixel_labels, grid).flatten(1))
 
+    def affinity(self, ctx: HeadContext, mean: Tensor | None, chunk: int | None = None) -> ProxyAffinity:
+        """Steps 1–3: W, the proxy attention (+ mutual k-NN) of the VFM features of ``ctx``, rows on demand."""
+        p = self.params
+        return ProxyAffinity(ctx.vfm_feats, beta=p.beta, gamma=p.gamma, knn=p.knn, mean=mean, chunk=chunk)
+
+    def region_consistency(self, x: Tensor, labels: Tensor | None) -> Tensor:
+        """Step 4 on x (B, N', K): (1−ρ)·x + ρ·P·x, in place; x unchanged without regions (labels None).
+
+        With x = W this is W ← (1−ρ)W + ρPW, still row-stochastic; with x = W·y it is that W applied
+        to y, without W."""
+        if labels is None:
+            return x
+        px = region_mean(x, labels)  # P·x, before x is scaled in place
+        return x.mul_(1 - self.params.rho).add_(px, alpha=self.params.rho)
+
+    def propagate(self, step: Callable[[Tensor], Tensor], v: Tensor) -> Tensor:
+        """Step 5: z = W·(W·(…(W·v))), ``step`` (y ↦ W·y) applied ``steps`` times, never a matrix power."""
+        z = v
+        for _ in range(self.params.steps):
+            z = step(z)
+        return z
+
+    def _uses_regions(self) -> bool:
+        return self.params.regions != "none" and self.params.rho > 0
+
     def attention(self, ctx: HeadContext) -> Attention:
         p = self.params
         grid = vfm_grid(ctx, self.name)
-        mean = affinity_mean(ctx, self.name, p.mean_scope)
-        w = proxy_attention(ctx.vfm_feats, beta=p.beta, gamma=p.gamma, knn=p.knn, mean=mean)  # (B, N', N')
-        if p.regions != "none" and p.rho > 0:
-            pw = region_mean(w, self.region_labels(ctx, grid).to(w.device))  # P·W
-            w = w.mul_(1 - p.rho).add_(pw, alpha=p.rho)  # (1−ρ)·W + ρ·P·W, still row-stochastic
+        w = self.affinity(ctx, affinity_mean(ctx, self.name, p.mean_scope)).matrix()  # (B, N', N')
+        labels = self.region_labels(ctx, grid).to(w.device) if self._uses_regions() else None
+        w = self.region_consistency(w, labels)
         return Attention(attn=w.unsqueeze(1), v=patch_values(ctx, grid), grid=grid, has_cls=False)
 
     def aggregate(self, a: Attention) -> Tensor:
         """z = W·(W·(…(W·v))) with W applied ``steps`` times: (B, N', D)."""
-        attn, z = a.attn.to(a.v.dtype), a.v  # cast once, not per step
-        for _ in range(self.params.steps):
-            z = attend(attn, z)  # W shared by all heads: no per-head copy of W
-        return merge_heads(z)
+        attn = a.attn.to(a.v.dtype)  # cast once, not per step
+        return merge_heads(self.propagate(lambda z: attend(attn, z), a.v))  # W shared by all heads
+
+    def stitched(self, block: nn.Module, st: StitchedTokens, chunk: int) -> tuple[Tensor, tuple[int, int]]:
+        """Over all stitched VFM patches, mean(S) over the image (now the one window), regions from the
+        whole image: y ← (1−ρ)·W·y + ρ·P·(W·y), ``steps`` times: (N', D) on (gh', gw')."""
+        ctx = st.context(block)
+        grid = vfm_grid(ctx, self.name)
+        rows = self.affinity(ctx, None, chunk).rows  # (1, n, N')
+        v = patch_values(ctx, grid)[0]  # (heads, N', d)
+        heads, n, d = v.shape
+        labels = self.image_regions(ctx, grid, st.window_area).to(v.device) if self._uses_regions() else None
+
+        def step(y: Tensor) -> Tensor:  # (heads, N', d) -> (1−ρ)·W·y + ρ·P·(W·y), P on all heads at once
+            wy = rows_times(rows, y, chunk).transpose(0, 1).reshape(1, n, heads * d)
+            return self.region_consistency(wy, labels).reshape(n, heads, d).transpose(0, 1)
+
+        return block.attn.out_proj(merge_heads(self.propagate(step, v)[None]))[0], grid
+
+    def image_regions(self, ctx: HeadContext, grid: tuple[int, int], window_area: int) -> Tensor:
+        """Regions of the whole image ``ctx`` (one window) on ``grid``: (1, N').
+
+        ``n_segments`` (SLIC) and ``n_regions`` (k-means) are counts *per window*: scaled by
+        image area / window area so regions keep the size they have in slide mode.
+        """
+        p = self.params
+        if ctx.images is None:
+            raise ValueError("dap head with regions in inference.mode=stitch needs the image (StitchedTokens.image)")
+        ratio = ctx.images.shape[-2] * ctx.images.shape[-1] / max(window_area, 1)
+        params = p.model_copy(update={"n_segments": max(1, round(p.n_segments * ratio)),
+                                      "n_regions": max(1, round(p.n_regions * ratio))})
+        return DapHead(params, region_provider=self.region_provider).region_labels(ctx, grid)

@@ -16,10 +16,11 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from torch import Tensor
+from torch import Tensor, nn
 
-from dapseg.heads.affinity import MEAN_SCOPE_HELP, MeanScope, affinity_mean, patch_values, proxy_attention, vfm_grid
-from dapseg.heads.base import Attention, Head, HeadContext, register_head
+from dapseg.heads.affinity import MEAN_SCOPE_HELP, MeanScope, ProxyAffinity, affinity_mean, patch_values, vfm_grid
+from dapseg.heads.base import Attention, Head, HeadContext, merge_heads, register_head
+from dapseg.heads.stitched import StitchedTokens, rows_times
 from dapseg.registry import Need
 
 
@@ -73,15 +74,29 @@ class ProxyHead(Head):
             needs.add(Need.AFFINITY_MEAN)
         return frozenset(needs)
 
+    def affinity(self, ctx: HeadContext, mean: Tensor | None, chunk: int | None = None) -> ProxyAffinity:
+        """The proxy attention of the VFM features of ``ctx``, rows on demand."""
+        p = self.params
+        return ProxyAffinity(ctx.vfm_feats, beta=p.beta, gamma=p.gamma, normalize=p.normalize, mask=p.mask,
+                             mean=mean, chunk=chunk)
+
     def attention(self, ctx: HeadContext) -> Attention:
         p = self.params
         grid = vfm_grid(ctx, self.name)
         if p.affinity == "vfm_attention":
             attn = mean_vfm_attention(ctx, grid[0] * grid[1])
         else:
-            mean = affinity_mean(ctx, self.name, p.mean_scope) if p.normalize else None
-            attn = proxy_attention(
-                ctx.vfm_feats, beta=p.beta, gamma=p.gamma, normalize=p.normalize, mask=p.mask, mean=mean
-            )
+            attn = self.affinity(ctx, affinity_mean(ctx, self.name, p.mean_scope) if p.normalize else None).matrix()
         # One attention for all CLIP heads: (B, 1, N', N') broadcasts against v (B, heads, N', d).
         return Attention(attn=attn.unsqueeze(1), v=patch_values(ctx, grid), grid=grid, has_cls=False)
+
+    def stitched(self, block: nn.Module, st: StitchedTokens, chunk: int) -> tuple[Tensor, tuple[int, int]]:
+        """Over all stitched VFM patches, mean(S) over the image (now the one window): (N', D) on (gh', gw')."""
+        if self.params.affinity != "features":
+            raise ValueError("inference.mode=stitch needs head.params.affinity=features: the VFM's own "
+                             "attention exists per window only")
+        ctx = st.context(block)
+        grid = vfm_grid(ctx, self.name)
+        rows = self.affinity(ctx, None, chunk).rows  # (1, n, N')
+        z = rows_times(rows, patch_values(ctx, grid)[0], chunk)  # (heads, N', d)
+        return block.attn.out_proj(merge_heads(z[None]))[0], grid

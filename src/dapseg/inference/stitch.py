@@ -10,9 +10,9 @@ slide does, then:
    the image has one token per position: the last block then attends over the image once, with no
    duplicated keys that would weigh overlap regions twice, and with a single window the result is
    exactly ``whole``;
-3. runs the head's last-block attention over all stitched tokens (``stitch_attention``): NACLIP's
-   k-k + neighbourhood attention, or the proxy / DAP affinity of the stitched VFM features, rows in
-   chunks of ``chunk`` so memory grows as heads · chunk · N;
+3. runs the head's last-block attention over all stitched tokens, by the head's own stitched form
+   (``Head.stitched``, see ``heads/stitched.py``), rows in chunks of ``chunk`` so memory grows as
+   heads · chunk · N;
 4. LN_post, proj and the text cosine once, bilinear to the image size.
 """
 
@@ -26,9 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from dapseg.config import InferenceConfig
+from dapseg.heads.stitched import StitchedTokens, stitched_form
 from dapseg.inference.engine import DenseEngine
 from dapseg.inference.preprocess import normalize
-from dapseg.inference.stitch_attention import StitchedTokens, stitched_head
 from dapseg.inference.strategies import engine_padding
 from dapseg.inference.windows import GridAverage, crop_windows, window_grid
 from dapseg.registry import STRATEGIES
@@ -100,7 +100,7 @@ def stitch(engine: DenseEngine, image01: Tensor, text: Tensor, cfg: InferenceCon
     if engine.plugin is not None:
         raise ValueError("inference.mode=stitch does not support the FSA plug-in; set fsa.enabled=false "
                          "or use inference.mode=slide")
-    stitched_fn, needs_vfm = stitched_head(engine.head)
+    stitched_fn, needs_vfm = stitched_form(engine.head)
     if needs_vfm and engine.vfm is None:
         raise ValueError(f"head {engine.head.name!r} needs a VFM: configure a `vfm:` section")
     _, H, W = image01.shape
@@ -111,7 +111,7 @@ def stitch(engine: DenseEngine, image01: Tensor, text: Tensor, cfg: InferenceCon
     with torch.no_grad():
         stitched = window_tokens(engine, img, cfg, needs_vfm)
         with engine.autocast():
-            tokens, grid = stitched_fn(engine.head, engine.clip.last_block, stitched, p.chunk)  # (n, D)
+            tokens, grid = stitched_fn(engine.clip.last_block, stitched, p.chunk)  # (n, D)
         logits = engine.patch_logits(tokens[None], grid, text)  # (1, Q, gh, gw)
     return F.interpolate(logits, (H, W), mode="bilinear", align_corners=False)[0]
 
