@@ -45,7 +45,7 @@ from dapseg.heads.regions import (
     slic_labels,
     slic_skimage,
 )
-from dapseg.registry import Need
+from dapseg.registry import HEADS, Need
 
 
 @register_head
@@ -153,3 +153,7 @@ class DapHead(Head):
         for _ in range(self.params.steps):
             z = attend(attn, z)  # W shared by all heads: no per-head copy of W
         return merge_heads(z)
+
+
+# the region maps (SLIC, k-means or SAM masks pooled onto the VFM grid), timed by `dapseg bench` as their own stage
+HEADS.attach("dap", stages={"regions": ("DapHead.region_labels",)})
