@@ -150,7 +150,7 @@ def paper_bench(table: tuple, side: int, extra: dict[str, Any], args: argparse.N
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from dapseg.bench.runner import format_report
+    from dapseg.bench.table import format_report
 
     if args.tiny:
         args.random_weights = True

@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from dapseg.bench.runner import count_params, peak_memory_mib, reset_peak_memory
+from dapseg.bench.memory import peak_memory_mib, reset_peak_memory
+from dapseg.bench.param_count import count_params
 from dapseg.commands.bench import load_bench_image
 from dapseg.masks.base import MaskBuild, build_mask_generator
 

@@ -44,8 +44,8 @@ def run_one(name: str, device: str, repeats: int) -> dict[str, Any]:
     from skimage import data
 
     from dapseg import Segmenter
+    from dapseg.bench.memory import peak_memory_mib, reset_peak_memory
     from dapseg.bench.probe import synchronize
-    from dapseg.bench.runner import peak_memory_mib, reset_peak_memory
 
     preset, overrides = SETTINGS[name]
     seg = Segmenter.from_preset(preset, random_weights=True, device=device, overrides=overrides)

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dapseg.bench import FUNCTION_STAGES, STAGES, BenchSettings, StageTimer, count_flops, run_bench
-from dapseg.bench.runner import format_report
 from dapseg.bench.stages import resolve
+from dapseg.bench.table import format_report
 from dapseg.cli import main
 from dapseg.config import ClipConfig
 from dapseg.models.clip import build_clip
@@ -176,7 +176,7 @@ def test_cli_bad_input_is_named(argv: list[str], message: str, capsys: pytest.Ca
 
 def test_stitch_window_count_uses_the_aligned_size() -> None:
     from dapseg.api import Segmenter
-    from dapseg.bench.runner import n_windows
+    from dapseg.bench.windows import n_windows
 
     seg = Segmenter.from_preset("naclip-stitch", random_weights=True, tiny=True, device="cpu",
                                 overrides={"inference.short_side": 70, "inference.crop": 32, "inference.stride": 16})

@@ -123,7 +123,8 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_parser_sees_known_edges():
     # guards the test itself: a broken parser would find no edges and no cycles
-    assert "dapseg.registry" in GRAPH["dapseg.config"]
+    assert "dapseg.registry" in GRAPH["dapseg.config.schema"]
+    assert "dapseg.config.schema" in GRAPH["dapseg.config"]  # the package re-exports its modules
     assert "dapseg.heads.base" in GRAPH["dapseg.heads.proxy"]
     assert "dapseg.config" in GRAPH["dapseg.api"]
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
@@ -140,7 +141,7 @@ ALLOWED = {
     "dapseg.termination": set(),
     "dapseg.workers": set(),
     "dapseg.folder_lock": {"dapseg.files"},
-    "dapseg.config": {"dapseg.registry"},
+    "dapseg.config": {"dapseg.config", "dapseg.registry"},  # schema, overrides, presets: each other
     "dapseg.heads": {"dapseg.heads", "dapseg.registry"},
     "dapseg.models": {"dapseg.models", "dapseg.config", "dapseg.registry", "dapseg.weights", "dapseg.files"},
     # mask generators build models (SAM, SAM2, Mask2Former, EoMT) and read mask files (through the one

@@ -5,26 +5,30 @@ counted run under the FLOP counter, then ``repeats`` timed predictions. When ``c
 on, the batched setting (the preset's ``max_batch``) and one window at a time (``max_batch = 1``)
 alternate repeat by repeat on the same models, so a shared machine's load drift hits both alike.
 The stage breakdown comes from the batched repeats (medians per stage).
+
+The parts live beside this module, one idea each: ``memory`` (peak memory), ``param_count``,
+``windows`` (the strategy's declared window plan), ``timing``, ``machine``, ``stages`` (the stage
+timer) and ``table`` (the terminal tables).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import platform
-import resource
 import statistics
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from dapseg.bench.flops import count_flops
-from dapseg.bench.probe import matmul_rate, synchronize
-from dapseg.bench.stages import STAGES, StageTimer
+from dapseg.bench.machine import machine_info
+from dapseg.bench.memory import peak_memory_kind, peak_memory_mib, reset_peak_memory
+from dapseg.bench.param_count import model_params
+from dapseg.bench.probe import matmul_rate
+from dapseg.bench.stages import StageTimer
+from dapseg.bench.timing import spread, text_encoding_seconds, timed_predict
+from dapseg.bench.windows import n_windows
 
 DEFAULT_CLASSES = ("cat", "wall", "floor", "blanket", "sofa", "plant", "window", "door")
 
@@ -44,118 +48,6 @@ class BenchSettings:
     def __post_init__(self) -> None:
         if self.repeats < 1 or self.warmup < 0:
             raise ValueError(f"bench needs repeats >= 1 and warmup >= 0, got {self.repeats}, {self.warmup}")
-
-
-# ---------------------------------------------------------------------------------------- memory
-def _proc_status_mib(key: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024.0  # kB
-    except OSError:
-        return None
-    return None
-
-
-def reset_peak_memory(device: torch.device) -> bool:
-    """Start a new peak: CUDA's allocator stats, or the kernel's RSS high-water mark (Linux).
-
-    Returns False where the peak cannot be reset (then it covers the whole process so far).
-    """
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return True
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # "5" resets VmHWM to the current RSS
-        return True
-    except OSError:
-        return False
-
-
-def peak_memory_mib(device: torch.device) -> float:
-    """Peak since ``reset_peak_memory``: max_memory_allocated on CUDA, peak RSS (VmHWM) on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    hwm = _proc_status_mib("VmHWM")
-    if hwm is not None:
-        return hwm
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
-
-
-# ---------------------------------------------------------------------------------------- models
-def count_params(module: torch.nn.Module | None) -> int:
-    if module is None:
-        return 0
-    return sum(p.numel() for p in module.parameters())  # parameters() yields a shared tensor once
-
-
-def model_params(segmenter: Any) -> dict[str, int]:
-    """Parameters per model: CLIP (image + text towers), VFM, SAM (where present), head."""
-    out = {"clip": count_params(segmenter.clip.model)}
-    if segmenter.vfm is not None:
-        out["vfm"] = count_params(segmenter.vfm)
-    if segmenter.sam is not None:
-        out["sam"] = count_params(segmenter.sam)
-    masks = getattr(segmenter.models, "mask_generator", None)
-    if isinstance(getattr(masks, "model", None), torch.nn.Module):
-        out["masks"] = count_params(masks.model)
-    head = count_params(segmenter.head)
-    if head:
-        out["head"] = head
-    return out
-
-
-def n_windows(segmenter: Any, image: np.ndarray) -> int:
-    """Windows the strategy cuts the processed image into (1 for ``whole``)."""
-    from dapseg.inference.preprocess import short_side_size
-    from dapseg.inference.windows import window_grid
-
-    cfg = segmenter.config.inference
-    h, w = image.shape[:2]
-    h, w = short_side_size(h, w, cfg.short_side) if cfg.short_side else (h, w)
-    if cfg.mode == "whole":
-        return 1
-    if cfg.params.get("align", True):  # the size splice and stitch resize to before cutting windows
-        if cfg.mode == "splice":
-            from dapseg.inference.splice import splice_size
-
-            h, w = splice_size(h, w, segmenter.clip.patch_size, cfg.crop)
-        elif cfg.mode == "stitch":
-            from dapseg.inference.stitch import aligned_size
-
-            h, w = aligned_size(h, w, segmenter.clip.patch_size)
-    return len(window_grid(h, w, cfg.crop, cfg.stride))
-
-
-# ---------------------------------------------------------------------------------------- timing
-def _timed_predict(segmenter: Any, image: np.ndarray, classes: Any, device: torch.device) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process) of one prediction.
-
-    CPU time moves much less than wall time when other processes compete for the cores, so it is
-    the better before/after figure on a shared machine.
-    """
-    synchronize(device)
-    t0, c0 = time.perf_counter(), time.process_time()
-    segmenter.predict(image, classes)
-    synchronize(device)
-    return time.perf_counter() - t0, time.process_time() - c0
-
-
-def text_encoding_seconds(segmenter: Any, classes: Any, device: torch.device) -> float:
-    """Seconds to encode ``classes``' queries from scratch (all templates), as a first image pays it:
-    a fresh embedder around the segmenter's text encoder, with no memory or disk cache."""
-    from dapseg.text import TextEmbedder
-
-    fresh = TextEmbedder(segmenter.text.encode, segmenter.text.model_id, segmenter.text.templates, cache_root=None)
-    synchronize(device)
-    t0 = time.perf_counter()
-    fresh(classes)
-    synchronize(device)
-    return time.perf_counter() - t0
-
-
-def _spread(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def bench_preset(
@@ -188,7 +80,8 @@ def bench_preset(
     device = seg.device
     windows = n_windows(seg, image)
     one = None
-    if settings.compare_batching and windows > 1 and seg.config.inference.max_batch > 1:
+    # an unknown window count (a strategy that declares no plan) may be several windows: compare
+    if settings.compare_batching and (windows is None or windows > 1) and seg.config.inference.max_batch > 1:
         one = seg.derive({"inference.max_batch": 1})
     for _ in range(settings.warmup):
         seg.predict(image, class_set)
@@ -209,12 +102,12 @@ def bench_preset(
             probes.append(matmul_rate(device, size=probe_size, repeats=1)["gflops_per_s"])
         timer.reset()
         with timer.active(seg):
-            wall, cpu = _timed_predict(seg, image, class_set, device)
+            wall, cpu = timed_predict(seg, image, class_set, device)
         times.append(wall)
         cpu_times.append(cpu)
         stage_runs.append(dict(timer.seconds))
         if one is not None:
-            one_times.append(_timed_predict(one, image, class_set, device)[0])
+            one_times.append(timed_predict(one, image, class_set, device)[0])
     peak = peak_memory_mib(device)
 
     median = statistics.median(times)
@@ -236,17 +129,16 @@ def bench_preset(
         "classes": len(class_set.queries),
         "build_s": build_s,
         "text_encoding_s": text_s,
-        "seconds": _spread(times),
-        "cpu_seconds": _spread(cpu_times),
+        "seconds": spread(times),
+        "cpu_seconds": spread(cpu_times),
         "images_per_s": 1.0 / median,
-        "seconds_per_window": median / windows,
+        "seconds_per_window": median / windows if windows else None,
         "gflops": gflops,
         "achieved_gflops_per_s": gflops / median if gflops is not None else None,
         "probe_gflops_per_s": probe_gflops,
         "fraction_of_probe": fraction(median),
         "peak_memory_mib": peak,
-        "peak_memory_kind": ("max_memory_allocated" if device.type == "cuda" else "peak RSS")
-        + ("" if reset_ok else " (whole process, incl. build)"),
+        "peak_memory_kind": peak_memory_kind(device, reset_ok),
         "stages_s": stages,
         "stage_paths_unresolved": timer.unresolved,
         "one_at_a_time": None,
@@ -254,36 +146,11 @@ def bench_preset(
     if one_times:
         m1 = statistics.median(one_times)
         row["one_at_a_time"] = {
-            "seconds": _spread(one_times),
+            "seconds": spread(one_times),
             "images_per_s": 1.0 / m1,
             "fraction_of_probe": fraction(m1),
         }
     return row
-
-
-def machine_info(dev: torch.device) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {
-        "device": str(dev),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
-    if dev.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(dev)
-    with contextlib.suppress(OSError):
-        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
-    return info
 
 
 def run_bench(
@@ -313,63 +180,3 @@ def run_bench(
         "probe": probe_before,
         "presets": rows,
     }
-
-
-# ---------------------------------------------------------------------------------------- table
-def _m(n: int) -> str:
-    return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
-
-
-def format_report(report: dict[str, Any]) -> str:
-    """The terminal tables: one row per preset, then the per-stage breakdown."""
-    m = report["machine"]
-    probe = report["probe"]
-    where = m.get("gpu") or m["cpu"]
-    lines = [
-        f"machine: {where} ({m['device']}, {m['torch_threads']} torch threads), torch {m['torch']}, "
-        f"load {m.get('load_average', '?')}",
-        f"image {report['image_size'][0]}x{report['image_size'][1]}; matmul probe "
-        f"{probe['gflops_per_s']:.0f} GFLOP/s ({int(probe['size'])}² fp32, min {probe['min']:.0f}, "
-        f"max {probe['max']:.0f}; each preset's % is against probes taken between its repeats); "
-        f"{report['settings']['repeats']} repeats after "
-        f"{report['settings']['warmup']} warm-up",
-        "",
-    ]
-    head = (f"{'preset':<16} {'params (clip/vfm/sam)':<24} {'win':>3} {'GFLOP':>8} {'s/img':>18} {'s/win':>6} "
-            f"{'CPU s':>6} {'img/s':>6} {'GFLOP/s':>7} {'probe':>6} {'% probe':>7} {'1-by-1 s/img':>12} "
-            f"{'peak MiB':>9} {'text enc s':>10}")
-    lines += [head, "-" * len(head)]
-    for r in report["presets"]:
-        p = r["params"]
-        params = "/".join(_m(p[k]) for k in ("clip", "vfm", "sam") if k in p)
-        s = r["seconds"]
-        spread = f"{s['median']:.3f} [{s['min']:.2f}-{s['max']:.2f}]"
-        gf = f"{r['gflops']:.1f}" if r["gflops"] is not None else "-"
-        frac = f"{100 * r['fraction_of_probe']:.0f}%" if r["fraction_of_probe"] is not None else "-"
-        one = f"{r['one_at_a_time']['seconds']['median']:.3f}" if r["one_at_a_time"] else "-"
-        rate = f"{r['achieved_gflops_per_s']:.0f}" if r["achieved_gflops_per_s"] is not None else "-"
-        probe_cell = f"{r['probe_gflops_per_s']:.0f}" if r["probe_gflops_per_s"] else "-"
-        lines.append(f"{r['preset']:<16} {params:<24} {r['windows']:>3} {gf:>8} {spread:>18} "
-                     f"{r['seconds_per_window']:>6.2f} {r['cpu_seconds']['median']:>6.1f} {r['images_per_s']:>6.2f} "
-                     f"{rate:>7} {probe_cell:>6} "
-                     f"{frac:>7} {one:>12} "
-                     f"{r['peak_memory_mib']:>9.0f} {r['text_encoding_s']:>10.2f}")
-    lines += ["", "text enc s: encoding the class list once, uncached (all templates); the `text` stage below is the "
-              "per-image lookup of the cached embeddings"]
-    seen = {k for r in report["presets"] for k in r["stages_s"]}
-    stage_names = [n for n in STAGES if n in seen]
-    if stage_names:
-        lines += ["", "seconds per image by stage (median of the batched repeats; exclusive times):"]
-        head = f"{'preset':<16} " + " ".join(f"{n:>15}" for n in stage_names)
-        lines += [head, "-" * len(head)]
-        for r in report["presets"]:
-            total = sum(r["stages_s"].values()) or 1.0
-            cells = []
-            for n in stage_names:
-                v = r["stages_s"].get(n)
-                cells.append(f"{v:>8.3f} ({100 * v / total:>3.0f}%)" if v is not None else f"{'-':>15}")
-            lines.append(f"{r['preset']:<16} " + " ".join(cells))
-    missing = sorted({p for r in report["presets"] for p in r["stage_paths_unresolved"]})
-    if missing:
-        lines += ["", "stage functions not found (FUNCTION_STAGES needs updating): " + ", ".join(missing)]
-    return "\n".join(lines)

@@ -1,11 +1,14 @@
 """Per-stage wall-clock time of a prediction, by wrapping the functions that implement each stage.
 
-Every stage is a list of importable names (``module:function`` or ``module:Class.method``) in
-``FUNCTION_STAGES``, the one table to edit when code moves. A name is looked up where its *caller*
-finds it (``dapseg.inference.splice:encode_image``, not where it is defined), since a
-``from x import f`` binds its own reference. Times are *exclusive*: a stage's time excludes the
-stages called inside it (``stitching`` is what ``coarse_logits`` spends outside CLIP, the VFM, the
-head and SAM: resizing, cropping windows, averaging overlaps).
+The pipeline's own stages are lists of importable names (``module:function`` or
+``module:Class.method``) in ``FUNCTION_STAGES``. A component adds its own stages in its registry
+entry, the extra ``stages``: ``{stage: names}``, each name a function or ``Class.method`` of the
+module the component is registered from (``component_stages``), so the bench names no component's
+internals. A name is looked up where its *caller* finds it (splice's ``encode_image`` in
+``dapseg.inference.splice``, not where it is defined), since a ``from x import f`` binds its own
+reference. Times are *exclusive*: a stage's time excludes the stages called inside it
+(``stitching`` is what ``coarse_logits`` spends outside CLIP, the VFM, the head and the components'
+own stages: resizing, cropping windows, averaging overlaps).
 
 The wrappers are installed only inside ``StageTimer`` and removed on exit, so nothing outside a
 benchmark runs through them. On CUDA each boundary synchronises the device (slower, but true).
@@ -16,7 +19,7 @@ from __future__ import annotations
 import functools
 import importlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,8 +27,9 @@ from typing import Any
 import torch
 
 from dapseg.bench.probe import synchronize
+from dapseg.registry import HEADS, MASK_GENERATORS, PLUGINS, REFINERS, STRATEGIES, Entry
 
-# stage -> the functions whose (exclusive) time is that stage's, in the order of the table printed.
+# stage -> the pipeline's functions whose (exclusive) time is that stage's, in the order of the table printed.
 FUNCTION_STAGES: dict[str, tuple[str, ...]] = {
     "clip_blocks": (
         "dapseg.models.clip:DenseClip.tokens_before_last_block",
@@ -36,15 +40,6 @@ FUNCTION_STAGES: dict[str, tuple[str, ...]] = {
         "dapseg.inference.engine:DenseEngine.head_output",
         "dapseg.inference.engine:DenseEngine.patch_logits",
     ),
-    # DAP's region maps (SLIC, k-means or SAM masks, pooled onto the VFM grid), per window and stitched;
-    # CorrCLIP's region maps on the VFM grid with mask merging (DBSCAN), per window
-    "regions": ("dapseg.heads.dap:DapHead.region_labels", "dapseg.heads.corrclip:CorrclipHead.regions"),
-    # SC-CLIP's outlier score over the patch tokens of each window (its anomaly tokens)
-    "outliers": ("dapseg.heads.scclip:ScclipHead.outliers",),
-    "sam": ("dapseg.inference.splice:encode_image",),
-    "global_affinity": ("dapseg.inference.splice:aggregate_map",),
-    # PEARL's Laplacian propagation (pooling, edges, CG solve, upsampling), inside the refinement stage
-    "propagation": ("dapseg.refine.pearl_prop:propagate",),
     "text": ("dapseg.api:Segmenter.text_embeddings",),
     "stitching": ("dapseg.api:Segmenter.coarse_logits",),
     "postprocess": ("dapseg.api:Segmenter.predict",),
@@ -52,7 +47,42 @@ FUNCTION_STAGES: dict[str, tuple[str, ...]] = {
 # stage -> an attribute of the Segmenter *instance* (dotted: of an object it holds) that is called per
 # image (closures, not importable). ``masks``: the region-mask generator, once per image.
 INSTANCE_STAGES: dict[str, str] = {"masks": "models.mask_generator", "refinement": "refiner"}
+# The pipeline's stages; the components' own stages come after ``head`` in the table (``stage_order``).
 STAGES: tuple[str, ...] = (*FUNCTION_STAGES, *INSTANCE_STAGES)
+
+
+def configured_entries(config: Any) -> list[Entry[Any]]:
+    """The registry entries of the components ``config`` (a ``SegmenterConfig``) runs."""
+    chosen = [(HEADS, config.head.name), (STRATEGIES, config.inference.mode),
+              *((PLUGINS, p.name) for p in config.plugins), (REFINERS, config.refine.name)]
+    if config.masks is not None:
+        chosen.append((MASK_GENERATORS, config.masks.name))
+    return [registry.get(name) for registry, name in chosen if name != registry.none_name]
+
+
+def declared_stages(entry: Entry[Any]) -> dict[str, tuple[str, ...]]:
+    """stage -> importable names of the component's own ``stages`` extra (in its builder's module)."""
+    module = entry.builder.__module__
+    return {stage: tuple(f"{module}:{name}" for name in names)
+            for stage, names in entry.extras.get("stages", {}).items()}
+
+
+def component_stages(config: Any) -> dict[str, tuple[str, ...]]:
+    """stage -> importable names, from every component ``config`` runs (their ``stages`` extras)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for entry in configured_entries(config):
+        for stage, paths in declared_stages(entry).items():
+            out[stage] = (*out.get(stage, ()), *paths)
+    return out
+
+
+def stage_order(names: Iterable[str]) -> list[str]:
+    """``names`` (repeats dropped) in table order: the pipeline's stages up to ``head``, the
+    components' own stages in the order given, then the rest of the pipeline's stages."""
+    seen = list(dict.fromkeys(names))
+    cut = STAGES.index("head") + 1
+    return ([n for n in STAGES[:cut] if n in seen] + [n for n in seen if n not in STAGES]
+            + [n for n in STAGES[cut:] if n in seen])
 
 
 def resolve(path: str) -> tuple[Any, str]:
@@ -116,11 +146,16 @@ class StageTimer:
 
     @contextmanager
     def active(self, segmenter: Any | None = None) -> Iterator[StageTimer]:
-        """Install the wrappers (the table's functions and ``segmenter``'s per-image callables)."""
+        """Install the wrappers: the pipeline's functions and, with ``segmenter``, its components' declared
+        stages and its per-image callables."""
         undo: list[Callable[[], None]] = []
         self.unresolved = []
+        function_stages = {**FUNCTION_STAGES}
+        if segmenter is not None:
+            for stage, paths in component_stages(segmenter.config).items():
+                function_stages[stage] = (*function_stages.get(stage, ()), *paths)
         try:
-            for stage, paths in FUNCTION_STAGES.items():
+            for stage, paths in function_stages.items():
                 for path in paths:
                     try:
                         owner, attr = resolve(path)

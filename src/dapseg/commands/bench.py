@@ -55,7 +55,8 @@ def load_bench_image(path: str | None):  # -> np.ndarray (H, W, 3) uint8
 
 
 def run(args: argparse.Namespace) -> int:
-    from dapseg.bench.runner import DEFAULT_CLASSES, BenchSettings, format_report, run_bench
+    from dapseg.bench.runner import DEFAULT_CLASSES, BenchSettings, run_bench
+    from dapseg.bench.table import format_report
     from dapseg.config import list_presets
     from dapseg.files import atomic_write_text
     from dapseg.text import ClassSet

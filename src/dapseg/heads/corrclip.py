@@ -217,5 +217,7 @@ class CorrclipHead(Head):
 # FSA reworks one attention over one set of values; CorrCLIP's output fuses three branches after
 # LN_post, and FSA's ensemble (W·Attn + Attn·W + W) would re-add the cross-region correlations
 # that scope reconstruction removes.
+# ``stages``: the region maps with mask merging (DBSCAN), timed by `dapseg bench` as their own stage.
 HEADS.attach("corrclip", no_plugins="it fuses three branches after LN_post, and a plug-in's reworked attention "
-             "(FSA: W·Attn + Attn·W + W) would re-add the cross-region correlations its scope reconstruction removes")
+             "(FSA: W·Attn + Attn·W + W) would re-add the cross-region correlations its scope reconstruction removes",
+             stages={"regions": ("CorrclipHead.regions",)})

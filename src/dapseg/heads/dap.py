@@ -51,7 +51,7 @@ from dapseg.heads.regions import (
     slic_skimage,
 )
 from dapseg.heads.stitched import StitchedTokens, rows_times
-from dapseg.registry import Need
+from dapseg.registry import HEADS, Need
 
 
 @register_head
@@ -210,3 +210,7 @@ class DapHead(Head):
         params = p.model_copy(update={"n_segments": max(1, round(p.n_segments * ratio)),
                                       "n_regions": max(1, round(p.n_regions * ratio))})
         return DapHead(params, region_provider=self.region_provider).region_labels(ctx, grid)
+
+
+# the region maps (SLIC, k-means or SAM masks pooled onto the VFM grid), timed by `dapseg bench` as their own stage
+HEADS.attach("dap", stages={"regions": ("DapHead.region_labels",)})

@@ -38,7 +38,7 @@ from torch import Tensor
 from dapseg.heads.affinity import adaptive_normalize, proxy_softmax
 from dapseg.heads.base import Attention, Head, HeadContext, HeadOutput, merge_heads, register_head, split_heads
 from dapseg.heads.outliers import OutlierScore, outlier_mask, replace_by_neighbour_mean
-from dapseg.registry import Need
+from dapseg.registry import HEADS, Need
 
 log = logging.getLogger(__name__)
 
@@ -182,3 +182,7 @@ class ScclipHead(Head):
         out = ctx.block.attn.out_proj(z) + self.params.cls_residual * a.cls
         out = mix(a.post_weights, out) + a.fused
         return HeadOutput(tokens=out, grid=a.grid, attention=a)
+
+
+# the outlier score over each window's patch tokens (its anomaly tokens), timed by `dapseg bench` as its own stage
+HEADS.attach("scclip", stages={"outliers": ("ScclipHead.outliers",)})

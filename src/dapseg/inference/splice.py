@@ -23,7 +23,7 @@ from dapseg.inference.engine import DenseEngine
 from dapseg.inference.global_affinity import AffinityParams, GlobalAffinity, aggregate_map, valid_grid
 from dapseg.inference.preprocess import resize_image, short_side_size
 from dapseg.inference.strategies import engine_padding, image_affinity_mean
-from dapseg.inference.windows import GridAverage, crop_windows, window_grid
+from dapseg.inference.windows import GridAverage, WindowPlan, crop_windows, window_grid
 from dapseg.models.sam.build import image_encoder_of
 from dapseg.models.sam.encoder import encode_image, reference_sam_image
 from dapseg.models.sam.memory import available_bytes, check_encode_memory
@@ -76,6 +76,17 @@ def splice_size(h: int, w: int, patch: int, crop: int) -> tuple[int, int]:
     nh, nw = int(h * dst / long), int(w * dst / long)
     nh, nw = -(-nh // patch) * patch, -(-nw // patch) * patch
     return max(nh, crop), max(nw, crop)
+
+
+def splice_plan(size: tuple[int, int], cfg: InferenceConfig, patch: int, align: bool) -> WindowPlan:
+    """The working size (``splice_size`` of the image ``size`` when ``align``) and its windows."""
+    h, w = splice_size(*size, patch, cfg.crop) if align else size
+    return WindowPlan((h, w), window_grid(h, w, cfg.crop, cfg.stride))
+
+
+def splice_windows(size: tuple[int, int], cfg: InferenceConfig, patch: int) -> WindowPlan:
+    """The strategy's window plan (registry extra ``windows``), with ``align`` from ``cfg.params``."""
+    return splice_plan(size, cfg, patch, SpliceParams(**cfg.params).align)
 
 
 def window_features(
@@ -203,7 +214,10 @@ def _splice_needs(p: SpliceParams) -> frozenset[Need]:
 
 
 @STRATEGIES.register("splice", params=SpliceParams, needs=_splice_needs,
-                     description="windows' features spliced, moved by SAM's global affinity, classified once")
+                     description="windows' features spliced, moved by SAM's global affinity, classified once",
+                     extras={"windows": splice_windows,
+                             # names in this module, timed by `dapseg bench` as their own stages
+                             "stages": {"sam": ("encode_image",), "global_affinity": ("aggregate_map",)}})
 class SpliceStrategy:
     """Splice-then-segment with its params validated once; ``sam_encoder``: the configured SAM
     (any module ``image_encoder_of`` accepts), needed unless ``kind`` is ``none``."""
@@ -223,7 +237,7 @@ class SpliceStrategy:
         """
         p = self.params
         _, H, W = image01.shape
-        h, w = splice_size(H, W, engine.clip.patch_size, cfg.crop) if p.align else (H, W)
+        h, w = splice_plan((H, W), cfg, engine.clip.patch_size, p.align).size
         check_splice_memory(engine, h, w, cfg)  # before the working image is made (it may be huge)
         image01 = image01.to(engine.device)
         img = image01 if (h, w) == (H, W) else F.interpolate(

@@ -30,8 +30,12 @@ from dapseg.heads.stitched import StitchedTokens, stitched_form
 from dapseg.inference.engine import DenseEngine
 from dapseg.inference.preprocess import normalize
 from dapseg.inference.strategies import engine_padding
-from dapseg.inference.windows import GridAverage, crop_windows, window_grid
+from dapseg.inference.windows import GridAverage, WindowPlan, crop_windows, window_grid
 from dapseg.registry import STRATEGIES
+
+# why the stitched last block takes no plug-in (the strategy's ``no_plugins`` extra)
+NO_PLUGINS = ("the stitched last block runs each head's own stitched attention over the whole image; "
+              "a plug-in's reworked attention has no stitched form (use inference.mode=slide)")
 
 
 class StitchParams(BaseModel):
@@ -51,6 +55,17 @@ def aligned_size(h: int, w: int, patch: int) -> tuple[int, int]:
     changes by at most half a patch per side.
     """
     return max(patch, round(h / patch) * patch), max(patch, round(w / patch) * patch)
+
+
+def stitch_plan(size: tuple[int, int], cfg: InferenceConfig, patch: int, align: bool) -> WindowPlan:
+    """The working size (the image ``size`` aligned to ``patch`` when ``align``) and its windows."""
+    h, w = aligned_size(*size, patch) if align else size
+    return WindowPlan((h, w), window_grid(h, w, cfg.crop, cfg.stride))
+
+
+def stitch_windows(size: tuple[int, int], cfg: InferenceConfig, patch: int) -> WindowPlan:
+    """The strategy's window plan (registry extra ``windows``), with ``align`` from ``cfg.params``."""
+    return stitch_plan(size, cfg, patch, StitchParams(**cfg.params).align)
 
 
 def window_tokens(engine: DenseEngine, image01: Tensor, cfg: InferenceConfig, with_vfm: bool) -> StitchedTokens:
@@ -98,14 +113,13 @@ def stitch(engine: DenseEngine, image01: Tensor, text: Tensor, cfg: InferenceCon
     they are read from ``cfg``)."""
     p = params or StitchParams(**cfg.params)
     if engine.plugin is not None:
-        raise ValueError("inference.mode=stitch does not support the FSA plug-in; set fsa.enabled=false "
-                         "or use inference.mode=slide")
+        raise ValueError(f"inference.mode=stitch takes no plug-in: {NO_PLUGINS}")
     stitched_fn, needs_vfm = stitched_form(engine.head)
     if needs_vfm and engine.vfm is None:
         raise ValueError(f"head {engine.head.name!r} needs a VFM: configure a `vfm:` section")
     _, H, W = image01.shape
     image01 = image01.to(engine.device)
-    h, w = aligned_size(H, W, engine.clip.patch_size) if p.align else (H, W)
+    h, w = stitch_plan((H, W), cfg, engine.clip.patch_size, p.align).size
     img = image01 if (h, w) == (H, W) else F.interpolate(
         image01[None], (h, w), mode="bilinear", align_corners=False)[0]
     with torch.no_grad():
@@ -117,5 +131,6 @@ def stitch(engine: DenseEngine, image01: Tensor, text: Tensor, cfg: InferenceCon
 
 
 STRATEGIES.register("stitch", params=StitchParams,
-                    description="window tokens averaged onto the image grid, one last-block attention over all")(
+                    description="window tokens averaged onto the image grid, one last-block attention over all",
+                    extras={"windows": stitch_windows, "no_plugins": NO_PLUGINS})(
     lambda p: partial(stitch, params=p))

@@ -9,9 +9,12 @@ it declared (``Need``), and returns a callable
 giving cosine logits covering the processed image. ``whole`` and ``slide`` live here; ``splice``
 (splice-then-segment) registers itself from its own module.
 
-A strategy registered with ``extras={"region_masks": True}`` also takes ``region_masks=``: the
-image's region map (H, W) int64 resized to the processed image, which it crops and pads like the
-pixels of each window (padding: ``PAD_SENTINEL``) for heads that declare ``Need.REGION_MASKS``.
+What a strategy declares about itself are registry extras (docs/design.md, "Contracts: Strategy"):
+``windows``, its window plan (``windows.WindowPlanner``); ``no_plugins``, why it takes no plug-in;
+``stages``, the functions ``dapseg bench`` times as their own stages; ``region_masks: True``, that it
+also takes ``region_masks=``: the image's region map (H, W) int64 resized to the processed image,
+which it crops and pads like the pixels of each window (padding: ``PAD_SENTINEL``) for heads that
+declare ``Need.REGION_MASKS``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from dapseg.inference.engine import DenseEngine
 from dapseg.inference.windows import (
     Window,
     WindowPadding,
+    WindowPlan,
     crop_maps,
     crop_windows,
     window_grid,
@@ -110,11 +114,22 @@ def _window_masks(region_masks: Tensor | None, windows: list[Window]) -> Tensor 
     return crop_maps(region_masks, windows) if region_masks is not None else None
 
 
+def whole_windows(size: tuple[int, int], cfg: InferenceConfig, patch: int) -> WindowPlan:
+    """``whole``'s window plan: the image as it is, one window."""
+    h, w = size
+    return WindowPlan((h, w), [Window(0, h, 0, w)])
+
+
+def slide_windows(size: tuple[int, int], cfg: InferenceConfig, patch: int) -> WindowPlan:
+    """``slide``'s window plan: the image as it is, the sliding-window grid of ``crop`` and ``stride``."""
+    return WindowPlan(size, window_grid(*size, cfg.crop, cfg.stride))
+
+
 def whole(engine: DenseEngine, image01: Tensor, text: Tensor, cfg: InferenceConfig, *,
           region_masks: Tensor | None = None) -> Tensor:
     """The whole image as one window. ``region_masks``: (H, W) region map of the processed image."""
     _, h, w = image01.shape
-    window = [Window(0, h, 0, w)]
+    window = whole_windows((h, w), cfg, engine.clip.patch_size).windows
     mean, vfm_outs = image_affinity_mean(engine, image01, window, cfg)
     return padded_window_logits(engine, image01[None], text, cfg.pad_multiple, vfm_out=vfm_outs[0],
                                 affinity_mean=mean, region_masks=_window_masks(region_masks, window))[0]
@@ -130,7 +145,7 @@ def slide(engine: DenseEngine, image01: Tensor, text: Tensor, cfg: InferenceConf
     per window like the pixels.
     """
     _, h, w = image01.shape
-    windows = window_grid(h, w, cfg.crop, cfg.stride)
+    windows = slide_windows((h, w), cfg, engine.clip.patch_size).windows
     mean, vfm_outs = image_affinity_mean(engine, image01, windows, cfg)
     logits = torch.zeros(text.shape[0], h, w)
     count = torch.zeros(1, h, w)
@@ -147,6 +162,6 @@ def slide(engine: DenseEngine, image01: Tensor, text: Tensor, cfg: InferenceConf
 
 # Parameterless strategies: the builder returns the function itself.
 STRATEGIES.register("whole", description="the whole image as one window",
-                    extras={"region_masks": True})(lambda: whole)
+                    extras={"region_masks": True, "windows": whole_windows})(lambda: whole)
 STRATEGIES.register("slide", description="sliding windows, logits averaged where they overlap",
-                    extras={"region_masks": True})(lambda: slide)
+                    extras={"region_masks": True, "windows": slide_windows})(lambda: slide)

@@ -6,12 +6,16 @@ padding back off pixel maps and token / feature grids."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from dapseg.config import InferenceConfig
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,23 @@ class Window:
     @property
     def size(self) -> tuple[int, int]:
         return self.y2 - self.y1, self.x2 - self.x1
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """Where a strategy cuts a processed image: the working size it resizes the image to first
+    (``size`` (h, w): the image's own size where it keeps it) and the windows on that working image.
+
+    A strategy declares its plan as the registry extra ``windows``, a ``WindowPlanner``:
+    ``planner((H, W) of the processed image, the inference settings, the CLIP patch) -> WindowPlan``,
+    computed by the same functions the strategy cuts its windows with (``dapseg bench`` asks it).
+    """
+
+    size: tuple[int, int]
+    windows: list[Window]
+
+
+WindowPlanner = Callable[[tuple[int, int], "InferenceConfig", int], WindowPlan]
 
 
 def window_grid(h: int, w: int, crop: int, stride: int) -> list[Window]:

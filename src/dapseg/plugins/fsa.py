@@ -219,7 +219,8 @@ def fsa(
 
 
 @PLUGINS.register("fsa", params=FsaParams, needs={Need.BACKBONE, Need.CLASS_TEXT},
-                  description="FSA: feedback self-adaptive attention for any head")
+                  description="FSA: feedback self-adaptive attention for any head",
+                  extras={"derived_preset": "FSA feedback attention"})  # every preset gets its `-fsa` twin
 class FsaPlugin:
     """FSA with its parameters resolved (λ from the backbone unless given).
 

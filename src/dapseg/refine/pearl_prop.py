@@ -169,7 +169,9 @@ def propagate(image: Tensor, logits: Tensor, text: Tensor | None, p: PearlPropPa
 
 
 @REFINERS.register("pearl_prop", params=PearlPropParams, needs={Need.CLASS_TEXT},
-                   description="PEARL: text-aware Laplacian propagation of the logits (CG on a coarse grid)")
+                   description="PEARL: text-aware Laplacian propagation of the logits (CG on a coarse grid)",
+                   # pooling, edges, CG solve, upsampling: timed by `dapseg bench` as their own stage
+                   extras={"stages": {"propagation": ("propagate",)}})
 def build_pearl_prop(p: PearlPropParams) -> Refiner:
     def refine(inp: RefineInput) -> Refined:
         from dapseg.inference.preprocess import normalize
