@@ -80,8 +80,8 @@ class Entry(Generic[T]):
     params: type[BaseModel] | None = None
     needs: NeedsSpec = field(default_factory=frozenset)
     description: str = ""
-    # What other parts of the pipeline look up about the component, by key (e.g. a head's
-    # ``stitched`` function: how it runs over the stitched tokens of ``inference.mode: stitch``).
+    # What other parts of the pipeline look up about the component, by key (e.g. a strategy's
+    # ``windows`` plan or a head's ``no_plugins`` reason; docs/design.md, "Extras").
     extras: Mapping[str, Any] = field(default_factory=dict)
 
     def parse_params(self, params: Mapping[str, Any] | BaseModel | None) -> BaseModel | None:
