@@ -1,6 +1,7 @@
 """Typed, validated configuration and the preset registry.
 
-A preset is a YAML file under ``dapseg/configs/presets`` (data, never executed code). A preset may
+A preset is a YAML file under ``dapseg/configs/presets`` (data, never executed code), or settings that
+outside code added (``dapseg.extend.register_preset``, kept by ``dapseg.outside``). A preset may
 name a ``base`` preset and override parts of it. Overrides from the command line or the Python API
 are dotted keys (``inference.stride=112``) or, where unambiguous, bare field names (``rho=0.5``).
 """
@@ -16,6 +17,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from dapseg.outside import outside_presets
 from dapseg.registry import (
     HEADS,
     MASK_GENERATORS,
@@ -338,6 +340,10 @@ def _raw_presets() -> dict[str, dict[str, Any]]:
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a preset must be a mapping")
         presets[path.stem] = data
+    for name, data in outside_presets().items():  # added by outside code (dapseg.extend.register_preset)
+        if name in presets:
+            raise ValueError(f"preset {name!r} registered from outside the package is a preset of dapseg's own")
+        presets[name] = data
     return presets
 
 
