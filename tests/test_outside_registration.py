@@ -223,6 +223,23 @@ def test_presets_and_components_listings_see_imported_code(toys_file, cli):
         assert f"  {name} " in proc.stdout, name
 
 
+def test_a_preset_with_its_own_plugin_gets_no_fsa_twin(toys_file):
+    """At most one plug-in reworks the head: a preset naming an outside plug-in has no ``-fsa`` form
+    (which would be invalid), and every listed preset loads."""
+    from dapseg.config import list_presets, load_preset
+    from dapseg.extend import register_preset
+
+    import_components([str(toys_file)])
+    register_preset("toy_mixed", {"base": "toy", "plugins": [{"name": "toy_identity_mix"}]})
+    try:
+        names = list_presets()
+        assert "toy_mixed" in names and "toy_mixed-fsa" not in names and "toy-fsa" in names
+        assert load_preset("toy-fsa").plugin("fsa") is not None
+        assert load_preset("toy_mixed").plugin("toy_identity_mix") is not None
+    finally:
+        unregister_preset("toy_mixed")
+
+
 def test_every_command_takes_import():
     from dapseg.cli import COMMANDS, build_parser
 

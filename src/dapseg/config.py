@@ -375,15 +375,15 @@ def _resolve(name: str, raw: dict[str, dict[str, Any]], seen: tuple[str, ...] = 
 
 
 def _derived_presets(raw: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Presets made from others: ``<preset>-fsa`` for every preset that has no FSA yet (and does not
-    stitch: the stitched last block takes no plug-in)."""
+    """Presets made from others: ``<preset>-fsa`` for every preset that has no plug-in yet (at most one
+    reworks the head) and does not stitch (the stitched last block takes no plug-in)."""
     derived = {}
     for name in raw:
         if name.endswith("-fsa") or f"{name}-fsa" in raw:
             continue
         resolved = _resolve(name, raw)
         plugins = resolved.get("plugins") or []
-        if resolved.get("inference", {}).get("mode") == "stitch" or any(p.get("name") == "fsa" for p in plugins):
+        if resolved.get("inference", {}).get("mode") == "stitch" or plugins:
             continue
         if head_refuses_plugins((resolved.get("head") or {}).get("name", HeadConfig().name)):
             continue
