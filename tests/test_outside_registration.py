@@ -10,6 +10,7 @@ Each toy component has its own naive expectation, written here and checked on th
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -313,6 +314,18 @@ def test_an_installed_entry_point_is_loaded_before_the_first_lookup(site, cli):
     finally:
         _forget_toys()
         sys.modules.pop("toy_parts_module", None)
+
+
+def test_an_entry_point_is_found_by_a_fresh_process(site, cli_env):
+    """The real mechanism end to end: a new interpreter with the distribution on its path loads the
+    entry point on its first lookup."""
+    shutil.copy(TOYS, site / "toy_parts_fresh.py")
+    _distribution(site, "[dapseg.components]\ntoys = toy_parts_fresh\n")
+    code = "from dapseg.registry import HEADS\nprint('toy_vfm_mix' in HEADS)\n"
+    env = {**cli_env, "PYTHONPATH": f"{site}{os.pathsep}{cli_env['PYTHONPATH']}"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "True"
 
 
 def test_an_entry_point_naming_a_function_is_called(site):
