@@ -11,7 +11,8 @@ two ways, both the user's explicit choice:
   also calls it with no arguments;
 * ``--import MODULE_OR_FILE`` on every ``dapseg`` command (``import_components``): a dotted module
   name is imported as Python imports it; a path (ending in ``.py`` or holding a ``/``) is imported
-  from that file.
+  from that file (its folder is not put on ``sys.path``: a file that imports its siblings is a
+  package to install, or a module on ``PYTHONPATH``).
 
 Nothing else the package reads (configs, presets, weights, masks, results) ever runs code.
 
