@@ -136,12 +136,16 @@ def test_no_import_cycles():
 
 # What each low layer may import from the package (besides itself).
 ALLOWED = {
-    "dapseg.registry": set(),
+    # the registry loads the installed outside components (entry points) through ``outside``, which
+    # imports nothing from the package
+    "dapseg.registry": {"dapseg.outside"},
+    "dapseg.outside": set(),
     "dapseg.files": set(),
     "dapseg.termination": set(),
     "dapseg.workers": set(),
     "dapseg.folder_lock": {"dapseg.files"},
-    "dapseg.config": {"dapseg.config", "dapseg.registry"},  # schema, overrides, presets: each other
+    # schema, overrides, presets: each other; outside: the presets outside code added
+    "dapseg.config": {"dapseg.config", "dapseg.registry", "dapseg.outside"},
     "dapseg.heads": {"dapseg.heads", "dapseg.registry"},
     "dapseg.models": {"dapseg.models", "dapseg.config", "dapseg.registry", "dapseg.weights", "dapseg.files"},
     # mask generators build models (SAM, SAM2, Mask2Former, EoMT) and read mask files (through the one
@@ -149,6 +153,10 @@ ALLOWED = {
     "dapseg.masks": {"dapseg.masks", "dapseg.models", "dapseg.config", "dapseg.registry", "dapseg.weights",
                      "dapseg.files", "dapseg.images"},
     # the affinity analysis sits beside eval: models, heads, data and eval's plumbing, never the segmenter
+    # the public extension surface: components, heads, models and the base, never the pipeline (api,
+    # bundle, eval ...) or the entry points
+    "dapseg.extend": {"dapseg.config", "dapseg.heads", "dapseg.inference", "dapseg.masks", "dapseg.models",
+                      "dapseg.outside", "dapseg.refine", "dapseg.registry"},
     "dapseg.analysis": {"dapseg.analysis", "dapseg.data", "dapseg.eval", "dapseg.files", "dapseg.heads",
                         "dapseg.inference.preprocess", "dapseg.models", "dapseg.config", "dapseg.registry",
                         "dapseg.workers"},
@@ -167,6 +175,13 @@ def test_low_layers_never_import_upward(name):
     allowed = ALLOWED[_layer(name)]
     upward = sorted(m for m in GRAPH[name] if not any(m == a or m.startswith(a + ".") for a in allowed))
     assert upward == [], f"{name} imports {upward}"
+
+
+def test_no_module_of_the_package_imports_the_extension_surface():
+    """``dapseg.extend`` is for outside code: the package itself imports what it needs from where it
+    lives, so the surface can gather from every layer without closing a circle."""
+    importers = sorted(name for name, deps in GRAPH.items() if "dapseg.extend" in deps)
+    assert "dapseg.extend" in MODULES and importers == []
 
 
 def test_the_registry_loads_builtins_by_name_only():

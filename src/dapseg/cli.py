@@ -26,7 +26,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name in COMMANDS:
         importlib.import_module(f"dapseg.commands.{name}").add_parser(sub)
+    for command in {id(p): p for p in sub.choices.values()}.values():  # every command (aliases once)
+        add_import_arg(command)
     return parser
+
+
+def add_import_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
+        help="import a module (dotted name) or a .py file before the command runs, e.g. one that registers "
+        "components or presets through dapseg.extend (repeatable). It runs as Python code: import only "
+        "code you trust",
+    )
+
+
+def load_outside_code(args: argparse.Namespace) -> None:
+    """The installed ``dapseg.components`` entry points, then the ``--import`` modules and files, in
+    the order given: before the command looks anything up (``dapseg.outside``)."""
+    from dapseg.outside import import_components, load_entry_points
+
+    load_entry_points()
+    import_components(getattr(args, "imports", []))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     sigterm_interrupts()  # a scheduler's SIGTERM saves progress exactly as Ctrl-C does
     try:
         _apply_pixel_limit(args)
+        load_outside_code(args)
         return int(args.run(args) or 0)
     except BrokenPipeError:  # output piped into `head` and closed: not an error
         sys.stderr.close()

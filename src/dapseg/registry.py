@@ -7,17 +7,20 @@ configuration asks a registry for the params model (``Registry.validate``) and n
 component; the segmenter asks it for the declared needs and builds each component with exactly the
 models it declared (see docs/design.md, "Registries and needs").
 
-Registering from outside the package is the same call the built-ins use::
+Registering from outside the package is the same call the built-ins use, through the public
+module ``dapseg.extend``::
 
-    from dapseg.registry import HEADS
+    from dapseg.extend import HEADS, Need
 
     @HEADS.register("mine", params=MyParams, needs={Need.VFM_FEATURES})
     class MyHead(Head): ...
 
 The built-in components register when their module is imported; a registry imports its built-in
-modules (by name, on first lookup) so that ``config.py`` can validate names without importing them.
+modules (by name, on first lookup) so that ``config.py`` can validate names without importing them,
+then the installed outside components (the ``dapseg.components`` entry points, ``dapseg.outside``).
 
-This module imports nothing from the package: it is the lowest layer with ``config.py``.
+This module imports only ``dapseg.outside`` (which imports nothing from the package): it is the
+lowest layer with ``config.py``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from enum import Enum
 from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
+
+from dapseg.outside import load_entry_points
 
 T = TypeVar("T")
 
@@ -185,6 +190,7 @@ class Registry(Generic[T]):
             self._loaded = True
             for module in self._builtins:
                 importlib.import_module(module)
+        load_entry_points()  # the installed outside components (once per process; see dapseg.outside)
 
     def names(self) -> list[str]:
         """Registered names, sorted."""

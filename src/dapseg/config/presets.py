@@ -1,6 +1,7 @@
 """The preset store: the package's preset files, the presets derived from them, config files.
 
-A preset is a YAML file under ``dapseg/configs/presets`` (data, never executed code). A preset may
+A preset is a YAML file under ``dapseg/configs/presets`` (data, never executed code), or settings that
+outside code added (``dapseg.extend.register_preset``, kept by ``dapseg.outside``). A preset may
 name a ``base`` preset and override parts of it. A plug-in that declares ``derived_preset`` in its
 registry entry (its description, e.g. FSA's) gets a ``<preset>-<plug-in>`` twin of every preset whose
 head and strategy take plug-ins (``no_plugins``, ``config.schema.refuses_plugins``).
@@ -17,6 +18,7 @@ from typing import Any
 import yaml
 
 from dapseg.config.schema import HeadConfig, InferenceConfig, SegmenterConfig, refuses_plugins
+from dapseg.outside import outside_presets
 from dapseg.registry import HEADS, PLUGINS, STRATEGIES
 
 
@@ -32,6 +34,10 @@ def _raw_presets() -> dict[str, dict[str, Any]]:
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a preset must be a mapping")
         presets[path.stem] = data
+    for name, data in outside_presets().items():  # added by outside code (dapseg.extend.register_preset)
+        if name in presets:
+            raise ValueError(f"preset {name!r} registered from outside the package is a preset of dapseg's own")
+        presets[name] = data
     return presets
 
 

@@ -53,27 +53,30 @@ class VfmOutput(NamedTuple):
     attn: torch.Tensor | None  # (B, heads, h'·w', h'·w'), rows sum to 1; None unless requested
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class VfmSpec:
-    """One registry entry: which architecture, where its weights come from, how it is fed."""
+    """One VFM a family offers: which architecture, where its weights come from, how it is fed.
+
+    A family needs only ``name``, ``family``, ``patch_size`` and its normalisation (``mean``, ``std``);
+    the other fields serve the families built on timm / segment-anything and their releases."""
 
     name: str
     family: str  # a registered VFM family (dapseg.registry.VFM_FAMILIES)
-    arch: str  # timm model name (without tag) or segment-anything variant ("vit_b", ...)
-    patch_size: int
-    official_file: str  # the official release file ``--vfm-weights`` expects (for messages)
-    hub: str  # timm hub tag ("timm/<arch>.<tag>") or the official URL (SAM)
-    description: str
+    patch_size: int  # pixels per feature cell
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # input normalisation: (x - mean) / std per channel
+    std: tuple[float, float, float] = IMAGENET_STD
+    description: str = ""  # for listings and messages (empty: the name)
+    arch: str | None = None  # timm model name (without tag) or segment-anything variant ("vit_b", ...)
+    official_file: str | None = None  # the official release file ``--vfm-weights`` expects (for messages)
+    hub: str | None = None  # timm hub tag ("timm/<arch>.<tag>"), the official URL (SAM) or a hub repository
     pos_offset: float = 0.0  # official interpolation: scale_factor (h' + offset) / M when > 0
     pos_antialias: bool = False
     tiny: dict[str, Any] = field(default_factory=dict)  # overrides giving the tiny test variant
-    mean: tuple[float, float, float] = IMAGENET_MEAN  # input normalisation: (x - mean) / std per channel
-    std: tuple[float, float, float] = IMAGENET_STD
     arch_config: dict[str, Any] = field(default_factory=dict)  # architecture settings (families without timm)
 
 
 class VisionFoundationModel(nn.Module):
-    """Base class: normalisation, resizing, input checks. Subclasses implement ``_encode``."""
+    """Base class: normalisation, resizing, input checks. Subclasses implement ``encode``."""
 
     def __init__(self, spec: VfmSpec, *, embed_dim: int, num_heads: int) -> None:
         super().__init__()
@@ -120,9 +123,12 @@ class VisionFoundationModel(nn.Module):
         # Normalise then resize, in the reference's order (both are linear, so it commutes anyway).
         x = (images.to(dtype) - self.mean) / self.std
         x = self._resize(x)
-        return self._encode(x, return_attn)
+        return self.encode(x, return_attn)
 
-    def _encode(self, x: torch.Tensor, return_attn: bool) -> VfmOutput:
+    def encode(self, x: torch.Tensor, return_attn: bool) -> VfmOutput:
+        """The family's forward: normalised, resized images (B, 3, H', W') -> ``VfmOutput`` (feats
+        (B, C, h', w') with (h', w') = ``grid`` of the input; attn over the patch tokens, or None when
+        ``return_attn`` is false or the model has none)."""
         raise NotImplementedError
 
 
@@ -146,22 +152,60 @@ class WeightsSource(Protocol):
     def download(self, spec: VfmSpec, cache_dir: str | os.PathLike[str] | None) -> Path: ...
 
 
+@dataclass(frozen=True)
+class NoWeights:
+    """The weights source of a family that publishes nothing to download: a weights file is given
+    (``vfm.weights`` / ``--vfm-weights``), or the model runs with random weights."""
+
+    folder: bool = False
+
+    def describe(self, spec: VfmSpec) -> str:
+        return "a local file (the family publishes no download; give it with --vfm-weights)"
+
+    def host(self, spec: VfmSpec) -> str:
+        return ""  # no network involved
+
+    def cached(self, spec: VfmSpec, cache_dir: str | os.PathLike[str] | None) -> Path | None:
+        return None
+
+    def download(self, spec: VfmSpec, cache_dir: str | os.PathLike[str] | None) -> Path:
+        raise FileNotFoundError(f"VFM family {spec.family!r} publishes no weights to download")
+
+
 # (spec, random-init module, the family's validated ``vfm.params``, window size) -> the wrapped model
 Wrap = Callable[[VfmSpec, nn.Module, Any, int], VisionFoundationModel]
+
+
+def keep_checkpoint(state_dict: dict[str, torch.Tensor], module: nn.Module) -> dict[str, torch.Tensor]:
+    """The checkpoint filter of a family whose weights files hold the module's own keys: none."""
+    return state_dict
+
+
+def module_is_model(spec: VfmSpec, module: nn.Module, params: Any, window_size: int) -> VisionFoundationModel:
+    """The wrap of a family whose ``make_module`` builds the ``VisionFoundationModel`` itself."""
+    if not isinstance(module, VisionFoundationModel):
+        raise TypeError(f"VFM family {spec.family!r}: make_module built a {type(module).__name__}, not a "
+                        "VisionFoundationModel; give the family a wrap function")
+    return module
 
 
 @dataclass(frozen=True)
 class VfmFamily:
     """What a VFM family contributes (registered in ``dapseg.registry.VFM_FAMILIES``): its specs as
     data, how to build its bare architecture, where its weights come from and how they are read and
-    filtered onto it, how to wrap it, its ``vfm.params`` model and its traits."""
+    filtered onto it, how to wrap it, its ``vfm.params`` model and its traits.
+
+    A family of its own (not timm's) needs only ``name``, ``specs`` and ``make_module`` returning its
+    ``VisionFoundationModel``: its weights files then hold the model's own keys (given with
+    ``--vfm-weights``; no download source), and random weights are the module's own init."""
 
     name: str
     specs: tuple[VfmSpec, ...]
     make_module: Callable[[VfmSpec, bool], nn.Module]  # (spec, tiny) -> random-init architecture
-    filter_checkpoint: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]
-    wrap: Wrap
-    weights: WeightsSource
+    # (checkpoint, module) -> the checkpoint with the module's keys
+    filter_checkpoint: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]] = keep_checkpoint
+    wrap: Wrap = module_is_model
+    weights: WeightsSource = NoWeights()
     init_random: Callable[[nn.Module], None] | None = None  # extra init for random weights
     # Reads the weights (a file, or a folder when ``weights.folder``) into one state dict;
     # None: ``dapseg.weights.load_state_dict_file``.
@@ -178,8 +222,12 @@ def specs_from(family: str, rows: list[dict[str, Any]], **defaults: Any) -> tupl
     return tuple(VfmSpec(family=family, **{**defaults, **row}) for row in rows)
 
 
-def register_family(family: VfmFamily, description: str) -> VfmFamily:
+def register_family(family: VfmFamily, description: str = "") -> VfmFamily:
     """Register ``family`` in ``VFM_FAMILIES`` with its params model (what ``vfm.params`` is checked
-    against when a config loads)."""
+    against when a config loads). Its specs must name it as their family (``specs_from`` does)."""
+    strays = [spec.name for spec in family.specs if spec.family != family.name]
+    if not family.specs or strays:
+        raise ValueError(f"VFM family {family.name!r} must offer specs of its own (family={family.name!r}), "
+                         f"got {'none' if not family.specs else ', '.join(strays)}")
     VFM_FAMILIES.register(family.name, params=family.params, description=description)(lambda *_: family)
     return family

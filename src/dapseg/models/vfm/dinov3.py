@@ -85,7 +85,7 @@ class Dinov3Vfm(VisionFoundationModel):
         rope = eva.rope.get_embed(shape=grid) if eva.rope is not None else None
         return tokens, rope, grid
 
-    def _encode(self, x: torch.Tensor, return_attn: bool) -> VfmOutput:
+    def encode(self, x: torch.Tensor, return_attn: bool) -> VfmOutput:
         eva = self.eva
         t, rope, (h, w) = self.tokens(x)
         for blk in eva.blocks[:-1]:

@@ -64,14 +64,16 @@ def vfm_spec(name: str) -> VfmSpec:
 def how_to_get(spec: VfmSpec) -> str:
     """The instruction printed when ``spec``'s weights are missing."""
     local = "folder" if family_of(spec).weights.folder else "file"
+    release = f"the official release {spec.official_file}" if spec.official_file else f"a weights {local} of it"
     return (
         f"{W.how_to_fetch(None)} For {spec.name} (any preset whose vfm is {spec.name!r}) the local {local} "
-        f"is the official release {spec.official_file} (--vfm-weights PATH)."
+        f"is {release} (--vfm-weights PATH)."
     )
 
 
 def _what(spec: VfmSpec) -> str:
-    return f"{spec.description} ({spec.name}) pretrained weights from {family_of(spec).weights.describe(spec)}"
+    source = family_of(spec).weights.describe(spec)
+    return f"{spec.description or spec.name} ({spec.name}) pretrained weights from {source}"
 
 
 def cached_weights(name: str, cache_dir: str | os.PathLike | None = None) -> Path | None:
@@ -91,7 +93,8 @@ def fetch_weights(name: str, cache_dir: str | os.PathLike | None = None) -> Path
     hit = source.cached(spec, cache_dir)
     if hit is not None:
         return hit
-    if W.is_offline(source.host(spec)):
+    host = source.host(spec)  # "" : a source that never downloads (its download says why)
+    if host and W.is_offline(host):
         raise W.WeightsMissingError(_what(spec), how_to_get(spec), "no network and nothing in the cache")
     try:
         return source.download(spec, cache_dir)

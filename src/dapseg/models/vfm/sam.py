@@ -76,7 +76,7 @@ class SamVfm(VisionFoundationModel):
     def input_size(self, height: int, width: int) -> tuple[int, int]:
         return SAM_IMAGE_SIZE, SAM_IMAGE_SIZE
 
-    def _encode(self, x: torch.Tensor, return_attn: bool) -> VfmOutput:
+    def encode(self, x: torch.Tensor, return_attn: bool) -> VfmOutput:
         enc = self.encoder
         t = enc.patch_embed(x)  # (B, 64, 64, C) channels-last
         if enc.pos_embed is not None:

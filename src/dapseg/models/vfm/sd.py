@@ -214,7 +214,7 @@ class SdVfm(VisionFoundationModel):
             side = math.ceil(side / 2)
         return 2 * side, 2 * side  # the first up block's ×2 upsampler
 
-    def _encode(self, x: torch.Tensor, return_attn: bool) -> VfmOutput:
+    def encode(self, x: torch.Tensor, return_attn: bool) -> VfmOutput:
         if return_attn:
             raise ValueError(f"{self.name}: Stable Diffusion gives no attention map; use the proxy head with "
                              "head.params.affinity: features")

@@ -148,7 +148,7 @@ class TimmVitVfm(VisionFoundationModel):
             tokens = torch.cat([*prefix, patches], dim=1) + torch.cat([prefix_pos, patch_pos], dim=1)
         return vit.norm_pre(vit.pos_drop(tokens)), grid
 
-    def _encode(self, x: torch.Tensor, return_attn: bool) -> VfmOutput:
+    def encode(self, x: torch.Tensor, return_attn: bool) -> VfmOutput:
         vit = self.vit
         t, (h, w) = self.tokens(x)
         for blk in vit.blocks[:-1]:
