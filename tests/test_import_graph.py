@@ -138,6 +138,7 @@ ALLOWED = {
     "dapseg.registry": set(),
     "dapseg.files": set(),
     "dapseg.termination": set(),
+    "dapseg.precision": set(),
     "dapseg.workers": set(),
     "dapseg.folder_lock": {"dapseg.files"},
     "dapseg.config": {"dapseg.registry"},
