@@ -25,6 +25,7 @@ import torch
 from dapseg.bench.flops import count_flops
 from dapseg.bench.probe import matmul_rate, synchronize
 from dapseg.bench.stages import STAGES, StageTimer
+from dapseg.precision import dtype_name
 
 DEFAULT_CLASSES = ("cat", "wall", "floor", "blanket", "sofa", "plant", "window", "door")
 
@@ -40,6 +41,8 @@ class BenchSettings:
     count_flops: bool = True
     overrides: dict[str, Any] = field(default_factory=dict)  # applied to every preset
     cache_dir: str | None = None
+    # inference.precision settings, each preset benched at each, side by side (empty: the preset's own)
+    precisions: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.repeats < 1 or self.warmup < 0:
@@ -164,8 +167,10 @@ def bench_preset(
     classes: Any,
     settings: BenchSettings,
     probe_size: int | None = 1024,
+    precision: str | None = None,
 ) -> dict[str, Any]:
-    """One preset's row of the table (see the module docstring for the protocol).
+    """One preset's row of the table (see the module docstring for the protocol), at ``precision``
+    (``inference.precision``; None: the preset's own).
 
     With ``probe_size``, a short matmul probe runs right before each timed repeat and the preset's
     fraction is taken against the median of those probes: on a shared machine whose load drifts, a
@@ -182,7 +187,7 @@ def bench_preset(
         random_weights=settings.random_weights,
         tiny=settings.tiny,
         cache_dir=settings.cache_dir,
-        overrides=settings.overrides,
+        overrides={**settings.overrides, **({"inference.precision": precision} if precision else {})},
     )
     build_s = time.perf_counter() - t0
     device = seg.device
@@ -230,6 +235,8 @@ def bench_preset(
     }
     row: dict[str, Any] = {
         "preset": preset,
+        # the dtype the models hold their weights in and run at (inference.precision resolved on this device)
+        "precision": dtype_name(seg.models.dtype),
         "params": model_params(seg),
         "windows": windows,
         "max_batch": seg.config.inference.max_batch,
@@ -298,7 +305,9 @@ def run_bench(
     settings = settings or BenchSettings()
     device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     probe_before = matmul_rate(device, size=probe_size)
-    rows = [bench_preset(p, image, classes, settings, probe_size) for p in presets]
+    # each preset at each precision in turn, in this process: the rows of one preset are side by side
+    rows = [bench_preset(p, image, classes, settings, probe_size, precision)
+            for p in presets for precision in (settings.precisions or (None,))]
     machine = machine_info(device)  # load average after the runs, when it reflects them
     return {
         "machine": machine,
@@ -309,6 +318,7 @@ def run_bench(
             "random_weights": settings.random_weights,
             "tiny": settings.tiny,
             "overrides": settings.overrides,
+            "precisions": list(settings.precisions),
         },
         "probe": probe_before,
         "presets": rows,
@@ -318,6 +328,22 @@ def run_bench(
 # ---------------------------------------------------------------------------------------- table
 def _m(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
+
+
+def precision_ratios(rows: list[dict[str, Any]]) -> list[str]:
+    """Lines "preset: bfloat16 1.42x the speed of float32" for each preset benched at float32 and lower."""
+    by_preset: dict[str, dict[str, float]] = {}
+    for r in rows:
+        by_preset.setdefault(r["preset"], {})[r.get("precision", "float32")] = r["seconds"]["median"]
+    lines = []
+    for preset, seconds in by_preset.items():
+        if "float32" not in seconds:
+            continue
+        for dtype, s in seconds.items():
+            if dtype != "float32":
+                lines.append(f"  {preset}: {dtype} {seconds['float32'] / s:.2f}x the speed of float32 "
+                             f"({s:.3f} against {seconds['float32']:.3f} s/img)")
+    return ["", "precision (median s/img, side by side in this process):", *lines] if lines else []
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -335,7 +361,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"{report['settings']['warmup']} warm-up",
         "",
     ]
-    head = (f"{'preset':<16} {'params (clip/vfm/sam)':<24} {'win':>3} {'GFLOP':>8} {'s/img':>18} {'s/win':>6} "
+    head = (f"{'preset':<16} {'dtype':<8} {'params (clip/vfm/sam)':<24} {'win':>3} {'GFLOP':>8} {'s/img':>18} "
+            f"{'s/win':>6} "
             f"{'CPU s':>6} {'img/s':>6} {'GFLOP/s':>7} {'probe':>6} {'% probe':>7} {'1-by-1 s/img':>12} "
             f"{'peak MiB':>9} {'text enc s':>10}")
     lines += [head, "-" * len(head)]
@@ -349,13 +376,15 @@ def format_report(report: dict[str, Any]) -> str:
         one = f"{r['one_at_a_time']['seconds']['median']:.3f}" if r["one_at_a_time"] else "-"
         rate = f"{r['achieved_gflops_per_s']:.0f}" if r["achieved_gflops_per_s"] is not None else "-"
         probe_cell = f"{r['probe_gflops_per_s']:.0f}" if r["probe_gflops_per_s"] else "-"
-        lines.append(f"{r['preset']:<16} {params:<24} {r['windows']:>3} {gf:>8} {spread:>18} "
+        lines.append(f"{r['preset']:<16} {r.get('precision', '-'):<8} {params:<24} {r['windows']:>3} {gf:>8} "
+                     f"{spread:>18} "
                      f"{r['seconds_per_window']:>6.2f} {r['cpu_seconds']['median']:>6.1f} {r['images_per_s']:>6.2f} "
                      f"{rate:>7} {probe_cell:>6} "
                      f"{frac:>7} {one:>12} "
                      f"{r['peak_memory_mib']:>9.0f} {r['text_encoding_s']:>10.2f}")
     lines += ["", "text enc s: encoding the class list once, uncached (all templates); the `text` stage below is the "
               "per-image lookup of the cached embeddings"]
+    lines += precision_ratios(report["presets"])
     seen = {k for r in report["presets"] for k in r["stages_s"]}
     stage_names = [n for n in STAGES if n in seen]
     if stage_names:
