@@ -32,7 +32,7 @@ FEW_VOTE_POINTS = {"points_per_side": 2, "pred_iou_thresh": 0.0, "stability_scor
 # and VFM family, and every float32 island (``torch.autocast(..., enabled=False)``), is in at least one
 # row (``test_rows_cover_every_component`` checks the components).
 ROWS: dict[str, tuple[str, dict]] = {
-    "clip-whole": ("clip", {"inference.mode": "whole"}),  # vanilla head, the whole strategy
+    "clip": ("clip", {}),  # the vanilla head
     "maskclip": ("maskclip", {}),
     "sclip": ("sclip", {}),
     "naclip-pamr": ("naclip-pamr", {}),  # PAMR refiner
@@ -46,8 +46,11 @@ ROWS: dict[str, tuple[str, dict]] = {
     "dap-dinov3": ("dap-dinov3_vitb16", {}),  # rotary embeddings (float32 buffers)
     "dap-stitch": ("dap-stitch", {}),  # island: the stitched affinity (inference/stitch_attention)
     # the SAM VFM; SAM's automatic masks and the sam_vote refiner on one decoder around the held encoder
-    "dap-sam-regions-vote": ("dap-sam_vitb", {"head.params.regions": "sam", **FEW_SAM_POINTS,
-                                              "refine.name": "sam_vote", "refine.params": FEW_VOTE_POINTS}),
+    # (its prompt decoder in float32: heads/regions.generate_masks); the whole strategy, one window: the
+    # tiny SAM still sees 1024², three times per prediction
+    "dap-sam-regions-vote-whole": ("dap-sam_vitb", {"inference.mode": "whole", "head.params.regions": "sam",
+                                                    **FEW_SAM_POINTS, "refine.name": "sam_vote",
+                                                    "refine.params": FEW_VOTE_POINTS}),
     # splice: SAM's encoder and its float32 global affinity (inference/splice); SAM refiner; FSA
     "trident-refine-fsa": ("trident-refine-fsa", {}),
     # region masks (SAM 2) and map correction; island: region merging (heads/region_merge)

@@ -109,6 +109,9 @@ def image_encoder_of(sam: object) -> ImageEncoderViT:
         enc = getattr(sam, attr, None)
         if isinstance(enc, ImageEncoderViT):
             return enc
+        inner = getattr(enc, "encoder", None)  # a module running it (heads.regions: at its weights' dtype)
+        if isinstance(inner, ImageEncoderViT):
+            return inner
     raise TypeError(f"{type(sam).__name__} holds no segment-anything ImageEncoderViT (is `sam:` a SAM model?)")
 
 
