@@ -87,7 +87,7 @@ def agreement(presets: list[str], args: argparse.Namespace) -> list[dict[str, An
     import torch
 
     from dapseg.api import Segmenter
-    from dapseg.inference.engine import autocast_dtype
+    from dapseg.precision import inference_dtype
 
     images = photos(64 if args.tiny else None)
     rows = []
@@ -96,8 +96,8 @@ def agreement(presets: list[str], args: argparse.Namespace) -> list[dict[str, An
         overrides = {**(tiny_overrides(preset) if args.tiny else {}), "inference.precision": "fp32"}
         fp32 = Segmenter.from_preset(preset, device=args.device, random_weights=args.random_weights,
                                      tiny=args.tiny, cache_dir=args.cache_dir, overrides=overrides)
-        low = fp32.derive({"inference.precision": args.precision})  # the same models
-        dtype = autocast_dtype(fp32.device, args.precision)
+        low = fp32.derive({"inference.precision": args.precision})  # the same weights, held in the low dtype
+        dtype = inference_dtype(fp32.device, args.precision)
         worst, equal, total = 0.0, 0, 0
         for img in images:
             a, b = fp32.predict(img, CLASSES), low.predict(img, CLASSES)

@@ -14,6 +14,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Before any hub client is imported (they read this once): tests never touch the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# `inference.precision: auto` stays float32 on every test machine's CPU, bf16 units or not (the tests'
+# numbers are float32's; test_precision checks the CPU rule itself). Subprocesses inherit it.
+os.environ["DAPSEG_CPU_NATIVE_BF16"] = "0"
 
 
 def _torch_settings_from_env() -> None:

@@ -211,3 +211,20 @@ def test_scclip_report_shows_the_outlier_score_as_its_own_stage() -> None:
     assert row["stages_s"]["outliers"] > 0 and row["stages_s"]["clip_blocks"] > 0
     assert row["stage_paths_unresolved"] == []
     assert "outliers" in format_report(report)
+
+
+def test_cli_benches_each_preset_at_each_precision(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--precision fp32,bf16: a row per preset and precision, side by side, each with the dtype its
+    models were held in, and the speed ratio printed."""
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--preset", "naclip", "--random-weights", "--tiny", "--precision", "fp32,bf16",
+               "--classes", "cat, dog", "--repeats", "1", "--warmup", "0", "--probe-size", "64",
+               "--no-flops", "--no-batching-comparison", "--set", "inference.short_side=48", "--json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert [(r["preset"], r["precision"]) for r in report["presets"]] == [("naclip", "float32"), ("naclip", "bfloat16")]
+    assert report["settings"]["precisions"] == ["fp32", "bf16"]
+    text = capsys.readouterr().out
+    assert "naclip: bfloat16" in text and "the speed of float32" in text
+    assert main(["bench", "--preset", "naclip", "--random-weights", "--tiny", "--precision", "fp32,half"]) == 2
+    assert "--precision" in capsys.readouterr().err

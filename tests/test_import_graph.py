@@ -142,6 +142,7 @@ ALLOWED = {
     "dapseg.outside": set(),
     "dapseg.files": set(),
     "dapseg.termination": set(),
+    "dapseg.precision": set(),
     "dapseg.workers": set(),
     "dapseg.folder_lock": {"dapseg.files"},
     # schema, overrides, presets: each other; outside: the presets outside code added

@@ -16,7 +16,7 @@ from dapseg.bundle import ModelBundle, PrebuiltModels
 from dapseg.config import SegmenterConfig, load_preset
 from dapseg.decoding import Decoded, ImageSource, decode_ahead
 from dapseg.images import load_image
-from dapseg.inference.engine import DenseEngine, HeadPlugin, autocast_dtype
+from dapseg.inference.engine import DenseEngine, HeadPlugin
 from dapseg.inference.preprocess import resize_image, short_side_size, to_tensor01
 from dapseg.masks.base import resize_region_map
 from dapseg.models.clip import DenseClip
@@ -25,7 +25,6 @@ from dapseg.refine import RefineInput, Refiner
 from dapseg.registry import HEADS, PLUGINS, REFINERS, STRATEGIES, Need, Registry
 from dapseg.result import ImageFailure, SegmentationResult
 from dapseg.text import ClassSet, TextEmbedder
-from dapseg.weights import cache_dir
 
 PathLike = str | os.PathLike[str]
 
@@ -81,21 +80,11 @@ class Segmenter:
                              "inference.mode=slide or whole")
         self.engine = DenseEngine(self.clip, self.head, self.vfm, plugin, needs=head_needs | plugin_needs,
                                   precision=config.inference.precision)
-        dtype = autocast_dtype(self.device, config.inference.precision)
-        self.text = models.text or TextEmbedder(
-            self._encode_text,
-            # embeddings from a lower precision are their own cache entries
-            model_id=f"{self.clip.name}:{self.clip.tag}" + (f":{dtype}" if dtype is not None else ""),
-            templates=config.templates,
-            # Random weights differ from real ones: never share their text embeddings on disk.
-            cache_root=None if random_weights or config.clip.weights else _text_cache(cache_dir),
-            dim=self.clip.embed_dim,
-        )
 
-    def _encode_text(self, texts: list[str]) -> torch.Tensor:
-        """CLIP's text tower at the configured precision: (len(texts), E) float32."""
-        with self.engine.autocast():
-            return self.clip.encode_text(texts).float()
+    @property
+    def text(self) -> TextEmbedder:
+        """The class embeddings over CLIP's text tower at the configured precision (cached)."""
+        return self.models.text
 
     @property
     def clip(self) -> DenseClip:
@@ -159,25 +148,8 @@ class Segmenter:
     def derive(self, overrides: dict[str, Any]) -> Segmenter:
         """A Segmenter with ``overrides`` applied that reuses this one's models where they are unchanged."""
         config = self.config.with_overrides(overrides)
-        same = {key: getattr(config, key) == getattr(self.config, key) for key in ("clip", "vfm", "sam")}
-        if not same["clip"]:
-            return Segmenter(config, device=self.device, random_weights=self.random_weights, tiny=self.tiny,
-                             cache_dir=self.cache_dir, max_pixels=self.max_pixels)
-        if config.inference.crop != self.config.inference.crop and _built_at_window_size(config.vfm):
-            same["vfm"] = False  # e.g. MAE is built at the window size
-        keep_sam = same["sam"] and same["vfm"]
-        models = PrebuiltModels(
-            clip=self.clip,
-            vfm=self.vfm if same["vfm"] else None,
-            sam=self.sam if same["sam"] else None,
-            sam_decoder=self.models.built_sam_decoder if keep_sam else None,  # around the same encoder
-            mask_generator=self.mask_generator if config.masks == self.config.masks else None,
-            # same encoder, prompts and precision: keep the embedding cache
-            text=self.text if (config.templates, config.inference.precision)
-            == (self.config.templates, self.config.inference.precision) else None,
-        )
         return Segmenter(config, device=self.device, random_weights=self.random_weights, tiny=self.tiny,
-                         cache_dir=self.cache_dir, models=models, max_pixels=self.max_pixels)
+                         cache_dir=self.cache_dir, models=self.models.reuse_for(config), max_pixels=self.max_pixels)
 
     # ------------------------------------------------------------------ inference
     def text_embeddings(self, classes: ClassSet) -> torch.Tensor:
@@ -313,14 +285,3 @@ def with_weight_files(
             overrides[f"{key}.weights"] = str(path)
     return config.with_overrides(overrides)
 
-
-def _built_at_window_size(cfg: Any) -> bool:
-    if cfg is None:
-        return False
-    from dapseg.models.vfm import vfm_traits
-
-    return vfm_traits(cfg.name).built_at_window_size
-
-
-def _text_cache(explicit: PathLike | None) -> Path:
-    return cache_dir(explicit) / "text"

@@ -29,6 +29,7 @@ from dapseg.bench.probe import matmul_rate
 from dapseg.bench.stages import StageTimer
 from dapseg.bench.timing import spread, text_encoding_seconds, timed_predict
 from dapseg.bench.windows import n_windows
+from dapseg.precision import dtype_name
 
 DEFAULT_CLASSES = ("cat", "wall", "floor", "blanket", "sofa", "plant", "window", "door")
 
@@ -44,6 +45,8 @@ class BenchSettings:
     count_flops: bool = True
     overrides: dict[str, Any] = field(default_factory=dict)  # applied to every preset
     cache_dir: str | None = None
+    # inference.precision settings, each preset benched at each, side by side (empty: the preset's own)
+    precisions: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.repeats < 1 or self.warmup < 0:
@@ -56,8 +59,10 @@ def bench_preset(
     classes: Any,
     settings: BenchSettings,
     probe_size: int | None = 1024,
+    precision: str | None = None,
 ) -> dict[str, Any]:
-    """One preset's row of the table (see the module docstring for the protocol).
+    """One preset's row of the table (see the module docstring for the protocol), at ``precision``
+    (``inference.precision``; None: the preset's own).
 
     With ``probe_size``, a short matmul probe runs right before each timed repeat and the preset's
     fraction is taken against the median of those probes: on a shared machine whose load drifts, a
@@ -74,7 +79,7 @@ def bench_preset(
         random_weights=settings.random_weights,
         tiny=settings.tiny,
         cache_dir=settings.cache_dir,
-        overrides=settings.overrides,
+        overrides={**settings.overrides, **({"inference.precision": precision} if precision else {})},
     )
     build_s = time.perf_counter() - t0
     device = seg.device
@@ -123,6 +128,8 @@ def bench_preset(
     }
     row: dict[str, Any] = {
         "preset": preset,
+        # the dtype the models hold their weights in and run at (inference.precision resolved on this device)
+        "precision": dtype_name(seg.models.dtype),
         "params": model_params(seg),
         "windows": windows,
         "max_batch": seg.config.inference.max_batch,
@@ -165,7 +172,9 @@ def run_bench(
     settings = settings or BenchSettings()
     device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     probe_before = matmul_rate(device, size=probe_size)
-    rows = [bench_preset(p, image, classes, settings, probe_size) for p in presets]
+    # each preset at each precision in turn, in this process: the rows of one preset are side by side
+    rows = [bench_preset(p, image, classes, settings, probe_size, precision)
+            for p in presets for precision in (settings.precisions or (None,))]
     machine = machine_info(device)  # load average after the runs, when it reflects them
     return {
         "machine": machine,
@@ -176,6 +185,7 @@ def run_bench(
             "random_weights": settings.random_weights,
             "tiny": settings.tiny,
             "overrides": settings.overrides,
+            "precisions": list(settings.precisions),
         },
         "probe": probe_before,
         "presets": rows,

@@ -52,6 +52,7 @@ def _seconds(r: Row) -> str:
 
 PRESET_COLUMNS: tuple[Column, ...] = (
     Column("preset", 16, lambda r: r["preset"], left=True),
+    Column("dtype", 8, lambda r: r.get("precision", "-"), left=True),
     Column("params (clip/vfm/sam)", 24, _params, left=True),
     Column("win", 3, lambda r: maybe(r["windows"])),
     Column("GFLOP", 8, lambda r: maybe(r["gflops"], ".1f")),
@@ -66,6 +67,22 @@ PRESET_COLUMNS: tuple[Column, ...] = (
     Column("peak MiB", 9, lambda r: f"{r['peak_memory_mib']:.0f}"),
     Column("text enc s", 10, lambda r: f"{r['text_encoding_s']:.2f}"),
 )
+
+
+def precision_ratios(rows: Sequence[Row]) -> list[str]:
+    """Lines "preset: bfloat16 1.42x the speed of float32" for each preset benched at float32 and lower."""
+    by_preset: dict[str, dict[str, float]] = {}
+    for r in rows:
+        by_preset.setdefault(r["preset"], {})[r.get("precision", "float32")] = r["seconds"]["median"]
+    lines = []
+    for preset, seconds in by_preset.items():
+        if "float32" not in seconds:
+            continue
+        for dtype, s in seconds.items():
+            if dtype != "float32":
+                lines.append(f"  {preset}: {dtype} {seconds['float32'] / s:.2f}x the speed of float32 "
+                             f"({s:.3f} against {seconds['float32']:.3f} s/img)")
+    return ["", "precision (median s/img, side by side in this process):", *lines] if lines else []
 
 
 def stage_column(stage: str) -> Column:
@@ -96,6 +113,7 @@ def format_report(report: dict[str, Any]) -> str:
         *render(PRESET_COLUMNS, rows),
         "", "text enc s: encoding the class list once, uncached (all templates); the `text` stage below is the "
         "per-image lookup of the cached embeddings",
+        *precision_ratios(rows),
     ]
     stage_names = stage_order(k for r in rows for k in r["stages_s"])
     if stage_names:

@@ -38,6 +38,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="skip the one-window-at-a-time runs")
     p.add_argument("--no-flops", dest="count_flops", action="store_false",
                    help="skip the FLOP-counting run")
+    p.add_argument("--precision", default=None, metavar="LIST",
+                   help="inference.precision settings to bench each preset at, side by side, e.g. fp32,bf16 "
+                        "(auto, fp32, bf16, fp16; default: the preset's own)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--probe-size", type=int, default=1024, help="matrix side of the matmul-rate probe")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the full report as JSON")
@@ -52,6 +55,19 @@ def load_bench_image(path: str | None):  # -> np.ndarray (H, W, 3) uint8
 
         return load_image(data.chelsea())
     return load_image(path)
+
+
+def parse_precisions(text: str | None) -> tuple[str, ...]:
+    """"fp32,bf16" -> ("fp32", "bf16"); an unknown name is an error naming --precision."""
+    from dapseg.precision import PRECISIONS
+
+    if text is None:
+        return ()
+    names = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    bad = [n for n in names if n not in PRECISIONS]
+    if not names or bad:
+        raise ValueError(f"--precision {text!r}: give one or more of {', '.join(PRECISIONS)}, separated by commas")
+    return names
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         count_flops=args.count_flops,
         overrides=dict(parse_override(text) for text in args.overrides),
         cache_dir=args.cache_dir,
+        precisions=parse_precisions(args.precision),
     )
     image = load_bench_image(args.image)
     report = run_bench(presets, image, classes, settings, probe_size=args.probe_size)

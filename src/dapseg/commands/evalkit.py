@@ -54,10 +54,11 @@ def setup_distributed(args: argparse.Namespace) -> dist.DistInfo:
 
 
 def autocast_dtype(device: torch.device, precision: str = "auto") -> str:
-    """The engine's autocast dtype on ``device`` at ``inference.precision``, as the evaluation records it."""
-    from dapseg.inference.engine import autocast_dtype as engine_dtype
+    """The models' dtype on ``device`` at ``inference.precision`` (weights held in it, run under autocast
+    at it), as the evaluation records it."""
+    from dapseg.precision import inference_dtype
 
-    dtype = engine_dtype(device, precision)
+    dtype = inference_dtype(device, precision)
     return f"{str(dtype).removeprefix('torch.')} (autocast)" if dtype is not None else "float32"
 
 

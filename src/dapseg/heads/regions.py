@@ -112,24 +112,59 @@ def _lloyd(x: Tensor, k: int, iters: int) -> Tensor:
     return labels
 
 
+class _EncoderAtItsDtype(torch.nn.Module):
+    """SAM's image encoder under autocast at the dtype its weights are held in, giving float32
+    embeddings (the prompt decoder after it runs in float32); as it is for float32 weights."""
+
+    def __init__(self, encoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.img_size = encoder.img_size  # what SamPredictor reads
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = self.encoder.patch_embed.proj.weight.dtype
+        if dtype == torch.float32:
+            return self.encoder(x)
+        with torch.autocast(x.device.type, dtype=dtype):
+            return self.encoder(x).float()  # (B, 256, 64, 64)
+
+
+def automatic_mask_generator(sam: Any, **generator_kwargs: Any) -> Any:
+    """segment-anything's ``SamAutomaticMaskGenerator`` around the full ``Sam`` ``sam``, for
+    ``generate_masks``: the image encoder at the dtype its weights are held in, the prompt decoder
+    (shared with ``sam``) in float32."""
+    from segment_anything import SamAutomaticMaskGenerator
+    from segment_anything.modeling import Sam
+
+    if not isinstance(sam, Sam):
+        raise TypeError(f"SAM automatic masks need a segment_anything Sam model (encoder + decoder), got "
+                        f"{type(sam).__name__}")
+    model = Sam(image_encoder=_EncoderAtItsDtype(sam.image_encoder), prompt_encoder=sam.prompt_encoder,
+                mask_decoder=sam.mask_decoder, pixel_mean=sam.pixel_mean.flatten().tolist(),
+                pixel_std=sam.pixel_std.flatten().tolist()).eval().to(sam.pixel_mean.device)
+    return SamAutomaticMaskGenerator(model, **generator_kwargs)
+
+
+@torch.no_grad()
+def generate_masks(generator: Any, image: np.ndarray) -> list[dict[str, Any]]:
+    """The generator's mask records for an (H, W, 3) uint8 image, its prompt decoder in float32 under any
+    autocast: the IoU and stability cut-offs compare values near them, and the library converts its
+    outputs to numpy, which has no bf16."""
+    with torch.autocast(generator.predictor.device.type, enabled=False):
+        return generator.generate(image)
+
+
 class SamRegions:
     """Region provider from SAM's automatic masks (segment-anything), as CorrCLIP uses them.
 
     ``sam``: a ``segment_anything.modeling.Sam`` (image encoder + prompt encoder + mask decoder).
     Masks are painted largest first, so a smaller mask inside a larger one wins; pixels no mask
-    covers are -1.
+    covers are -1. The prompt decoder runs in float32 whatever the precision (``generate_masks``).
     Keyword arguments go to ``SamAutomaticMaskGenerator`` (points_per_side, pred_iou_thresh, ...).
     """
 
     def __init__(self, sam: Any, **generator_kwargs: Any) -> None:
-        from segment_anything import SamAutomaticMaskGenerator
-        from segment_anything.modeling import Sam
-
-        if not isinstance(sam, Sam):
-            raise TypeError(
-                f"SamRegions needs a segment_anything Sam model (encoder + decoder), got {type(sam).__name__}"
-            )
-        self.generator = SamAutomaticMaskGenerator(sam, **generator_kwargs)
+        self.generator = automatic_mask_generator(sam, **generator_kwargs)
 
     @torch.no_grad()
     def __call__(self, images: Tensor) -> Tensor:
@@ -137,7 +172,7 @@ class SamRegions:
         maps = []
         for img in pixels:
             label = np.full(img.shape[:2], -1, dtype=np.int64)
-            masks = sorted(self.generator.generate(img), key=lambda m: m["area"], reverse=True)
+            masks = sorted(generate_masks(self.generator, img), key=lambda m: m["area"], reverse=True)
             for idx, m in enumerate(masks):
                 label[m["segmentation"]] = idx
             maps.append(label)

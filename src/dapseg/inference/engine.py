@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
 import torch
@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from dapseg.heads.base import Head, HeadContext, HeadOutput
 from dapseg.inference.preprocess import normalize
 from dapseg.models.clip import DenseClip
+from dapseg.precision import autocast_context, inference_dtype
 from dapseg.registry import Need
 
 if TYPE_CHECKING:
@@ -20,33 +21,6 @@ if TYPE_CHECKING:
 
 # (head, ctx, text embeddings (Q, E), tokens -> embeddings) -> HeadOutput; e.g. the FSA plug-in.
 HeadPlugin = Callable[[Head, HeadContext, Tensor, Callable[[Tensor], Tensor]], HeadOutput]
-
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """The autocast dtype of inference on ``device`` (the one place it is chosen) for the setting
-    ``inference.precision``: ``auto`` is bf16 on CUDA where supported, else fp16, and None (float32,
-    no autocast) elsewhere; ``fp32`` is None everywhere; ``bf16`` / ``fp16`` are those dtypes."""
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return None
-    if precision == "fp32":
-        return None
-    if precision not in _DTYPES:
-        raise ValueError(f"inference.precision must be auto, fp32, bf16 or fp16, got {precision!r}")
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"inference.precision=bf16: {torch.cuda.get_device_name(device)} has no bf16; "
-                         "use fp16 or auto")
-    return _DTYPES[precision]
-
-
-def autocast_context(device: torch.device, precision: str = "auto") -> AbstractContextManager[object]:
-    """Autocast at ``autocast_dtype(device, precision)``; nothing (fp32) where that is None."""
-    dtype = autocast_dtype(device, precision)
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 class DenseEngine(nn.Module):
@@ -70,14 +44,15 @@ class DenseEngine(nn.Module):
         self.plugin = plugin
         self.needs = frozenset(needs)
         self.precision = precision
-        autocast_dtype(self.device, precision)  # an impossible setting fails here, not on the first image
+        inference_dtype(self.device, precision)  # an impossible setting fails here, not on the first image
 
     @property
     def device(self) -> torch.device:
         return self.clip.visual.proj.device
 
     def autocast(self) -> AbstractContextManager[object]:
-        """Autocast at this engine's precision on its device (see ``autocast_dtype``)."""
+        """Autocast at this engine's precision on its device (``precision.inference_dtype``): the models
+        hold their weights in that dtype already; autocast glues float32 islands to them."""
         return autocast_context(self.device, self.precision)
 
     @property

@@ -80,9 +80,9 @@ class SamMaskSource:
     """segment-anything's automatic masks of an image, as bool arrays (H, W)."""
 
     def __init__(self, sam: Any, params: SamVoteParams) -> None:
-        from segment_anything import SamAutomaticMaskGenerator
+        from dapseg.heads.regions import automatic_mask_generator
 
-        self.generator = SamAutomaticMaskGenerator(
+        self.generator = automatic_mask_generator(
             sam,
             points_per_side=params.points_per_side,
             points_per_batch=params.points_per_batch,
@@ -93,7 +93,9 @@ class SamMaskSource:
 
     @torch.no_grad()
     def __call__(self, image: np.ndarray) -> list[np.ndarray]:
-        records = self.generator.generate(np.ascontiguousarray(image, dtype=np.uint8))
+        from dapseg.heads.regions import generate_masks
+
+        records = generate_masks(self.generator, np.ascontiguousarray(image, dtype=np.uint8))  # float32 decoder
         return [r["segmentation"] for r in records if r["area"] >= max(self.min_area, 1)]
 
 

@@ -109,6 +109,9 @@ def image_encoder_of(sam: object) -> ImageEncoderViT:
         enc = getattr(sam, attr, None)
         if isinstance(enc, ImageEncoderViT):
             return enc
+        inner = getattr(enc, "encoder", None)  # a module running it (heads.regions: at its weights' dtype)
+        if isinstance(inner, ImageEncoderViT):
+            return inner
     raise TypeError(f"{type(sam).__name__} holds no segment-anything ImageEncoderViT (is `sam:` a SAM model?)")
 
 
@@ -171,3 +174,15 @@ def sam_with_decoder(sam: object, *, weights: Path | None = None,
         model.load_state_dict(decoder_state, strict=False)
     device = next(enc.parameters()).device
     return model.eval().to(device)
+
+
+def sam_around(sam: Sam, encoder_source: object) -> Sam:
+    """The full SAM ``sam`` with the image encoder of ``encoder_source`` in place of its own (e.g. the
+    same encoder held in another dtype); the prompt encoder and mask decoder are shared, not copied.
+    ``sam`` itself when it already holds that encoder."""
+    enc = image_encoder_of(encoder_source)
+    if sam.image_encoder is enc:
+        return sam
+    model = Sam(image_encoder=enc, prompt_encoder=sam.prompt_encoder, mask_decoder=sam.mask_decoder,
+                pixel_mean=sam.pixel_mean.flatten().tolist(), pixel_std=sam.pixel_std.flatten().tolist())
+    return model.eval().to(sam.pixel_mean.device)
