@@ -318,3 +318,29 @@ def test_a_head_registered_from_outside_declares_its_own_stitched_form() -> None
     z = 0.3 * v.mean(dim=1, keepdim=True) + 0.7 * v
     want = naive_logits(seg, z.transpose(0, 1).reshape(36, -1), (6, 6), text)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["naclip", "proxy", "dap"])
+def test_stitched_forms_hold_at_most_chunk_rows_of_attention(name: str, monkeypatch) -> None:
+    """Memory heads · chunk · N: every attention block applied, and every block of S made, has at most
+    ``chunk`` rows; the result equals the one-chunk run."""
+    import dapseg.heads.stitched as stitched_module
+    from dapseg.heads.affinity import ProxyAffinity
+    from dapseg.heads.base import build_head
+
+    seg = tiny("dap")
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1 + 20, seg.clip.last_block.attn.embed_dim, generator=gen)  # CLIP grid 4 × 5
+    st = StitchedTokens(x=x, grid=(4, 5), vfm_feats=torch.randn(16, 8, 10, generator=gen),
+                        image=torch.rand(3, 64, 80, generator=gen), window_area=32 * 40)
+    head = build_head(name, {"knn": 4, "steps": 2, "regions": "kmeans"} if name == "dap" else {})
+    whole, _ = head.stitched(seg.clip.last_block, st, 1000)
+
+    rows: list[int] = []
+    attend, similarity = stitched_module.attend, ProxyAffinity.similarity
+    monkeypatch.setattr(stitched_module, "attend", lambda a, v: (rows.append(a.shape[-2]), attend(a, v))[1])
+    monkeypatch.setattr(ProxyAffinity, "similarity",
+                        lambda self, s, e: (rows.append(e - s), similarity(self, s, e))[1])
+    got, _ = head.stitched(seg.clip.last_block, st, 7)
+    assert rows and max(rows) <= 7
+    torch.testing.assert_close(got, whole, atol=1e-5, rtol=1e-5)

@@ -34,9 +34,10 @@ from dapseg.weights import WeightsMissingError, cache_dir, how_to_fetch
 @dataclass(frozen=True)
 class PrebuiltModels:
     """Models already built, handed to ``Segmenter(config, models=...)`` instead of being built from the
-    config (e.g. a benchmark's own SAM, or the models of another segmenter). Each is used as given
-    when its weights are in the config's dtype (``precision.inference_dtype``), else as a converted
-    copy (the module handed in is left untouched); the others are built as usual.
+    config (e.g. a benchmark's own SAM, or the models of another segmenter). Each is used as given,
+    except at a half precision (``precision.inference_dtype`` bf16/fp16) where its weights are in another
+    dtype: then as a converted copy (the module handed in is left untouched). The others are built as
+    usual.
 
     ``sam`` may be given without a ``sam:`` section in the config; ``sam_decoder`` must be the full
     ``Sam`` around the given ``sam`` (or around a given SAM ``vfm``); ``text`` is a ``TextEmbedder``
@@ -101,11 +102,12 @@ class ModelBundle:
                              window_size=config.inference.crop, device=device)
 
         def held(given: nn.Module | None, make: Any) -> Any:
-            """``given`` in the dtype (itself, or a converted copy), else ``make()``'s model converted in place."""
+            """``make()``'s model converted in place; a ``given`` one as it is (float32 precision: whatever
+            its dtype, e.g. a float64 model of a test) or as a converted copy in the half dtype."""
             if given is None:
                 model = make()
                 return hold_weights(model, dtype) if model is not None else None
-            return given if weights_dtype(given) == (dtype or torch.float32) else weights_copy(given, dtype)
+            return given if dtype is None or weights_dtype(given) == dtype else weights_copy(given, dtype)
 
         try:
             clip = held(reuse.clip, lambda: build_clip(config.clip, random_weights=random_weights, tiny=tiny,

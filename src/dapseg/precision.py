@@ -112,14 +112,21 @@ def is_normalization(module: nn.Module) -> bool:
     return isinstance(module, norms) or "Norm" in type(module).__name__
 
 
-def held_parameters(module: nn.Module) -> Iterator[nn.Parameter]:
-    """The floating-point parameters ``hold_weights`` converts: all but the normalisation layers'."""
-    seen: set[int] = set()
+def held_parameters(module: nn.Module, *, norms: bool = False) -> Iterator[nn.Parameter]:
+    """The floating-point parameters ``hold_weights`` converts to the dtype: all but the normalisation
+    layers' (``norms=True``: those, which it keeps in float32), each shared parameter once."""
     norm_params = {id(p) for m in module.modules() if is_normalization(m) for p in m.parameters(recurse=False)}
-    for p in module.parameters():
-        if p.is_floating_point() and id(p) not in norm_params and id(p) not in seen:
-            seen.add(id(p))
+    for p in module.parameters():  # yields a shared parameter once
+        if p.is_floating_point() and (id(p) in norm_params) == norms:
             yield p
+
+
+def _targets(module: nn.Module, dtype: torch.dtype | None) -> Iterator[tuple[nn.Parameter, torch.dtype]]:
+    """(parameter, the dtype ``hold_weights`` gives it) for every floating-point parameter."""
+    for p in held_parameters(module):
+        yield p, dtype or torch.float32
+    for p in held_parameters(module, norms=True):
+        yield p, torch.float32
 
 
 def weights_dtype(module: nn.Module) -> torch.dtype:
@@ -135,10 +142,9 @@ def weights_dtype(module: nn.Module) -> torch.dtype:
 def hold_weights(module: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     """``module`` with its weights (``held_parameters``) converted to ``dtype`` (None: float32), in place.
 
-    Parameters keep their identity (tied weights stay tied); normalisation layers' parameters and
-    buffers are left as they are (float32)."""
-    target = dtype or torch.float32
-    for p in held_parameters(module):
+    Parameters keep their identity (tied weights stay tied); normalisation layers' parameters are
+    float32, buffers are left as they are."""
+    for p, target in _targets(module, dtype):
         if p.dtype != target:
             p.data = p.data.to(target)
     return module
@@ -149,8 +155,7 @@ def weights_copy(module: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     """A copy of ``module`` with its weights (``held_parameters``) in ``dtype`` (None: float32); ``module``
     is left untouched. Converted tensor by tensor: the full-precision weights are never copied as a
     whole, so the peak is the original plus the converted copy."""
-    target = dtype or torch.float32
     memo: dict[int, object] = {}
-    for p in held_parameters(module):  # each shared parameter once: ties survive the copy
+    for p, target in _targets(module, dtype):  # each shared parameter once: ties survive the copy
         memo[id(p)] = nn.Parameter(p.detach().to(target, copy=True), requires_grad=p.requires_grad)
     return copy.deepcopy(module, memo)
