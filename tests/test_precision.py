@@ -74,7 +74,11 @@ def test_dtype_rule(monkeypatch):
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
     assert inference_dtype(cpu) is None and inference_dtype(cpu, "auto") is None  # no bf16 units: fp32
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
-    assert inference_dtype(cpu, "auto") is torch.bfloat16  # AVX-512 BF16 / AMX: bf16
+    assert inference_dtype(cpu, "auto") is None  # AVX-512 BF16 / AMX: fp32 until the bench shows bf16 pays
+    monkeypatch.setattr(precision, "AUTO_BF16_ON_NATIVE_CPUS", True)
+    assert inference_dtype(cpu, "auto") is torch.bfloat16  # ... then bf16 there
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    assert inference_dtype(cpu, "auto") is None  # and never on a CPU without bf16 units
     for native in (False, True):
         monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda native=native: native)
         assert inference_dtype(cpu, "fp32") is None
@@ -96,6 +100,7 @@ def test_cpu_bf16_units_from_the_cpu_flags(monkeypatch, tmp_path):
         assert not precision._detected_native_bf16() or flags & precision.NATIVE_BF16_FLAGS
     # the override (conftest sets 0 for every test)
     monkeypatch.setenv(precision.CPU_BF16_ENV, "1")
+    monkeypatch.setattr(precision, "AUTO_BF16_ON_NATIVE_CPUS", True)
     assert precision.cpu_has_native_bf16() and inference_dtype(torch.device("cpu")) is torch.bfloat16
     monkeypatch.setenv(precision.CPU_BF16_ENV, "0")
     assert not precision.cpu_has_native_bf16()

@@ -21,10 +21,13 @@ A component registers on its registry when its module is imported::
 What each registry's builder returns (the contracts are in docs/design.md, "Contracts"):
 
 =================== ==========================================================================
-``HEADS``           a ``Head`` (most implement ``attention(ctx) -> Attention``)
+``HEADS``           a ``Head`` (most implement ``attention(ctx) -> Attention``; a head that runs in
+                    ``inference.mode: stitch`` also implements ``stitched(block, StitchedTokens,
+                    chunk)``, applying its attention ``chunk`` rows at a time with ``rows_times``)
 ``STRATEGIES``      ``strategy(engine: DenseEngine, image01 (3, H, W), text (Q, E), settings:
                     InferenceConfig) -> logits (Q, H, W)``; ``STRATEGIES.build("whole")`` gives a
-                    built-in one to compose with
+                    built-in one to compose with; its ``windows`` extra, a planner returning a
+                    ``WindowPlan``, tells ``dapseg bench`` how many windows it cuts
 ``REFINERS``        ``refiner(RefineInput) -> Refined``
 ``PLUGINS``         ``plugin(head, ctx: HeadContext, text (Q, E), to_embed) -> HeadOutput``
 ``VFM_FAMILIES``    a ``VfmFamily``, registered with ``register_family``: specs (``VfmSpec``:
@@ -52,6 +55,8 @@ from typing import TYPE_CHECKING, Any
 
 from dapseg.config import InferenceConfig
 from dapseg.heads.base import Attention, Head, HeadContext, HeadOutput, attend, merge_heads, qkv, split_heads
+from dapseg.heads.stitched import StitchedTokens, rows_times
+from dapseg.inference.windows import WindowPlan
 from dapseg.masks.base import PAD_SENTINEL, MaskBuild, MaskGenerator, check_region_map
 from dapseg.models.vfm.base import (
     IMAGENET_MEAN,
@@ -116,12 +121,14 @@ __all__ = [
     "Refined",
     "Refiner",
     "Registry",
+    "StitchedTokens",
     "Strategy",
     "VfmFamily",
     "VfmOutput",
     "VfmSpec",
     "VisionFoundationModel",
     "WeightsSource",
+    "WindowPlan",
     "attend",
     "check_finite",
     "check_region_map",
@@ -130,6 +137,7 @@ __all__ = [
     "qkv",
     "register_family",
     "register_preset",
+    "rows_times",
     "specs_from",
     "split_heads",
     "unregister_preset",

@@ -35,6 +35,12 @@ NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 # "1" / "0": take this CPU as having native bf16 units or not, whatever it reports (``auto``'s CPU rule)
 CPU_BF16_ENV = "DAPSEG_CPU_NATIVE_BF16"
 
+# Whether ``auto`` picks bf16 on a CPU with native bf16 units. Off until ``dapseg bench --precision
+# fp32,bf16`` shows bf16 faster end to end on such a CPU: the one measurement so far (an AVX-512 BF16
+# CPU, autocast over float32 weights, before the weights were held in the dtype) had bf16 3.2x slower
+# than fp32 for naclip, and held weights have not been measured there yet.
+AUTO_BF16_ON_NATIVE_CPUS = False
+
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX BF16): where bf16 matmuls beat
@@ -73,13 +79,14 @@ def inference_dtype(device: torch.device, precision: str = "auto") -> torch.dtyp
     """The dtype inference runs in on ``device`` for the setting ``inference.precision`` (None: float32,
     no autocast).
 
-    ``auto`` is bf16 on CUDA where supported, else fp16; on a CPU it is bf16 only where the CPU has
-    native bf16 units (``cpu_has_native_bf16``), float32 everywhere else. ``fp32`` is None everywhere;
+    ``auto`` is bf16 on CUDA where supported, else fp16; on a CPU it is float32 (bf16 only where the CPU
+    has native bf16 units, ``cpu_has_native_bf16``, and ``AUTO_BF16_ON_NATIVE_CPUS`` says the bench
+    showed bf16 faster on them: not yet). ``fp32`` is None everywhere;
     ``bf16`` / ``fp16`` are those dtypes (bf16 on a CUDA device without it is an error)."""
     if precision == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if device.type == "cpu" and cpu_has_native_bf16():
+        if device.type == "cpu" and AUTO_BF16_ON_NATIVE_CPUS and cpu_has_native_bf16():
             return torch.bfloat16
         return None
     if precision == "fp32":

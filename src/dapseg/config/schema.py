@@ -99,7 +99,8 @@ class InferenceConfig(_Strict):
     stride: int = 112  # sliding-window stride (px)
     pad_multiple: int | None = None  # zero-pad each window to a multiple of this (ProxyCLIP: 56)
     max_batch: int = 16  # windows per forward pass
-    # autocast of every model (CLIP, VFM, SAM, text); auto: bf16 (fp16 without bf16) on CUDA, fp32 elsewhere
+    # the dtype the models hold their weights in and run at (dapseg.precision); auto: bf16 (fp16 without
+    # bf16) on CUDA, fp32 on a CPU
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # strategy-specific (e.g. splice affinity); checked by a field validator, so that an error is
     # reported at ``inference.params.<key>``
