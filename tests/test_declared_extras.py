@@ -106,7 +106,7 @@ def test_a_strategy_without_a_window_plan_has_an_unknown_window_count(toys):
     assert row["windows"] is None and row["seconds_per_window"] is None
     assert row["stages_s"]["toy_stage"] >= 0
     line = next(line for line in format_report(report).splitlines() if line.startswith("naclip "))
-    assert line.split()[2] == "-"  # the win column (after preset and params)
+    assert line.split()[3] == "-"  # the win column (after preset, dtype and params)
 
 
 def test_a_strategy_that_refuses_plugins_is_refused_when_the_config_loads(toys):

@@ -5,6 +5,7 @@ float32 island)."""
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
 import pytest
@@ -252,11 +253,24 @@ def test_rows_cover_every_component():
         assert _builtin_names(registry) - {REFINERS.none_name} <= used[kind], kind
 
 
+def _require_sam2() -> None:
+    """The corrclip row's masks come from SAM 2 (the `masks` extra, installed by .ci/run): a visible skip
+    elsewhere, a failure under CI."""
+    try:
+        import sam2  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI", "").lower() in ("1", "true"):
+            raise
+        pytest.skip("sam2 is not installed (pip install -e '.[masks]')")
+
+
 @pytest.mark.parametrize("row", list(ROWS))
 def test_bf16_agrees_with_fp32(row):
     """CPU bf16 (weights held in bf16, autocast) against fp32 on tiny models: max |Δlogit| <= 2e-2,
     labels >= 99.6 % equal where fp32's top two classes are not a near-tie (``NEAR_TIE``)."""
     config = row_config(row).with_overrides({"inference.precision": "fp32"})
+    if config.masks is not None and config.masks.name == "sam2":
+        _require_sam2()
     fp32 = Segmenter(config, random_weights=True, tiny=True, device="cpu")
     bf16 = fp32.derive({"inference.precision": "bf16"})  # the same weights, held in bf16
     assert weights_dtype(bf16.clip) == torch.bfloat16
