@@ -169,7 +169,7 @@ class Registry(Generic[T]):
 
     def attach(self, name: str, **extras: Any) -> None:
         """Add ``extras`` to the entry of ``name`` (a module above the component's layer declaring what
-        it can do with it, e.g. the stitch strategy's function for a head)."""
+        it can do with it, e.g. corrclip's ``no_plugins`` or dap's ``stages``, written after the class)."""
         entry = self.get(name)
         self._entries[name] = dataclasses.replace(entry, extras={**entry.extras, **extras})
 
