@@ -168,8 +168,8 @@ class Registry(Generic[T]):
         return deco
 
     def attach(self, name: str, **extras: Any) -> None:
-        """Add ``extras`` to the entry of ``name`` (a module above the component's layer declaring what
-        it can do with it, e.g. corrclip's ``no_plugins`` or dap's ``stages``, written after the class)."""
+        """Add ``extras`` to the entry of ``name``: the component's own module, after its class is
+        defined (e.g. corrclip's ``no_plugins``, dap's ``stages``)."""
         entry = self.get(name)
         self._entries[name] = dataclasses.replace(entry, extras={**entry.extras, **extras})
 
