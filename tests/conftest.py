@@ -77,3 +77,20 @@ def astronaut() -> np.ndarray:
     from skimage import data
 
     return data.astronaut()  # (512, 512, 3) uint8
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]):
+    """``dapseg ARGS`` in this process: returns a CompletedProcess-like (returncode, stdout, stderr)."""
+    from dapseg.cli import main
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        capsys.readouterr()
+        try:
+            rc = main(list(args))
+        except SystemExit as e:  # argparse errors exit
+            rc = e.code if isinstance(e.code, int) else 1
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(["dapseg", *args], rc, captured.out, captured.err)
+
+    return run

@@ -72,23 +72,6 @@ def _no_traceback(proc: subprocess.CompletedProcess[str]) -> None:
     assert "Traceback" not in proc.stderr, proc.stderr
 
 
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]):
-    """``dapseg ARGS`` in this process: returns a CompletedProcess-like (returncode, stdout, stderr)."""
-    from dapseg.cli import main
-
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        capsys.readouterr()
-        try:
-            rc = main(list(args))
-        except SystemExit as e:  # argparse errors exit
-            rc = e.code if isinstance(e.code, int) else 1
-        captured = capsys.readouterr()
-        return subprocess.CompletedProcess(["dapseg", *args], rc, captured.out, captured.err)
-
-    return run
-
-
 # ----------------------------------------------------------------------------- one folder, mixed inputs
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from dapseg.registry import HEADS, MASK_GENERATORS, PLUGINS, REFINERS, STRATEGIES
+from source_checks import string_constants as _strings
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "dapseg"
 # An expression is "about" a component when one of its identifiers (or a key it looks up) says so.
@@ -25,14 +26,6 @@ ABOUT = re.compile(r"mode|name|head|plugin|refine|mask|strateg", re.IGNORECASE)
 # Branches that must stay, by "path relative to src/dapseg:line-free code" -> why. Keep it tiny.
 ALLOWED: dict[str, str] = {}
 
-
-def _strings(node: ast.AST) -> set[str]:
-    """String constants of ``node``: a constant, or the items of a tuple / list / set display."""
-    if isinstance(node, ast.Constant) and isinstance(node.value, str):
-        return {node.value}
-    if isinstance(node, ast.Tuple | ast.List | ast.Set):
-        return {v for elt in node.elts for v in _strings(elt)}
-    return set()
 
 
 def _about_component(node: ast.AST) -> bool:

@@ -9,18 +9,11 @@ from pathlib import Path
 import pytest
 
 from dapseg.registry import VFM_FAMILIES
+from source_checks import string_constants as _strings
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "dapseg"
 VFM_DIR = SRC / "models" / "vfm"
 
-
-def _strings(node: ast.AST) -> set[str]:
-    """String constants of ``node``: a constant, or the items of a tuple / list / set display."""
-    if isinstance(node, ast.Constant) and isinstance(node.value, str):
-        return {node.value}
-    if isinstance(node, ast.Tuple | ast.List | ast.Set):
-        return {v for elt in node.elts for v in _strings(elt)}
-    return set()
 
 
 def _about_vfm(node: ast.AST) -> bool:

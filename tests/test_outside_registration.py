@@ -173,22 +173,6 @@ def test_a_family_of_its_own_needs_no_release_file_hub_or_filter(toys_file, tmp_
 
 # ----------------------------------------------------------------------------- from the command line
 
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]):
-    """``dapseg ARGS`` in this process (the same entry point as the console script)."""
-    from dapseg.cli import main
-
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        capsys.readouterr()
-        try:
-            rc = main(list(args))
-        except SystemExit as e:
-            rc = e.code if isinstance(e.code, int) else 1
-        captured = capsys.readouterr()
-        return subprocess.CompletedProcess(["dapseg", *args], rc, captured.out, captured.err)
-
-    return run
-
 
 def test_segment_runs_outside_components_from_an_imported_file(toys_file, image, tmp_path, cli):
     from dapseg.api import Segmenter
