@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -23,36 +20,17 @@ import pytest
 import skimage.data
 from PIL import Image
 
+from servers import free_port, wait_until_up
+
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path(os.environ.get("DAPSEG_CHROMIUM", "/usr/bin/chromium"))
 SERVER_START_S = 120.0  # a cold start imports torch, open_clip and gradio
 REQUEST_MS = 60_000
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_until_up(url: str, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + SERVER_START_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"dapseg demo exited with code {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    pytest.fail(f"dapseg demo did not answer on {url} within {SERVER_START_S:.0f} s:\n"
-                f"{log.read_text()[-4000:]}")
-
-
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory, cli_env):
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("demo") / "server.log"
     env = {**cli_env, "GRADIO_ANALYTICS_ENABLED": "False", "DAPSEG_CACHE": str(tmp_path_factory.mktemp("cache")),
            "NO_PROXY": "127.0.0.1,localhost"}
@@ -62,7 +40,7 @@ def demo_server(tmp_path_factory, cli_env):
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
-        _wait_until_up(url, proc, log)
+        wait_until_up(url, proc, log, "dapseg demo", SERVER_START_S, poll_s=0.3)
         yield url, proc, log
     finally:
         proc.terminate()

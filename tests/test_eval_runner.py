@@ -3,7 +3,6 @@
 
 import json
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from dapseg.data import DataError, SegDataset
 from dapseg.eval.checkpoint import SettingsChangedError
 from dapseg.eval.runner import RunOptions, evaluate
 from eval_synth import FakePredictor, expected_classes, make_dataset
+from servers import free_port
 
 SETTINGS = {"preset": "fake", "x": 1}
 QUIET = RunOptions(num_workers=0, progress=False, checkpoint_every=1)
@@ -136,12 +136,6 @@ def test_labels_decoded_as_written(voc):
 
 # ------------------------------------------------------------------ distributed (2 CPU processes, gloo)
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, data: str, work: str, out: str, fail_after) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -169,7 +163,7 @@ def test_two_process_gloo_equals_single_process(voc, tmp_path):
     single = evaluate(ds, FakePredictor(21), tmp_path / "single", SETTINGS, QUIET)
     data = str(tmp_path / "data")
     # fork: the children need not re-import torch (keeps this test quick)
-    mp.start_processes(_worker, args=(2, _free_port(), data, str(tmp_path / "dist"), str(tmp_path / "out"), None),
+    mp.start_processes(_worker, args=(2, free_port(), data, str(tmp_path / "dist"), str(tmp_path / "out"), None),
                        nprocs=2, join=True, start_method="fork")
     r0, r1 = (torch.load(tmp_path / f"out.{r}") for r in (0, 1))
     assert torch.equal(r0["cm"], single.cm) and torch.equal(r1["cm"], single.cm)
@@ -182,7 +176,7 @@ def test_two_process_gloo_equals_single_process(voc, tmp_path):
 def test_two_processes_interrupted_then_one_process_resumes(voc, tmp_path):
     ds, _ = voc
     single = evaluate(ds, FakePredictor(21), tmp_path / "single", SETTINGS, QUIET)
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path / "data"), str(tmp_path / "w"),
+    mp.start_processes(_worker, args=(2, free_port(), str(tmp_path / "data"), str(tmp_path / "w"),
                                       str(tmp_path / "out"), 2), nprocs=2, join=True, start_method="fork")
     assert [torch.load(tmp_path / f"out.{r}")["calls"] for r in (0, 1)] == [2, 2]
     rest = FakePredictor(21)

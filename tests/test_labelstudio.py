@@ -33,6 +33,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
+from servers import free_port, wait_until_up
 from tools import tool_python
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,28 +66,6 @@ def _own_venv_env() -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for(url: str, proc: subprocess.Popen, log: Path, what: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"{what} exited with code {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"{what} did not answer on {url} within {timeout_s:.0f} s:\n{log.read_text()[-4000:]}")
-
-
 def _stop(proc: subprocess.Popen) -> None:
     """Stop a server started in its own process group, with whatever it started."""
     if proc.poll() is None:
@@ -115,7 +94,7 @@ def label_studio(tmp_path_factory):
         "cat.png": _save_photo(root / "photos" / "cat.png", skimage.data.chelsea()[::2, ::2]),
     }
     upload = _save_photo(tmp / "upload" / "coffee.png", skimage.data.coffee()[::2, ::2])
-    port, token = _free_port(), secrets.token_hex(20)
+    port, token = free_port(), secrets.token_hex(20)
     env = {
         **_own_venv_env(),
         "LABEL_STUDIO_USERNAME": "annotator@example.com", "LABEL_STUDIO_PASSWORD": secrets.token_hex(8),
@@ -136,7 +115,7 @@ def label_studio(tmp_path_factory):
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_for(f"{url}/health", proc, log, "label-studio", LS_START_S)
+        wait_until_up(f"{url}/health", proc, log, "label-studio", LS_START_S)
         print(f"label-studio answered /health after {time.monotonic() - t0:.0f} s")
         yield SimpleNamespace(url=url, token=token, password=env["LABEL_STUDIO_PASSWORD"],
                               user=env["LABEL_STUDIO_USERNAME"], python=python, root=root,
@@ -162,7 +141,7 @@ def predicted(label_studio, tmp_path_factory, cli_env):
     tmp = tmp_path_factory.mktemp("serve")
     classes_file = tmp / "classes.txt"
     classes_file.write_text(CLASSES_FILE)
-    port = _free_port()
+    port = free_port()
     log = tmp / "serve.log"
     env = {**cli_env, "DAPSEG_CACHE": str(tmp / "cache"), "NO_PROXY": "127.0.0.1,localhost",
            "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": setup["pat"]}  # a personal access token
@@ -174,7 +153,7 @@ def predicted(label_studio, tmp_path_factory, cli_env):
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     backend = f"http://127.0.0.1:{port}"
     try:
-        _wait_for(f"{backend}/health", proc, log, "dapseg serve", SERVE_START_S)
+        wait_until_up(f"{backend}/health", proc, log, "dapseg serve", SERVE_START_S)
         with urllib.request.urlopen(f"{backend}/health", timeout=10) as r:
             health = json.load(r)
         # Two rounds: at most 2 tasks per request (--max-tasks 2), the others are asked for again
